@@ -1,0 +1,170 @@
+"""Run directories and the manifest.
+
+Every stage writes into ``outputs/<stage>/YYYY-MM-DD/HH-MM-SS-<key overrides>/`` (Hydra's run dir)
+and starts with :func:`init_run`, which saves the resolved config (``config.yaml``) and a
+``manifest.json`` (git commit, package versions, models, dataset fingerprints, seed).
+
+Under ``torchrun`` every rank composes its own config, so ``${now:...}`` could differ by a second
+between ranks. The ``qg_now`` resolver therefore takes the launcher's start time (the parent process,
+shared by all local ranks) when a distributed launch is detected.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from quality_gate.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "hydra-core",
+    "safetensors",
+    "tokenizers",
+    "quality-gate",
+)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def _launcher_start_time() -> dt.datetime | None:
+    """Start time of the parent process (torchrun's agent), identical for all local ranks."""
+    try:
+        ticks = int(Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        btime = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
+        return dt.datetime.fromtimestamp(btime + ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _now(fmt: str) -> str:
+    when = None
+    if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
+        when = _launcher_start_time()
+    return (when or dt.datetime.now()).strftime(fmt)
+
+
+def _suffix(override_dirname: str) -> str:
+    """``-key=value_key2=value2`` for the run dir name; path separators made safe, length capped."""
+    if not override_dirname:
+        return ""
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "-", override_dirname)
+    return "-" + safe[:120]
+
+
+def register_resolvers() -> None:
+    """Register the OmegaConf resolvers the configs use (idempotent)."""
+    if not OmegaConf.has_resolver("qg_now"):
+        OmegaConf.register_new_resolver("qg_now", _now)
+    if not OmegaConf.has_resolver("qg_suffix"):
+        OmegaConf.register_new_resolver("qg_suffix", _suffix)
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The run directory: ``cfg.output_dir`` when set, else Hydra's run dir, else the cwd."""
+    out = cfg.get("output_dir")
+    if out:
+        return Path(out)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except (ImportError, ValueError):
+        return Path.cwd()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent,
+        timeout=10,
+    ).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def init_run(cfg: DictConfig, stage: str, **manifest_fields: Any) -> Path:
+    """Create the run dir; on rank 0 write ``config.yaml`` (resolved) and ``manifest.json``."""
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        manifest = {
+            "stage": stage,
+            "started_at": dt.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "git_commit": git_commit(),
+            "python": platform.python_version(),
+            "packages": package_versions(),
+            "seed": cfg.get("seed"),
+            "world_size": world_size(),
+            **manifest_fields,
+        }
+        atomic_write_json(run_dir / "manifest.json", manifest)
+    log.info("run dir: %s", run_dir)
+    return run_dir
+
+
+def update_manifest(run_dir: Path, **fields: Any) -> None:
+    """Merge ``fields`` into ``manifest.json`` (rank 0 only)."""
+    import json
+
+    if not is_main_process():
+        return
+    path = Path(run_dir) / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {}
+    manifest.update(fields)
+    atomic_write_json(path, manifest)
