@@ -1,0 +1,172 @@
+"""Stage 2 end to end on the tiny assets: seed command, resume after SIGKILL, fingerprint, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from quality_gate.stats.store import find_router_data, iter_shards, load_index
+
+REPO = Path(__file__).resolve().parents[1]
+SELECTOR = REPO / "assets" / "models" / "tiny-qwen3-selector"
+DATA = REPO / "assets" / "data" / "synthetic_train.jsonl"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (SELECTOR.exists() and DATA.exists()), reason="tiny assets missing: run `make assets`"
+    ),
+]
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "1"}
+STAGE2 = [sys.executable, "src/main.py", "--config-name", "stage_2_selection"]
+SEED_OVERRIDES = ["data_process.batch_size=4", "dataset.subset_ratio=0.01"]
+# 100 samples in 25 shards: enough shards that a SIGKILL lands in the middle of the run.
+RESUME_OVERRIDES = [
+    "data_process.batch_size=4",
+    "dataset.subset_ratio=0.05",
+    "data_process.shard_size=4",
+    "collect_ifd=true",
+]
+
+
+def stage2(out_dir: Path, overrides: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [*STAGE2, *overrides, f"output_dir={out_dir}"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def stats_by_id(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every sample's statistics of a run, keyed by ``<dataset>/<id>``; fails on duplicate ids."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for index_path in find_router_data(run_dir / "router_data"):
+        name = load_index(index_path)["dataset_name"]
+        for shard in iter_shards(index_path):
+            for i, sid in enumerate(shard.sample_ids):
+                key = f"{name}/{sid}"
+                assert key not in out, f"sample {key} appears twice"
+                rows = shard.sample_slice(i)
+                sample = {
+                    "gates": shard.gates[rows].clone(),
+                    "perplexities": shard.perplexities[rows].clone(),
+                    "assistant_mask": shard.assistant_mask[rows].clone(),
+                    "valid": shard.valid[i].clone(),
+                }
+                if shard.ifd_loss_cond is not None:
+                    sample["ifd"] = torch.stack([shard.ifd_loss_cond[i], shard.ifd_loss_uncond[i]])
+                out[key] = sample
+    return out
+
+
+def assert_same_stats(a: dict, b: dict, exact: bool) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        for field, value in a[key].items():
+            if exact or value.dtype == torch.bool:
+                assert torch.equal(value, b[key][field]), f"{key}.{field} differs"
+            else:
+                torch.testing.assert_close(value.float(), b[key][field].float(), atol=1e-3, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("stage2_reference")
+    stage2(out, RESUME_OVERRIDES)
+    return out
+
+
+def test_seed_command_end_to_end(tmp_path: Path) -> None:
+    stage2(tmp_path, SEED_OVERRIDES)
+    router = tmp_path / "router_data"
+    index = load_index(router / "synthetic_router_data.pt")
+    records = [json.loads(line) for line in (router / "synthetic_records.jsonl").read_text().splitlines()]
+    assert index["num_samples"] == len(records) == 20  # 1 % of 2,000
+    assert index["sample_ids"] == [r["id"] for r in records]
+    assert all(r["messages"] for r in records)
+    config = json.loads((SELECTOR / "config.json").read_text())
+    assert index["num_layers"] == config["num_hidden_layers"]
+    data = stats_by_id(tmp_path)
+    for sample in data.values():
+        assert sample["valid"]
+        assert sample["gates"].shape[1] == index["num_layers"]
+        assert ((sample["gates"] > 0) & (sample["gates"] < 1)).all()
+        assert (sample["perplexities"] >= 1).all() and torch.isfinite(sample["perplexities"]).all()
+        assert sample["assistant_mask"].any()
+    metrics = json.loads((tmp_path / "stage2_metrics.json").read_text())
+    assert metrics["samples"] == 20 and metrics["invalid_samples"] == 0
+    assert metrics["tokens_scored_this_run"] > 0 and metrics["tokens_per_s"] > 0
+    assert 0 <= metrics["padding_fraction"] < 1
+    fingerprint = json.loads((router / "fingerprint.json").read_text())
+    assert fingerprint["fields"]["max_sequence_length"] == 512
+    assert (tmp_path / "manifest.json").exists() and (tmp_path / "config.yaml").exists()
+
+
+def test_kill_and_resume_equals_uninterrupted(reference_run: Path, tmp_path: Path) -> None:
+    total = len(load_index(reference_run / "router_data" / "synthetic_router_data.pt")["shards"])
+    proc = subprocess.Popen(
+        [*STAGE2, *RESUME_OVERRIDES, f"output_dir={tmp_path}"],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob("router_data/synthetic/*.done")):
+        assert proc.poll() is None, "stage 2 exited before writing a shard"
+        assert time.monotonic() < deadline, "no shard marker within 240 s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(tmp_path.glob("router_data/synthetic/*.done")))
+    assert 1 <= done < total, f"the kill must land mid-run ({done} of {total} shards done)"
+    assert not (tmp_path / "router_data" / "synthetic_router_data.pt").exists()
+
+    stage2(tmp_path, RESUME_OVERRIDES)
+    metrics = json.loads((tmp_path / "stage2_metrics.json").read_text())
+    assert metrics["shards_resumed"] >= done and metrics["shards_total"] == total
+    assert_same_stats(stats_by_id(tmp_path), stats_by_id(reference_run), exact=True)
+
+
+def test_changed_fingerprint_is_refused(reference_run: Path) -> None:
+    proc = stage2(reference_run, [*RESUME_OVERRIDES, "dataset.max_sequence_length=256"], check=False)
+    assert proc.returncode != 0
+    assert "refusing to mix" in proc.stderr and "max_sequence_length" in proc.stderr
+
+
+@pytest.mark.dist
+def test_torchrun_two_processes_equals_one(reference_run: Path, tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "src/main.py",
+        "--config-name",
+        "stage_2_selection",
+        *RESUME_OVERRIDES,
+        f"output_dir={tmp_path}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((tmp_path / "stage2_metrics.json").read_text())
+    assert metrics["world_size"] == 2 and len(metrics["peak_rss_gb_per_rank"]) == 2
+    two = stats_by_id(tmp_path)  # raises on a duplicate id
+    one = stats_by_id(reference_run)
+    assert sorted(two) == sorted(one)  # none missing, none extra
+    assert_same_stats(two, one, exact=False)

@@ -1,0 +1,198 @@
+"""Stage 1 warmup: one Trainer step (trl-style), the stage end to end, LoRA mode, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from omegaconf import OmegaConf
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, Qwen3Config, TrainingArguments
+
+from quality_gate.data import SFTDataCollator
+from quality_gate.gate import attach_quality_gates, find_quality_gates, freeze_backbone, gate_state_dict
+from quality_gate.models import apply_stage1_weights, load_selector
+from quality_gate.stages.warmup import QualityGateTrainer, get_peft_config
+
+REPO = Path(__file__).resolve().parents[1]
+SELECTOR = REPO / "assets" / "models" / "tiny-qwen3-selector"
+DATA = REPO / "assets" / "data" / "synthetic_train.jsonl"
+needs_assets = pytest.mark.skipif(
+    not (SELECTOR.exists() and DATA.exists()), reason="tiny assets missing: run `make assets`"
+)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "1"}
+VOCAB = 97
+PAD = 0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_dataset(n: int = 8) -> Dataset:
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n):
+        length = int(torch.randint(5, 14, (1,), generator=gen))
+        ids = torch.randint(1, VOCAB, (length,), generator=gen).tolist()
+        prompt = length // 2
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "id": f"s{i}"})
+    return Dataset.from_list(rows)
+
+
+def tiny_trainer(model, tmp_path: Path, max_steps: int = 1) -> QualityGateTrainer:
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=max_steps,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=1,
+        optim="adamw_torch",
+    )
+    return QualityGateTrainer(
+        model=model,
+        args=args,
+        train_dataset=tiny_dataset(),
+        data_collator=SFTDataCollator(PAD),
+        quality_loss_weight=1.0,
+        quality_loss_mode="sample",
+    )
+
+
+def tiny_gated_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    attach_quality_gates(model)
+    freeze_backbone(model)
+    return model
+
+
+def test_one_step_changes_every_gate_and_no_backbone_parameter(tmp_path):
+    model = tiny_gated_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = tiny_trainer(model, tmp_path)
+    trainer.train()
+    for name, param in model.named_parameters():
+        if "quality_gate.gate" in name:
+            assert not torch.equal(param, before[name]), f"gate {name} did not change"
+        else:
+            assert torch.equal(param, before[name]), f"frozen {name} changed"
+    logged = next(e for e in trainer.state.log_history if "lm_loss" in e)
+    assert logged["loss"] == pytest.approx(logged["lm_loss"] + logged["quality_loss"], rel=1e-4)
+    assert 0 < logged["gate_mean"] < 1
+
+
+def test_one_lora_step_changes_only_the_adapter(tmp_path):
+    cfg = OmegaConf.create({"training": {"lora": {"r": 16, "alpha": 64, "dropout": 0.0}}})
+    model = get_peft_model(tiny_gated_model(), get_peft_config(cfg))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    # Two steps: lora_B starts at zero, so lora_A only receives a gradient from the second step on.
+    tiny_trainer(model, tmp_path, max_steps=2).train()
+    for name, param in model.named_parameters():
+        changed = not torch.equal(param, before[name])
+        is_lora = "quality_gate.gate.lora_" in name
+        assert changed == is_lora, f"{name}: changed={changed}"
+
+
+def test_invalid_quality_loss_mode_names_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"training\.quality_loss_mode"):
+        QualityGateTrainer(
+            model=tiny_gated_model(),
+            args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+            quality_loss_weight=1.0,
+            quality_loss_mode="batch",
+        )
+
+
+def warmup(out_dir: Path, *overrides: str, launcher: list[str] | None = None) -> dict:
+    cmd = [*(launcher or [sys.executable]), "src/main.py", "--config-name", "stage_1_warmup", *overrides]
+    cmd += [f"output_dir={out_dir}", f"hydra.run.dir={out_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out_dir / "warmup_metrics.json").read_text())
+
+
+@needs_assets
+@pytest.mark.slow
+def test_stage1_full_rank_end_to_end(tmp_path):
+    metrics = warmup(tmp_path, "dataset.subset_ratio=0.05", "training.epochs=1")
+    payload = torch.load(tmp_path / "full_rank_weights.pt", map_location="cpu", weights_only=True)
+    assert payload["tokenizer_name"] == "assets/models/tiny-qwen3-selector"
+    model, _ = load_selector(str(SELECTOR), device="cpu")
+    expected = gate_state_dict(model)
+    assert sorted(payload["model_state_dict"]) == sorted(expected)
+    for name, tensor in payload["model_state_dict"].items():
+        assert tensor.shape == expected[name].shape
+    assert not torch.equal(
+        torch.cat(list(payload["model_state_dict"].values())), torch.cat(list(expected.values()))
+    )
+    info = apply_stage1_weights(model, str(tmp_path))
+    assert info["kind"] == "full_rank"
+
+    layers = len(find_quality_gates(model))
+    assert metrics["num_train_samples"] == 100
+    assert len(metrics["gates_after"]["mean_per_layer"]) == layers
+    assert metrics["gates_after"]["mean"] < metrics["gates_before"]["mean"], (
+        "the quality loss must close gates"
+    )
+    assert metrics["history"] and {"lm_loss", "quality_loss", "gate_mean"} <= set(metrics["history"][-1])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["stage"] == "warmup" and manifest["stage1_weights"].endswith("full_rank_weights.pt")
+
+
+@needs_assets
+@pytest.mark.slow
+def test_stage1_lora_writes_an_adapter_that_merges(tmp_path):
+    warmup(tmp_path, "training.peft_mode=lora", "dataset.subset_ratio=0.02", "training.max_steps=2")
+    adapter = json.loads((tmp_path / "checkpoint-final" / "adapter_config.json").read_text())
+    assert adapter["r"] == 16 and adapter["lora_alpha"] == 64
+    model, _ = load_selector(str(SELECTOR), device="cpu")
+    before = gate_state_dict(model)
+    info = apply_stage1_weights(model, str(tmp_path))
+    assert info["kind"] == "lora"
+    after = gate_state_dict(model)
+    assert sorted(after) == sorted(before)
+    assert any(not torch.equal(after[k], before[k]) for k in after), "merging must change the gate weights"
+
+
+@needs_assets
+@pytest.mark.slow
+@pytest.mark.dist
+def test_stage1_torchrun_two_processes(tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    metrics = warmup(
+        tmp_path,
+        "dataset.subset_ratio=0.02",
+        "training.batch_size=8",
+        "training.per_device_batch_size=4",
+        "training.max_steps=2",
+        launcher=launcher,
+    )
+    assert metrics["world_size"] == 2 and metrics["global_step"] == 2
+    payload = torch.load(tmp_path / "full_rank_weights.pt", map_location="cpu", weights_only=True)
+    assert all("quality_gate.gate" in k for k in payload["model_state_dict"])
