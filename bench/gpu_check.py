@@ -27,9 +27,10 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from quality_gate.data.batching import token_budget_batches  # noqa: E402
-from quality_gate.gate import attach_quality_gates  # noqa: E402
-from quality_gate.stats.collect import collect_batch  # noqa: E402
+from quality_gate.data.batching import token_budget_batches
+
+from quality_gate.gate import attach_quality_gates
+from quality_gate.stats.collect import collect_batch
 
 # Qwen/Qwen3-1.7B config.json (public), written out so that nothing is downloaded.
 QWEN3_1P7B = dict(
@@ -46,8 +47,16 @@ QWEN3_1P7B = dict(
     tie_word_embeddings=True,
     hidden_act="silu",
 )
-SMALL = dict(QWEN3_1P7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, vocab_size=4096)
+SMALL = dict(
+    QWEN3_1P7B,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=4096,
+)
 
 
 def sample_lengths(n: int, max_len: int, seed: int) -> list[int]:
@@ -83,7 +92,9 @@ def main() -> int:
     flop_per_token = 2 * n_params
 
     lengths = sample_lengths(args.num_samples, args.max_len, seed=0)
-    batches = token_budget_batches(lengths, args.max_tokens_per_batch, args.max_batch_size, sort_by_length=True)
+    batches = token_budget_batches(
+        lengths, args.max_tokens_per_batch, args.max_batch_size, sort_by_length=True
+    )
     gen = torch.Generator().manual_seed(1)
 
     def make_batch(idx: list[int]) -> tuple[torch.Tensor, ...]:

@@ -50,7 +50,14 @@ def render() -> str:
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         text = path.read_text(encoding="utf-8")
         first = text.splitlines()[0].lstrip("# ").strip() if text else ""
-        parts += [f"#### `configs/{path.name}`", "", f"`{first}`", "", "| key | default | meaning |", "|---|---|---|"]
+        parts += [
+            f"#### `configs/{path.name}`",
+            "",
+            f"`{first}`",
+            "",
+            "| key | default | meaning |",
+            "|---|---|---|",
+        ]
         for key, value, comment in parse_keys(text):
             value = value.replace("|", "\\|") or "(section)"
             parts.append(f"| `{key}` | `{value}` | {comment.replace('|', '/')} |")

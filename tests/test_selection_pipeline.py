@@ -274,6 +274,7 @@ def test_auroc_hand_computed():
     assert math.isnan(auroc([1, 2], [1, 1]))
 
 
+@pytest.mark.slow
 def test_cli_writes_into_root_dir_only(tmp_path):
     root = make_stage2(tmp_path / "run", sizes=(("a", 6),))
     cwd = tmp_path / "cwd"

@@ -38,7 +38,9 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # --------------------------------------------------------------------------------------------- #
 # Stage configs
 # --------------------------------------------------------------------------------------------- #
-def load_stage_config(name: str, overrides: dict[str, Any] | None = None, dotlist: Sequence[str] = ()) -> DictConfig:
+def load_stage_config(
+    name: str, overrides: dict[str, Any] | None = None, dotlist: Sequence[str] = ()
+) -> DictConfig:
     """``configs/<name>.yaml`` without its ``hydra`` block, with ``overrides`` (dotted keys) applied.
 
     The stage configs are single files (no defaults lists), so plain OmegaConf composition gives the
@@ -110,7 +112,9 @@ def selection_metrics(
     share = sum(corruption[i] != "none" for i in labelled) / len(labelled) if labelled else None
     auc = None
     if score is not None:
-        pairs = [(s, corruption[i] == "none") for i, s in score.items() if i in corruption and math.isfinite(s)]
+        pairs = [
+            (s, corruption[i] == "none") for i, s in score.items() if i in corruption and math.isfinite(s)
+        ]
         labels = [int(c) for _, c in pairs]
         if pairs and 0 < sum(labels) < len(labels):
             auc = float(auroc([s for s, _ in pairs], labels))
@@ -130,7 +134,9 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def verdicts(arms: dict[str, dict[str, Any]], method: str = "quality_gate", baseline: str = "random") -> list[str]:
+def verdicts(
+    arms: dict[str, dict[str, Any]], method: str = "quality_gate", baseline: str = "random"
+) -> list[str]:
     """Plain sentences: does ``method`` beat ``baseline`` (mean over seeds) on each metric?
 
     A difference within two standard deviations of the baseline's seeds is called noise.
@@ -185,3 +191,221 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines += [f"- {v}" for v in summary["verdicts"]] or ["- (no quality_gate and random arms to compare)"]
     lines += ["", f"Selection report: `{summary.get('report')}`", ""]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- #
+# The pipeline
+# --------------------------------------------------------------------------------------------- #
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _labels_of(records: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """id -> corruption label, for records that carry ``meta.corruption``."""
+    out = {}
+    for r in records:
+        label = (r.get("meta") or {}).get("corruption")
+        if label is not None:
+            out[str(r["id"])] = str(label)
+    return out
+
+
+def _stage_overrides(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    extra = cfg.get("overrides", {}).get(stage) or {}
+    return dict(OmegaConf.to_container(extra, resolve=True)) if extra else {}
+
+
+def _eval_row(eval_dir: Path) -> dict[str, Any]:
+    results = json.loads((eval_dir / "eval_results.json").read_text())
+    return {
+        "eval_loss": results.get("loss", {}).get("mean_loss"),
+        "exact_match": results.get("exact_match", {}).get("accuracy"),
+    }
+
+
+def run_experiment(cfg: DictConfig) -> dict[str, Any]:
+    """Run every arm of the experiment and write ``summary.json`` / ``summary.md`` into the run dir."""
+    from quality_gate.selection.pipeline import config_from_overrides, run_selection
+
+    run_dir = init_run(cfg, "experiment")
+    selectors = list(cfg.selectors)
+    seeds = list(cfg.random_seeds) if "random" in selectors else []
+    arms = [s for s in selectors if s != "random"] + [f"random_seed{s}" for s in seeds]
+    n_steps = 4 + len(arms) * 3 + (2 if cfg.include_full else 0) + (1 if cfg.include_base else 0)
+    steps = Steps(n_steps + 1)
+    train_name = cfg.data.dataset_name
+
+    with steps.step("data"):
+        if cfg.data.generate:
+            from quality_gate.synthetic import make_records
+
+            train_path = run_dir / "data" / "train.jsonl"
+            atomic_write_jsonl(
+                train_path, make_records(cfg.data.num_samples, cfg.data.noise_rate, cfg.seed, train_name)
+            )
+        else:
+            train_path = Path(cfg.data.train_path)
+        datasets_block = [{"path": str(train_path), "dataset_name": train_name}]
+
+    with steps.step("convert the selector"):
+        selector_path = str(cfg.selector_model)
+        if cfg.convert_selector:
+            from quality_gate.models import load_selector, save_converted
+
+            model, tokenizer = load_selector(selector_path)
+            selector_path = str(run_dir / "converted_selector")
+            save_converted(model, tokenizer, selector_path)
+            del model
+
+    common = {"seed": cfg.seed, "dataset.dataset_from": "local", "dataset.local.datasets": datasets_block}
+    with steps.step("Stage 1 warmup"):
+        warm_dir = run_dir / "stage_1_warmup"
+        run_stage(
+            "quality_gate.stages.warmup",
+            load_stage_config(
+                "stage_1_warmup",
+                {
+                    **common,
+                    "selector_model.path": selector_path,
+                    "output_dir": str(warm_dir),
+                    **_stage_overrides(cfg, "warmup"),
+                },
+            ),
+        )
+    with steps.step("Stage 2 statistics (+ IFD)"):
+        stats_dir = run_dir / "stage_2_selection"
+        run_stage(
+            "quality_gate.stages.selection",
+            load_stage_config(
+                "stage_2_selection",
+                {
+                    **common,
+                    "selector_model.path": selector_path,
+                    "model_checkpoint_path": str(warm_dir),
+                    "collect_ifd": "ifd" in selectors,
+                    "output_dir": str(stats_dir),
+                    **_stage_overrides(cfg, "stage2"),
+                },
+            ),
+        )
+
+    labels = _labels_of(_read_jsonl(train_path))
+    rows: dict[str, dict[str, Any]] = {}
+    selected_files: dict[str, Path] = {}
+    report = None
+    for arm in arms:
+        selector, seed = (arm, cfg.seed) if not arm.startswith("random_seed") else ("random", int(arm[11:]))
+        with steps.step(f"select: {arm}"):
+            sel_dir = run_dir / "selection" / arm
+            res = run_selection(
+                config_from_overrides(
+                    root_dir=str(stats_dir),
+                    selector=selector,
+                    seed=seed,
+                    output_dir=str(sel_dir),
+                    selection_percentage=cfg.selection_percentage,
+                    **_stage_overrides(cfg, "selection"),
+                )
+            )
+            ids = [str(i) for i in res.stats.ids]
+            kept = [ids[i] for i in res.order]
+            sc = res.scores[selector]
+            # Samples the selector may not keep (IFD > 1, invalid statistics) rank below every other.
+            score = {i: float(s) if ok else -1e300 for i, s, ok in zip(ids, sc.score, sc.eligible)}
+            rows[arm] = selection_metrics(kept, labels, score)
+            selected_files[arm] = sel_dir / "selected_data.jsonl"
+            if selector == "quality_gate":
+                report = str(sel_dir / "selection_report.html")
+
+    ft_arms = list(arms) + (["full"] if cfg.include_full else [])
+    for arm in ft_arms:
+        ft_dir = run_dir / "stage_3_finetune" / arm
+        with steps.step(f"fine-tune: {arm}"):
+            data = (
+                {"dataset.mode": "full", **common}
+                if arm == "full"
+                else {"dataset.mode": "subset", "dataset.data_path": str(selected_files[arm])}
+            )
+            run_stage(
+                "quality_gate.stages.finetune",
+                load_stage_config(
+                    "stage_3_finetune",
+                    {
+                        **data,
+                        "seed": cfg.seed,
+                        "training.model.name": str(cfg.target_model),
+                        "output_dir": str(ft_dir),
+                        **_stage_overrides(cfg, "finetune"),
+                    },
+                ),
+            )
+        with steps.step(f"evaluate: {arm}"):
+            ev_dir = run_dir / "stage_4_evaluate" / arm
+            run_stage(
+                "quality_gate.stages.evaluate",
+                load_stage_config(
+                    "stage_4_evaluate",
+                    {
+                        "model_path": str(cfg.target_model),
+                        "adapter_path": str(ft_dir / "checkpoint-final"),
+                        "eval.data_path": str(cfg.data.eval_path),
+                        "output_dir": str(ev_dir),
+                        "seed": cfg.seed,
+                        **_stage_overrides(cfg, "evaluate"),
+                    },
+                ),
+            )
+        if arm == "full":
+            rows["full"] = {
+                "kept": len(labels) or None,
+                "corrupted_kept_share": None,
+                "auroc_clean_vs_corrupted": None,
+            }
+            if labels:
+                rows["full"]["corrupted_kept_share"] = sum(v != "none" for v in labels.values()) / len(labels)
+        rows[arm].update(_eval_row(ev_dir))
+
+    if cfg.include_base:
+        with steps.step("evaluate: base model (no fine-tune)"):
+            ev_dir = run_dir / "stage_4_evaluate" / "base"
+            run_stage(
+                "quality_gate.stages.evaluate",
+                load_stage_config(
+                    "stage_4_evaluate",
+                    {
+                        "model_path": str(cfg.target_model),
+                        "adapter_path": None,
+                        "eval.data_path": str(cfg.data.eval_path),
+                        "output_dir": str(ev_dir),
+                        "seed": cfg.seed,
+                        **_stage_overrides(cfg, "evaluate"),
+                    },
+                ),
+            )
+            rows["base (no fine-tune)"] = {"kept": 0, **_eval_row(ev_dir)}
+
+    with steps.step("summary"):
+        table: dict[str, dict[str, Any]] = {}
+        for arm in [a for a in arms if not a.startswith("random_seed")]:
+            table[arm] = rows[arm]
+        if seeds:
+            table["random"] = aggregate([rows[f"random_seed{s}"] for s in seeds])
+        for extra in ("full", "base (no fine-tune)"):
+            if extra in rows:
+                table[extra] = rows[extra]
+        summary = {
+            "name": cfg.name,
+            "run_dir": str(run_dir),
+            "selection_percentage": float(cfg.selection_percentage),
+            "num_candidates": len(labels) if labels else None,
+            "corrupted_candidates": sum(v != "none" for v in labels.values()) if labels else None,
+            "arms": table,
+            "per_seed": {a: rows[a] for a in arms if a.startswith("random_seed")},
+            "verdicts": verdicts(table),
+            "report": report,
+            "timings_s": steps.timings,
+        }
+        atomic_write_json(run_dir / "summary.json", summary)
+        atomic_write_text(run_dir / "summary.md", render_markdown(summary))
+    return summary

@@ -83,11 +83,15 @@ def _load_causal_lm(
     attn_implementation: str | None,
 ) -> PreTrainedModel:
     device = device or default_device()
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device), "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "dtype": resolve_dtype(dtype, device),
+        "trust_remote_code": trust_remote_code,
+        # Load straight onto the device: a large checkpoint never sits in host memory as a whole.
+        "device_map": device,
+    }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return model.to(device)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 def _sync_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -66,6 +66,8 @@ class SelectionResult:
     columns: dict[str, ColumnStats]
     scores: dict[str, SelectorScores]
     selector: str
+    params: ScoreParams
+    percentage: float
     rank: np.ndarray
     selected: np.ndarray
     order: np.ndarray
@@ -209,7 +211,10 @@ def compute_selection(cfg: DictConfig) -> SelectionResult:
                 "Stage 2 writes it beside the router data: rerun it"
             )
     per_dataset = bool(cfg.get("per_dataset", False))
-    stats = collect_sample_stats(index_paths, params)
+    try:
+        stats = collect_sample_stats(index_paths, params)
+    except ValueError as e:  # inconsistent router data (duplicate dataset, layer counts, no samples)
+        raise SelectionError(str(e)) from e
     names = np.asarray(stats.datasets)
     failed = [d for d in stats.index_paths if not stats.valid[names == d].any()]
     if failed:
@@ -230,7 +235,7 @@ def compute_selection(cfg: DictConfig) -> SelectionResult:
         output_dir = Path(out)
     else:
         output_dir = input_dir if selector == "quality_gate" else input_dir / f"selection_{selector}"
-    return SelectionResult(stats, q, columns, scores, selector, rank, selected, order, output_dir)
+    return SelectionResult(stats, q, columns, scores, selector, params, k, rank, selected, order, output_dir)
 
 
 def _quantiles(x: np.ndarray) -> dict[str, float]:
@@ -240,7 +245,7 @@ def _quantiles(x: np.ndarray) -> dict[str, float]:
     return {f"p{round(p * 100)}": float(v) for p, v in zip(QUANTILES, np.quantile(x, QUANTILES))}
 
 
-def summary_of(cfg: DictConfig, res: SelectionResult, params: dict[str, Any]) -> dict[str, Any]:
+def summary_of(res: SelectionResult, params: dict[str, Any]) -> dict[str, Any]:
     """The content of ``selection_summary.json``."""
     stats = res.stats
     names = np.asarray(stats.datasets)
@@ -321,7 +326,6 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
     from quality_gate.selection.report import write_report
 
     res = compute_selection(cfg)
-    params, k, _ = _validate(cfg)
     top_k = int(cfg.get("report_top_k", 10))
     ranked_q = rank_order(
         res.scores["quality_gate"].score, np.asarray(res.stats.ids), res.scores["quality_gate"].eligible
@@ -330,15 +334,15 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
     records, labels = _read_records(res.stats, set(res.order.tolist()) | set(showcase))
     kept = [records[int(i)] for i in res.order]
     parameters = {
-        **dataclasses.asdict(params),
-        "selection_percentage": k,
+        **dataclasses.asdict(res.params),
+        "selection_percentage": res.percentage,
         "selector": res.selector,
         "per_dataset": bool(cfg.get("per_dataset", False)),
         "seed": int(cfg.get("seed", 42)),
         "input": str(cfg.get("root_dir") or cfg.get("router_data_dir")),
         "tau_rule": "denominator factor max(mu_l, eps) if tau == 0 else mu_l + tau",
     }
-    summary = summary_of(cfg, res, parameters)
+    summary = summary_of(res, parameters)
     res.output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".selection-staging-", dir=res.output_dir))
     try:
@@ -347,7 +351,7 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
         export_llamafactory(kept, staging / "llamafactory")
         export_hf_dataset(kept, res.q[res.order], staging / "hf_dataset")
         if cfg.get("report", True):
-            write_report(staging / "selection_report.html", res, summary, records, showcase, labels, cfg)
+            write_report(staging / "selection_report.html", res, summary, records, showcase, labels)
         atomic_write_json(staging / "selection_summary.json", summary)
         _install(staging, res.output_dir)
     finally:
@@ -357,7 +361,7 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
         len(kept),
         summary["num_valid"],
         res.selector,
-        k,
+        res.percentage,
         res.output_dir / "selected_data.jsonl",
     )
     return res
@@ -368,7 +372,6 @@ def run(cfg: DictConfig) -> None:
     try:
         run_selection(cfg)
     except (SelectionError, RouterDataError) as e:
-        log.error("%s", e)
         raise SystemExit(f"selection failed: {e}") from e
 
 

@@ -23,7 +23,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import yaml
-from omegaconf import DictConfig
 
 from quality_gate.io import atomic_write_text
 from quality_gate.selection.metrics import auroc, spearman
@@ -105,7 +104,7 @@ def _q_hist(res: SelectionResult) -> str:
 def _layers(res: SelectionResult) -> str:
     S = res.stats.S[res.stats.valid]  # (N_valid, L)
     num_layers = S.shape[1]
-    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.4 * num_layers), 4))
+    fig, ax = plt.subplots(figsize=(min(12, 5 + 0.25 * num_layers), 4))
     pos = np.arange(num_layers)
     ax.boxplot([S[:, layer] for layer in range(num_layers)], positions=pos, showfliers=False, widths=0.6)
     group, cols = next(iter(res.columns.items()))
@@ -115,7 +114,7 @@ def _layers(res: SelectionResult) -> str:
     ax.set_xticks(pos, [str(p) for p in pos], fontsize=8)
     ax.set_xlabel("layer l")
     ax.set_ylabel("S[i, l]")
-    ax.legend(fontsize=8, ncol=3)
+    ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     note = (
         ""
         if group == "all"
@@ -169,9 +168,11 @@ def _agreement(res: SelectionResult) -> str:
     ax.set_yticks(range(len(names)), names)
     for i in range(len(names)):
         for j in range(len(names)):
-            ax.text(
-                j, i, "-" if np.isnan(mat[i, j]) else f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=9
+            v = mat[i, j]
+            text, colour = (
+                ("-", "black") if np.isnan(v) else (f"{v:.2f}", "white" if abs(v) > 0.6 else "black")
             )
+            ax.text(j, i, text, ha="center", va="center", fontsize=9, color=colour)
     fig.colorbar(im, ax=ax, fraction=0.046)
     note = (
         "<p class='note'>Spearman correlation of the selectors' scores (higher = kept) over the valid "
@@ -217,7 +218,7 @@ def _corruption(res: SelectionResult, labels: np.ndarray, summary: dict[str, Any
 # --------------------------------------------------------------------------------------------- #
 # Token colouring
 # --------------------------------------------------------------------------------------------- #
-def _stage2_settings(res: SelectionResult, cfg: DictConfig) -> dict[str, Any]:
+def _stage2_settings(res: SelectionResult) -> dict[str, Any]:
     """Tokenizer path, max length and truncation of the Stage 2 run that wrote the router data."""
     index_path = next(iter(res.stats.index_paths.values()))
     for candidate in (index_path.parent.parent / "config.yaml", index_path.parent / "config.yaml"):
@@ -249,12 +250,12 @@ def _stage2_settings(res: SelectionResult, cfg: DictConfig) -> dict[str, Any]:
     )
 
 
-def _load_encoder(res: SelectionResult, cfg: DictConfig) -> tuple[Any, Any, dict[str, Any]]:
+def _load_encoder(res: SelectionResult) -> tuple[Any, Any, dict[str, Any]]:
     from transformers import AutoTokenizer
 
     from quality_gate.data.encode import encode_record
 
-    settings = _stage2_settings(res, cfg)
+    settings = _stage2_settings(res)
     tok = AutoTokenizer.from_pretrained(settings["path"], trust_remote_code=settings["trust_remote_code"])
     return tok, encode_record, settings
 
@@ -295,13 +296,11 @@ def _plain_text(record: dict[str, Any]) -> str:
     return f"<div class='tokens'>{html.escape(chr(10).join(parts))}</div>"
 
 
-def _samples(
-    res: SelectionResult, records: dict[int, dict[str, Any]], showcase: list[int], cfg: DictConfig
-) -> str:
+def _samples(res: SelectionResult, records: dict[int, dict[str, Any]], showcase: list[int]) -> str:
     why = ""
     encoder = None
     try:
-        encoder = _load_encoder(res, cfg)
+        encoder = _load_encoder(res)
     except Exception as e:  # any failure to load a tokenizer only downgrades the display
         why = f"Token colouring unavailable ({type(e).__name__}: {e}); showing plain text."
         log.warning("%s", why)
@@ -348,7 +347,6 @@ def write_report(
     records: dict[int, dict[str, Any]],
     showcase: list[int],
     labels: np.ndarray | None,
-    cfg: DictConfig,
 ) -> None:
     """Write the HTML report to ``path`` (atomic). ``showcase``: sample indices, best half first."""
     p = summary["parameters"]
@@ -368,7 +366,7 @@ def write_report(
     ]
     if labels is not None:
         sections.append(_section("corruption", _corruption(res, labels, summary)))
-    sections.append(_section("samples", _samples(res, records, showcase, cfg)))
+    sections.append(_section("samples", _samples(res, records, showcase)))
     present = [k for k in SECTIONS if labels is not None or k != "corruption"]
     nav = "".join(f'<a href="#{k}">{html.escape(SECTIONS[k])}</a>' for k in present)
     page = (

@@ -176,7 +176,7 @@ def _fingerprint_fields(
             data_hash.update(f"{name}\0{s.id}\0{len(s.input_ids)}\n".encode())
     return {
         "format": FORMAT,
-        "model_path": str(Path(str(cfg.selector_model.path)).resolve())
+        "selector_model_path": str(Path(str(cfg.selector_model.path)).resolve())
         if Path(str(cfg.selector_model.path)).exists()
         else str(cfg.selector_model.path),
         "stage1_weights_kind": weights.get("kind"),

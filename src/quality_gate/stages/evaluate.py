@@ -1,0 +1,436 @@
+"""Stage 4: evaluate the fine-tuned target (base + LoRA adapter) or the base model alone.
+
+``python src/main.py --config-name stage_4_evaluate model_path=<base> adapter_path=<checkpoint dir>``
+
+On held-out records (``eval.data_path``):
+
+* mean loss and perplexity on assistant tokens (the training objective);
+* for records with a checkable answer (``meta.answer``, or GSM8K's ``#### <number>`` at the end of the
+  assistant turn): greedy generation through the chat template and exact-match accuracy, overall and
+  per ``meta.task``;
+* with ``eval.lm_eval_tasks`` set and ``lm_eval`` installed: those tasks through lm-eval's Python API
+  on the in-memory model (tasks from local YAML in ``eval.lm_eval_include_path`` work offline).
+
+Before any of that, an adapter must change the outputs: logits with the adapter enabled and disabled
+are compared on a few samples, so a zero-initialised or wrongly loaded adapter is an error rather than
+a "fine-tuned" row that is really the base model. ``adapter_path: null`` evaluates the base model.
+Writes ``eval_results.json`` and ``eval_results.md`` in the run dir.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+
+from quality_gate.data import SFTDataCollator, encode_records, ensure_chat_template, load_local_file
+from quality_gate.io import atomic_write_json, atomic_write_text
+from quality_gate.models import load_target, sha256_of
+from quality_gate.runs import init_run, update_manifest
+from quality_gate.synthetic import exact_match
+
+log = logging.getLogger(__name__)
+
+RESULTS_JSON = "eval_results.json"
+RESULTS_MD = "eval_results.md"
+_GSM8K_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)\s*$")
+_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+class AdapterError(ValueError):
+    """The adapter is missing, does not fit the base model, or does not change its outputs."""
+
+
+def _check_adapter_base(model: PreTrainedModel, adapter_dir: Path) -> dict[str, Any]:
+    """Compare the adapter's recorded base model with ``model`` (model_type, hidden size, layers)."""
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise AdapterError(
+            f"adapter_path={adapter_dir} has no adapter_config.json; point adapter_path at a Stage 3 "
+            "checkpoint-final/ or checkpoint-<step>/ dir (or set adapter_path=null for the base model)"
+        )
+    adapter_cfg = json.loads(config_file.read_text())
+    recorded = adapter_cfg.get("base_model_name_or_path")
+    if recorded and Path(recorded).is_dir():
+        base_cfg = AutoConfig.from_pretrained(recorded)
+        for key in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size"):
+            ours, theirs = getattr(model.config, key, None), getattr(base_cfg, key, None)
+            if ours != theirs:
+                raise AdapterError(
+                    f"adapter_path={adapter_dir} was trained on {recorded} ({key}={theirs}) but model_path "
+                    f"loads a model with {key}={ours}; set model_path to the adapter's base model"
+                )
+    return {"base_model_name_or_path": recorded, "peft_type": adapter_cfg.get("peft_type")}
+
+
+def load_model(cfg: DictConfig) -> tuple[nn.Module, PreTrainedTokenizerBase, dict[str, Any]]:
+    """Base model from ``model_path`` plus the adapter at ``adapter_path`` (if any), in eval mode."""
+    spec = cfg.model
+    model, tokenizer = load_target(
+        str(cfg.model_path),
+        dtype=str(spec.get("dtype", "auto")),
+        trust_remote_code=bool(spec.get("trust_remote_code", False)),
+        attn_implementation=spec.get("attn_implementation"),
+    )
+    ensure_chat_template(tokenizer, cfg.get("chat_template"))
+    info: dict[str, Any] = {"model_path": str(cfg.model_path), "adapter_path": None}
+    if cfg.get("adapter_path"):
+        adapter_dir = Path(str(cfg.adapter_path))
+        if not adapter_dir.is_dir():
+            raise AdapterError(f"adapter_path={adapter_dir} does not exist")
+        info.update(_check_adapter_base(model, adapter_dir))
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise AdapterError(
+                f"adapter_path={adapter_dir} does not fit model_path={cfg.model_path} "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); set model_path to the "
+                "base model the adapter was trained on"
+            ) from err
+        weights = adapter_dir / "adapter_model.safetensors"
+        info["adapter_path"] = str(adapter_dir)
+        info["adapter_sha256"] = sha256_of(weights) if weights.is_file() else None
+    model.eval()
+    return model, tokenizer, info
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def adapter_output_change(model: PeftModel, batch: dict[str, torch.Tensor]) -> float:
+    """Max |logits(adapter on) - logits(adapter off)| over the valid tokens of ``batch``.
+
+    ``batch``: ``input_ids`` and ``attention_mask`` of shape ``(B, T)``.
+    """
+    device = _device_of(model)
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    adapted = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+    with model.disable_adapter():
+        base = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+    valid = mask.bool()
+    return (adapted[valid] - base[valid]).abs().max().item()
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, dataset: list[dict], collator: SFTDataCollator, batch_size: int) -> dict:
+    """Mean NLL per assistant token over ``dataset`` and its perplexity (token-weighted, not per sample)."""
+    device = _device_of(model)
+    total_nll, total_tokens = 0.0, 0
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
+    for batch in tqdm(loader, desc="held-out loss", leave=False):
+        ids = batch["input_ids"].to(device)  # (B, T)
+        labels = batch["labels"].to(device)  # (B, T), -100 outside assistant tokens
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+        # Position t predicts token t+1.
+        shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+        shift_labels = labels[:, 1:]  # (B, T-1)
+        nll = F.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        total_nll += nll.item()
+        total_tokens += int((shift_labels != -100).sum())
+    mean = total_nll / max(total_tokens, 1)
+    return {
+        "loss": mean,
+        "perplexity": math.exp(mean),
+        "num_tokens": total_tokens,
+        "num_samples": len(dataset),
+    }
+
+
+def checkable_answer(record: dict) -> tuple[str, str] | None:
+    """``(kind, answer)`` for a record whose answer can be checked, else None.
+
+    ``kind`` is ``"exact"`` (``meta.answer``) or ``"number"`` (GSM8K: ``#### <number>`` ending the last
+    assistant turn).
+    """
+    meta = record.get("meta") or {}
+    if meta.get("answer") is not None:
+        return "exact", str(meta["answer"])
+    assistant = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+    if assistant:
+        match = _GSM8K_ANSWER.search(assistant[-1].strip())
+        if match:
+            return "number", match.group(1)
+    return None
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def is_correct(prediction: str, kind: str, answer: str) -> bool:
+    """Exact match for ``meta.answer``; numeric equality of the final number for GSM8K."""
+    if kind == "exact":
+        return exact_match(prediction, answer)
+    tail = prediction.split("####")[-1]
+    numbers = _NUMBER.findall(tail)
+    predicted = _as_number(numbers[-1]) if numbers else None
+    expected = _as_number(answer)
+    return predicted is not None and expected is not None and math.isclose(predicted, expected)
+
+
+def _prompt_messages(record: dict) -> list[dict]:
+    """The conversation up to (not including) the last assistant turn."""
+    messages = record["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last]
+
+
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[dict],
+    batch_size: int,
+    max_new_tokens: int,
+    max_prompt_length: int,
+) -> list[str]:
+    """Greedy completions of each record's prompt (chat template, generation prompt, left padding)."""
+    device = _device_of(model)
+    prompts = [
+        tokenizer.apply_chat_template(_prompt_messages(r), tokenize=False, add_generation_prompt=True)
+        for r in records
+    ]
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right, so prompts must end aligned
+    outputs: list[str] = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
+            enc = tokenizer(
+                prompts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_prompt_length,
+                add_special_tokens=False,
+            ).to(device)
+            generated = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # (B, T_prompt + new)
+            new_tokens = generated[:, enc["input_ids"].shape[1] :]
+            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = padding_side
+    return outputs
+
+
+def exact_match_accuracy(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict], cfg: DictConfig
+) -> dict[str, Any] | None:
+    """Accuracy over the records with a checkable answer, overall and per ``meta.task``; None if none."""
+    checkable = [(r, c) for r in records if (c := checkable_answer(r)) is not None]
+    if not checkable:
+        return None
+    predictions = generate_answers(
+        model,
+        tokenizer,
+        [r for r, _ in checkable],
+        int(cfg.eval.batch_size),
+        int(cfg.eval.max_new_tokens),
+        int(cfg.eval.max_sequence_length),
+    )
+    per_task: dict[str, list[bool]] = defaultdict(list)
+    examples = []
+    for (record, (kind, answer)), prediction in zip(checkable, predictions, strict=True):
+        ok = is_correct(prediction, kind, answer)
+        per_task[str((record.get("meta") or {}).get("task", record.get("dataset", "all")))].append(ok)
+        if len(examples) < int(cfg.eval.num_examples):
+            examples.append(
+                {"id": record.get("id"), "answer": answer, "prediction": prediction, "correct": ok}
+            )
+    hits = [ok for oks in per_task.values() for ok in oks]
+    return {
+        "accuracy": sum(hits) / len(hits),
+        "num_samples": len(hits),
+        "per_task": {
+            task: {"accuracy": sum(v) / len(v), "num_samples": len(v)} for task, v in per_task.items()
+        },
+        "examples": examples,
+    }
+
+
+def run_lm_eval(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig
+) -> dict[str, Any] | None:
+    """``eval.lm_eval_tasks`` through lm-eval's ``simple_evaluate`` on the in-memory model.
+
+    Returns ``{"tasks": {task: {metric: value}}, ...}``, ``{"skipped": reason}`` when lm-eval is not
+    installed, or None when no task is configured.
+    """
+    tasks = list(cfg.eval.get("lm_eval_tasks") or [])
+    if not tasks:
+        return None
+    if importlib.util.find_spec("lm_eval") is None:
+        log.warning("eval.lm_eval_tasks=%s set but lm_eval is not installed; skipping them", tasks)
+        return {"skipped": "lm_eval is not installed (pip install lm-eval)"}
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    include = cfg.eval.get("lm_eval_include_path")
+    manager = TaskManager(
+        include_path=str(include) if include else None,
+        include_defaults=bool(cfg.eval.get("lm_eval_include_defaults", True)),
+    )
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=int(cfg.eval.batch_size),
+        device=str(_device_of(model)),
+    )
+    limit = cfg.eval.get("lm_eval_limit")
+    fewshot = cfg.eval.get("lm_eval_num_fewshot")
+    out = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=None if fewshot is None else int(fewshot),
+        limit=None if limit is None else float(limit) if float(limit) < 1 else int(limit),
+        task_manager=manager,
+        log_samples=False,
+        bootstrap_iters=0,
+        random_seed=int(cfg.seed),
+        numpy_random_seed=int(cfg.seed),
+        torch_random_seed=int(cfg.seed),
+        fewshot_random_seed=int(cfg.seed),
+    )
+    results = {
+        task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
+        for task, metrics in (out or {}).get("results", {}).items()
+    }
+    return {"tasks": results, "include_path": str(include) if include else None}
+
+
+def load_eval_records(cfg: DictConfig) -> list[dict]:
+    path = Path(str(cfg.eval.data_path))
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.data_path={path} does not exist")
+    records = load_local_file(path, str(cfg.eval.dataset_name), bool(cfg.eval.strict))
+    if cfg.eval.get("max_samples"):
+        records = records[: int(cfg.eval.max_samples)]
+    if not records:
+        raise ValueError(f"eval.data_path={path} holds no usable records (messages with an assistant turn)")
+    return records
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """A short Markdown table of the headline numbers."""
+    adapter = results["model"]["adapter_path"] or "none (base model, no fine-tune)"
+    lines = [
+        "# Stage 4 evaluation",
+        "",
+        f"- base model: `{results['model']['model_path']}`",
+        f"- adapter: `{adapter}`",
+        f"- held-out data: `{results['data']['data_path']}` ({results['data']['num_records']} records)",
+        "",
+        "| metric | value | n |",
+        "|---|---|---|",
+    ]
+    loss = results["heldout"]
+    lines.append(f"| held-out loss (assistant tokens) | {loss['loss']:.4f} | {loss['num_tokens']} tokens |")
+    lines.append(f"| held-out perplexity | {loss['perplexity']:.3f} | {loss['num_samples']} samples |")
+    em = results.get("exact_match")
+    if em:
+        lines.append(f"| exact match | {em['accuracy']:.3f} | {em['num_samples']} |")
+        for task, row in sorted(em["per_task"].items()):
+            lines.append(f"| exact match: {task} | {row['accuracy']:.3f} | {row['num_samples']} |")
+    lm = results.get("lm_eval")
+    if lm and "tasks" in lm:
+        for task, metrics in sorted(lm["tasks"].items()):
+            for name, value in sorted(metrics.items()):
+                lines.append(f"| lm-eval {task}: {name} | {value:.4f} | |")
+    elif lm:
+        lines.append(f"| lm-eval | skipped: {lm['skipped']} | |")
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: DictConfig) -> None:
+    """Stage 4: load base (+ adapter), check the adapter matters, compute and write the metrics."""
+    run_dir = init_run(cfg, "evaluate", model_path=str(cfg.model_path), adapter_path=cfg.get("adapter_path"))
+    started = time.perf_counter()
+    set_seed(int(cfg.seed))
+    model, tokenizer, model_info = load_model(cfg)
+    records = load_eval_records(cfg)
+    samples, encode_stats, _skipped = encode_records(
+        records, tokenizer, int(cfg.eval.max_sequence_length), str(cfg.eval.truncation)
+    )
+    if not samples:
+        raise ValueError("no held-out sample left after encoding; check eval.max_sequence_length")
+    dataset = [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in _as_dicts(samples)]
+    collator = SFTDataCollator(tokenizer.pad_token_id)
+
+    if model_info["adapter_path"]:
+        probe = collator(dataset[: int(cfg.eval.adapter_check_samples)])
+        change = adapter_output_change(model, probe)
+        model_info["adapter_max_logit_change"] = change
+        if change <= float(cfg.eval.adapter_check_atol):
+            raise AdapterError(
+                f"adapter does not change the outputs: adapter_path={model_info['adapter_path']} gives "
+                f"logits within {change:.3g} of the base model on {len(probe['input_ids'])} eval samples "
+                "(zero-initialised, untrained or wrongly loaded adapter?)"
+            )
+        log.info("adapter changes the logits by up to %.4g", change)
+    else:
+        log.info("adapter_path is null: evaluating the base model alone (no fine-tune)")
+
+    batch_size = int(cfg.eval.batch_size)
+    results: dict[str, Any] = {
+        "model": model_info,
+        "evaluated": "base + adapter" if model_info["adapter_path"] else "base model (no fine-tune)",
+        "data": {
+            "data_path": str(cfg.eval.data_path),
+            "sha256": sha256_of(cfg.eval.data_path),
+            "num_records": len(records),
+            "encode_stats": encode_stats,
+        },
+        "heldout": heldout_loss(model, dataset, collator, batch_size),
+        "exact_match": exact_match_accuracy(model, tokenizer, records, cfg),
+        "lm_eval": run_lm_eval(model, tokenizer, cfg),
+        "config": OmegaConf.to_container(cfg.eval, resolve=True),
+    }
+    results["wall_time_s"] = round(time.perf_counter() - started, 3)
+    atomic_write_json(run_dir / RESULTS_JSON, results)
+    atomic_write_text(run_dir / RESULTS_MD, results_markdown(results))
+    update_manifest(run_dir, eval_results=RESULTS_JSON)
+    em = results["exact_match"]
+    log.info(
+        "Stage 4 done in %.1fs: held-out loss %.4f (ppl %.3f)%s",
+        results["wall_time_s"],
+        results["heldout"]["loss"],
+        results["heldout"]["perplexity"],
+        f", exact match {em['accuracy']:.3f} on {em['num_samples']}" if em else "",
+    )
+
+
+def _as_dicts(samples: list) -> list[dict]:
+    """Encoded samples as dicts (the data layer may return dataclasses or dicts)."""
+    return [s if isinstance(s, dict) else vars(s) for s in samples]
+
+
+evaluate = run

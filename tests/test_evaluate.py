@@ -1,0 +1,197 @@
+"""Stage 4 evaluate on the tiny target: held-out loss, exact match, adapter checks, lm-eval local task."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from quality_gate.data import SFTDataCollator
+from quality_gate.models import load_target
+from quality_gate.runs import register_resolvers
+from quality_gate.stages.evaluate import (
+    AdapterError,
+    checkable_answer,
+    heldout_loss,
+    is_correct,
+)
+from quality_gate.stages.evaluate import run as evaluate_run
+from quality_gate.synthetic import exact_match
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = REPO / "assets" / "models" / "tiny-qwen2-target"
+EVAL = REPO / "assets" / "data" / "synthetic_eval.jsonl"
+needs_assets = pytest.mark.skipif(
+    not (TARGET.exists() and EVAL.exists()), reason="tiny assets missing: run `make assets`"
+)
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def compose_cfg(run_dir: Path, overrides: list[str]):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        return compose(
+            "stage_4_evaluate",
+            overrides=[
+                f"model_path={TARGET}",
+                f"eval.data_path={EVAL}",
+                "eval.max_samples=16",
+                "eval.max_new_tokens=8",
+                f"output_dir={run_dir}",
+                *overrides,
+            ],
+        )
+
+
+def save_adapter(path: Path, *, zero: bool, base: Path = TARGET) -> Path:
+    """A LoRA adapter on ``base``: as initialised (lora_B = 0, a no-op) or with random lora_B."""
+    model, _ = load_target(str(base), dtype="float32", device="cpu")
+    peft_model = get_peft_model(model, LORA)
+    if not zero:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+    peft_model.save_pretrained(path)
+    return path
+
+
+def test_checkable_answers_and_matching():
+    synthetic = {"messages": [{"role": "assistant", "content": "81"}], "meta": {"answer": "81"}}
+    gsm8k = {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "9*2=18\n#### 1,018"}]
+    }
+    free = {"messages": [{"role": "assistant", "content": "Paris is the capital."}], "meta": {}}
+    assert checkable_answer(synthetic) == ("exact", "81")
+    assert checkable_answer(gsm8k) == ("number", "1,018")
+    assert checkable_answer(free) is None
+    assert is_correct(" 81", "exact", "81") == exact_match(" 81", "81")
+    assert is_correct("so she makes 1018 dollars\n#### 1018", "number", "1,018")
+    assert is_correct("the total is 1018.0", "number", "1,018")
+    assert not is_correct("#### 18", "number", "1,018")
+    assert not is_correct("no number", "number", "18")
+
+
+@needs_assets
+def test_heldout_loss_matches_model_loss():
+    """One sample: the stage's token-mean NLL equals the model's own shifted cross-entropy."""
+    model, tokenizer = load_target(str(TARGET), dtype="float32", device="cpu")
+    ids = list(range(5, 25))
+    labels = [-100] * 12 + ids[12:]
+    sample = {"input_ids": ids, "labels": labels}
+    out = heldout_loss(model.eval(), [sample], SFTDataCollator(tokenizer.pad_token_id), batch_size=1)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
+    assert out["loss"] == pytest.approx(expected, rel=1e-5)
+    assert out["num_tokens"] == 8 and out["perplexity"] == pytest.approx(torch.tensor(expected).exp().item())
+
+
+@needs_assets
+def test_base_model_results(tmp_path):
+    evaluate_run(compose_cfg(tmp_path, []))
+    results = json.loads((tmp_path / "eval_results.json").read_text())
+    assert results["evaluated"] == "base model (no fine-tune)" and results["model"]["adapter_path"] is None
+    assert 0 < results["heldout"]["loss"] < 20 and results["heldout"]["num_samples"] == 16
+    em = results["exact_match"]
+    tasks = {json.loads(line)["meta"]["task"] for line in EVAL.read_text().splitlines()[:16]}
+    assert em["num_samples"] == 16 and set(em["per_task"]) == tasks
+    assert sum(t["num_samples"] for t in em["per_task"].values()) == 16
+    for example in em["examples"]:
+        assert example["correct"] == exact_match(example["prediction"], example["answer"])
+    assert results["lm_eval"] is None
+    markdown = (tmp_path / "eval_results.md").read_text()
+    assert "none (base model, no fine-tune)" in markdown and "| exact match |" in markdown
+
+
+@needs_assets
+def test_zero_adapter_is_rejected(tmp_path):
+    adapter = save_adapter(tmp_path / "zero-adapter", zero=True)
+    with pytest.raises(AdapterError, match="adapter does not change the outputs"):
+        evaluate_run(compose_cfg(tmp_path / "run", [f"adapter_path={adapter}"]))
+
+
+@needs_assets
+def test_trained_adapter_is_evaluated(tmp_path):
+    adapter = save_adapter(tmp_path / "adapter", zero=False)
+    evaluate_run(compose_cfg(tmp_path / "base", ["eval.max_new_tokens=1"]))
+    evaluate_run(compose_cfg(tmp_path / "tuned", [f"adapter_path={adapter}", "eval.max_new_tokens=1"]))
+    base = json.loads((tmp_path / "base" / "eval_results.json").read_text())
+    tuned = json.loads((tmp_path / "tuned" / "eval_results.json").read_text())
+    assert tuned["evaluated"] == "base + adapter" and tuned["model"]["adapter_max_logit_change"] > 0
+    assert tuned["heldout"]["loss"] != pytest.approx(base["heldout"]["loss"], rel=1e-6)
+
+
+@needs_assets
+def test_adapter_of_another_base_is_rejected(tmp_path):
+    other = tmp_path / "other-base"
+    config = Qwen2Config(
+        vocab_size=300, hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(other)
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(other), LORA).save_pretrained(adapter)
+    with pytest.raises(AdapterError, match="hidden_size"):
+        evaluate_run(compose_cfg(tmp_path / "run1", [f"adapter_path={adapter}"]))
+    # Without the recorded base path the weights themselves do not fit.
+    adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
+    adapter_cfg["base_model_name_or_path"] = None
+    (adapter / "adapter_config.json").write_text(json.dumps(adapter_cfg))
+    with pytest.raises(AdapterError, match="does not fit"):
+        evaluate_run(compose_cfg(tmp_path / "run2", [f"adapter_path={adapter}"]))
+
+
+@needs_assets
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm_eval not installed")
+def test_lm_eval_local_task(tmp_path):
+    """An lm-eval multiple-choice task defined by local YAML + a local JSONL file (offline)."""
+    data = tmp_path / "tasks" / "arith.jsonl"
+    data.parent.mkdir()
+    rows = [
+        {"question": f"Add {a} and {b}.", "choices": [str(a + b), str(a + b + 1)], "label": 0}
+        for a, b in [(1, 2), (3, 4), (5, 1), (2, 2)]
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks" / "qg_arith.yaml").write_text(
+        "task: qg_arith\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+    adapter = save_adapter(tmp_path / "adapter", zero=False)
+    cfg = compose_cfg(
+        tmp_path / "run",
+        [
+            f"adapter_path={adapter}",
+            "eval.max_samples=4",
+            "eval.max_new_tokens=1",
+            "eval.lm_eval_tasks=[qg_arith]",
+            f"eval.lm_eval_include_path={tmp_path / 'tasks'}",
+            "eval.lm_eval_include_defaults=false",
+        ],
+    )
+    evaluate_run(cfg)
+    results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    acc = results["lm_eval"]["tasks"]["qg_arith"]["acc,none"]
+    assert 0.0 <= acc <= 1.0
+    assert "lm-eval qg_arith" in (tmp_path / "run" / "eval_results.md").read_text()

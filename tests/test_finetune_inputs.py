@@ -1,0 +1,106 @@
+"""Stage 3 bad inputs: each a clear error naming the config key; non-zero exit from the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from quality_gate.runs import register_resolvers
+from quality_gate.stages.finetune import fine_tune, get_model_and_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = REPO / "assets" / "models" / "tiny-qwen2-target"
+needs_target = pytest.mark.skipif(not TARGET.exists(), reason="tiny assets missing: run `make assets`")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def compose_cfg(overrides: list[str]):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        return compose(
+            "stage_3_finetune",
+            overrides=[f"training.model.name={TARGET}", "training.report_to=[]", *overrides],
+        )
+
+
+def test_missing_data_path(tmp_path):
+    with pytest.raises(ValueError, match=r"dataset\.data_path is not set"):
+        fine_tune(compose_cfg([f"output_dir={tmp_path}"]))
+    with pytest.raises(FileNotFoundError, match=r"dataset\.data_path=.*does not exist"):
+        fine_tune(compose_cfg([f"output_dir={tmp_path}", f"dataset.data_path={tmp_path / 'nope.jsonl'}"]))
+
+
+def test_empty_data_path(tmp_path):
+    empty = tmp_path / "selected_data.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"dataset\.data_path=.*is empty"):
+        fine_tune(compose_cfg([f"output_dir={tmp_path / 'run'}", f"dataset.data_path={empty}"]))
+
+
+def test_bad_modes(tmp_path):
+    with pytest.raises(ValueError, match=r"training\.peft_mode='qlora'"):
+        fine_tune(compose_cfg([f"output_dir={tmp_path}", "training.peft_mode=qlora"]))
+    with pytest.raises(ValueError, match=r"dataset\.mode='some'"):
+        fine_tune(compose_cfg([f"output_dir={tmp_path}", "dataset.mode=some"]))
+
+
+@needs_target
+def test_records_without_messages(tmp_path):
+    bad = tmp_path / "selected_data.jsonl"
+    bad.write_text(
+        "".join(json.dumps({"id": f"r{i}", "text": "no conversation here"}) + "\n" for i in range(3))
+    )
+    with pytest.raises(ValueError, match=r"dataset\.data_path|messages"):
+        fine_tune(compose_cfg([f"output_dir={tmp_path / 'run'}", f"dataset.data_path={bad}"]))
+
+
+@needs_target
+def test_tokenizer_without_chat_template(tmp_path):
+    """No template: a clear error naming dataset.chat_template; with it set, that template is used."""
+    model_dir = tmp_path / "no-template"
+    shutil.copytree(TARGET, model_dir)
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    config_file = model_dir / "tokenizer_config.json"
+    tok_cfg = json.loads(config_file.read_text())
+    tok_cfg.pop("chat_template", None)
+    config_file.write_text(json.dumps(tok_cfg))
+    overrides = [f"training.model.name={model_dir}"]
+    with pytest.raises(ValueError, match="chat_template"):
+        get_model_and_tokenizer(compose_cfg(overrides))
+    _, tokenizer = get_model_and_tokenizer(compose_cfg([*overrides, f"dataset.chat_template='{CHATML}'"]))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+@pytest.mark.slow
+def test_command_line_exits_non_zero(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "src/main.py", "--config-name", "stage_3_finetune", f"output_dir={tmp_path}"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "dataset.data_path is not set" in proc.stderr

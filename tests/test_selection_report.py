@@ -1,0 +1,63 @@
+"""The report's token colouring with a real (tiny, offline) tokenizer and the data layer's encoder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from quality_gate.selection import config_from_overrides, run_selection
+from quality_gate.selection.testing import fake_record, fake_shard, write_router_dataset
+
+encode = pytest.importorskip("quality_gate.data.encode", reason="the data layer's encoder is not written yet")
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer(path: Path):
+    """A byte-level BPE without merges (every byte one token) plus ChatML specials, saved to ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def test_report_colours_tokens(tmp_path):
+    tok = byte_tokenizer(tmp_path / "tok")
+    root = tmp_path / "run"
+    records = [fake_record("d", f"d_{i}", {}) for i in range(4)]
+    records[0]["messages"][1]["content"] = "<b>bold & risky</b>"
+    lengths = []
+    for r in records:
+        enc = encode.encode_record(r, tok, 512, "right")
+        assert enc is not None
+        lengths.append(len(enc.input_ids) - 1)
+    g = torch.Generator().manual_seed(0)
+    write_router_dataset(
+        root / "router_data", "d", [fake_shard([r["id"] for r in records], lengths, 3, g)], records=records
+    )
+    config = {
+        "selector_model": {"path": str(tmp_path / "tok")},
+        "dataset": {"max_sequence_length": 512, "truncation": "right"},
+    }
+    (root / "config.yaml").write_text(json.dumps(config))  # JSON is valid YAML
+    run_selection(config_from_overrides(root_dir=str(root), selection_percentage=0.5, report_top_k=2))
+    text = (root / "selection_report.html").read_text()
+    assert "Token colouring unavailable" not in text
+    assert "coloured by gate" in text and 'title="token 1: gate' in text
+    # report_top_k=2 of 4 samples shows all of them; d_0's markup is escaped token by token.
+    assert "<b>bold" not in text and "&lt;" in text and "&amp;" in text

@@ -1,0 +1,144 @@
+"""The synthetic generator: determinism, corruption shares, labels, answers, exact match, CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from quality_gate.synthetic import CORRUPTIONS, TASKS, WORDS, exact_match, make_records, normalise_answer
+
+ROOT = Path(__file__).resolve().parents[1]
+_ORDINAL = {"first": 0, "second": 1, "third": 2, "fourth": 3, "fifth": 4}
+
+
+def solve(task: str, prompt: str) -> str:
+    """An independent solver that reads the task back from the prompt text alone."""
+    numbers = [int(x) for x in re.findall(r"\d+", prompt)]
+    words = [w for w in re.findall(r"[a-z]+", prompt.split(":")[-1]) if w in WORDS]
+    if task == "add":
+        return str(sum(numbers))
+    if task == "sort_digits":
+        return " ".join(map(str, sorted(numbers)))
+    if task == "next_in_sequence":
+        return str(numbers[-1] + numbers[1] - numbers[0])
+    if task == "largest_number":
+        return str(max(numbers))
+    if task == "count_words":
+        return str(len(words))
+    if task == "reverse_words":
+        return " ".join(reversed(words))
+    if task == "nth_word":
+        ordinal = next(o for o in _ORDINAL if f" {o} " in prompt)
+        return words[_ORDINAL[ordinal]]
+    raise AssertionError(f"no solver for {task}")
+
+
+def test_deterministic_per_seed():
+    assert make_records(300, 0.3, seed=7) == make_records(300, 0.3, seed=7)
+    assert make_records(300, 0.3, seed=7) != make_records(300, 0.3, seed=8)
+
+
+def test_corruption_shares_follow_noise_rate():
+    records = make_records(1000, 0.3, seed=3)
+    counts = Counter(r["meta"]["corruption"] for r in records)
+    assert counts["none"] == 700
+    kinds = [counts[k] for k in CORRUPTIONS]
+    assert set(counts) == {"none", *CORRUPTIONS}
+    # Kinds share the 300 corrupted records evenly; a rare collision may turn one into garbage.
+    assert max(kinds) - min(kinds) <= 3
+    tasks = Counter(r["meta"]["task"] for r in records)
+    assert set(tasks) == set(TASKS) and max(tasks.values()) - min(tasks.values()) <= 1
+
+
+@pytest.mark.parametrize("noise_rate", [0.0, 0.3, 1.0])
+def test_labels_and_record_format(noise_rate):
+    records = make_records(350, noise_rate, seed=11, dataset_name="synthetic_eval", id_offset=5)
+    assert [r["id"] for r in records] == [f"synthetic_eval_{n}" for n in range(5, 355)]
+    for r in records:
+        assert r["dataset"] == "synthetic_eval"
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+        content, meta = r["messages"][1]["content"], r["meta"]
+        assert (meta["corruption"] == "none") == (content == meta["answer"])
+        assert (meta["corruption"] == "none") == exact_match(content, meta["answer"])
+        assert content.strip(), r
+    assert sum(r["meta"]["corruption"] != "none" for r in records) == round(noise_rate * 350)
+
+
+def test_answers_are_correct():
+    for r in make_records(700, 0.5, seed=2):
+        assert r["meta"]["answer"] == solve(r["meta"]["task"], r["messages"][0]["content"]), r
+
+
+def test_prompts_unique_and_exclusion():
+    train = make_records(500, 0.3, seed=0)
+    prompts = {r["messages"][0]["content"] for r in train}
+    assert len(prompts) == len(train)
+    held_out = make_records(200, 0.0, seed=1, exclude_prompts=prompts)
+    assert not prompts & {r["messages"][0]["content"] for r in held_out}
+
+
+def is_repetition(text: str) -> bool:
+    words = text.split()
+    return any(len(words) % k == 0 and words == words[: len(words) // k] * k for k in range(4, 9))
+
+
+def test_corruption_kinds_look_like_their_name():
+    records = make_records(500, 1.0, seed=4)
+    for r in records:
+        content, kind, task = r["messages"][1]["content"], r["meta"]["corruption"], r["meta"]["task"]
+        if kind == "repetition":
+            assert is_repetition(content), content
+        elif kind == "truncated":
+            assert content.startswith(("the answer is", "I think")), content
+        elif kind == "garbage":
+            assert re.fullmatch(r"[a-z0-9#%&*+\-=?!@~]{6,16}", content), content
+        elif kind == "other_task":
+            # Another family's answer: never this prompt's answer, and usually not of its shape.
+            assert content != r["meta"]["answer"]
+        elif kind == "wrong_answer":
+            # Same shape as the answer (a number for a number, words from the prompt for words).
+            if r["meta"]["answer"].isdigit():
+                assert content.isdigit(), (task, content)
+            else:
+                assert set(content.split()) <= set(r["messages"][0]["content"].replace("?", "").split())
+
+
+def test_invalid_arguments_are_named():
+    with pytest.raises(ValueError, match="noise_rate"):
+        make_records(10, 1.5, seed=0)
+    with pytest.raises(ValueError, match="num_samples"):
+        make_records(-1, 0.1, seed=0)
+
+
+def test_exact_match():
+    assert exact_match("  1 2  3\n", "1 2 3")
+    assert exact_match("river", " river ")
+    assert not exact_match("River", "river")
+    assert not exact_match("1 2", "1 2 3")
+    assert not exact_match("", "0")
+    assert normalise_answer(" a \t b ") == "a b"
+
+
+def test_make_synthetic_data_cli(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_synthetic_data", ROOT / "scripts/make_synthetic_data.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    module.main(["--out", str(train), "--num-samples", "100", "--noise-rate", "0.2", "--seed", "0"])
+    held_args = ["--num-samples", "30", "--noise-rate", "0", "--seed", "1", "--dataset-name", "held"]
+    module.main(["--out", str(held_out), *held_args, "--exclude", str(train)])
+    out = capsys.readouterr().out
+    assert "none=80" in out and "none=30" in out
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    assert rows == make_records(100, 0.2, seed=0)
+    held = [json.loads(line) for line in held_out.read_text().splitlines()]
+    assert held[0]["id"] == "held_0"
+    assert not {r["messages"][0]["content"] for r in rows} & {r["messages"][0]["content"] for r in held}
