@@ -1,6 +1,6 @@
 """Benchmark of Stage 2 (statistics collection). A script, not a test.
 
-    .venv/bin/python bench/bench_stage2.py --out bench/results/stage2.json
+    .venv/bin/python bench/bench_stage2.py --out outputs/bench/stage2.json
 
 (a) tokens/s of Stage 2 (the real stage: token-budget batches, one backbone forward, chunked NLL)
     vs a batch-size-1 loop over the same model and samples that scores the way Cherry_LLM and
@@ -52,7 +52,7 @@ def bench_throughput(num_samples: int, threads: int) -> dict:
     run(cfg)
     metrics = json.loads((out_dir / "stage2_metrics.json").read_text())
     if metrics["samples"] < num_samples:
-        raise SystemExit(f"only {metrics['samples']} samples in {cfg.dataset.local.datasets}; need {num_samples}")
+        raise SystemExit(f"only {metrics['samples']} samples in dataset.local.datasets; need {num_samples}")
 
     # (c) bytes per scored position, from the shards written by the run above.
     shard_bytes, positions, layers = 0, 0, None
@@ -159,10 +159,12 @@ def bench_rss(vocab: int, tokens_per_batch: int, chunk: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "stage2.json")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "stage2.json")
     parser.add_argument("--num-samples", type=int, default=2000)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--vocab", type=int, default=151_936)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--chunk", type=int, default=1024)

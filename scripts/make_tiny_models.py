@@ -214,6 +214,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default="assets/data", help="synthetic_train/eval.jsonl for the bench")
     parser.add_argument("--bench-samples", type=int, default=600, help="fine-tuning set size of the bench")
     parser.add_argument("--bench-epochs", type=int, default=6, help="fine-tuning epochs of the bench")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--skip-bench", action="store_true", help="build the models only")
     return parser.parse_args(argv)
 
@@ -238,8 +239,12 @@ def pretraining_records(seed: int, num_samples: int, noise_rate: float = 0.0) ->
 
 def train_tokenizer(records: list[dict], vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE over the text the chat templates produce, special tokens excluded."""
-    texts = ["user\n", "assistant\n", "system\n" + QWEN25_DEFAULT_SYSTEM, "\n\n"]
-    texts += [m["content"] for r in records for m in r["messages"]]
+    texts = []
+    for r in records:
+        # Headers and Qwen2.5's default system prompt once per chat, so that their merges rank as
+        # high as in real chat data and the target's prompts stay short.
+        texts += ["system\n" + QWEN25_DEFAULT_SYSTEM, "\n\n"]
+        texts += [f"{m['role']}\n{m['content']}" for m in r["messages"]]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -472,7 +477,9 @@ def bench(args: argparse.Namespace) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    # Tiny matmuls gain little from a second thread, and OpenMP spin-waits slow down badly when
+    # other processes hold the cores.
+    torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     start = time.time()
     records = pretraining_records(args.seed, 20000)

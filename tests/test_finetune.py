@@ -150,7 +150,7 @@ def test_final_checkpoint_reproduces_trained_logits(lora_run):
     assert saved and all("lora_" in key for key in saved)
 
 
-def test_resume_continues_the_same_loss_curve(lora_run, tmp_path):
+def test_resume_continues_the_same_loss_curve(lora_run, tmp_path, caplog):
     """A run killed after checkpoint-3 resumes there and logs the same losses as the uninterrupted run."""
     cfg, run_dir, _ = lora_run
     interrupted = tmp_path / "run"
@@ -167,7 +167,9 @@ def test_resume_continues_the_same_loss_curve(lora_run, tmp_path):
             "training.max_steps=6",
         ]
     )
-    trainer = fine_tune(resumed_cfg)
+    with caplog.at_level(logging.WARNING, logger="quality_gate.stages.finetune"):
+        trainer = fine_tune(resumed_cfg)
+    assert "training.save_steps: 3 -> 50" in caplog.text  # the rerun left save_steps at its default
     assert trainer.state.global_step == 6
     metrics = json.loads((interrupted / "train_metrics.json").read_text())
     assert metrics["resumed_from"] == str(interrupted / "checkpoint-3")

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from quality_gate.runs import register_resolvers
 from quality_gate.stages.finetune import fine_tune, get_model_and_tokenizer
+from quality_gate.training import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = REPO / "assets" / "models" / "tiny-qwen2-target"
@@ -87,9 +88,43 @@ def test_tokenizer_without_chat_template(tmp_path):
     overrides = [f"training.model.name={model_dir}"]
     with pytest.raises(ValueError, match="chat_template"):
         get_model_and_tokenizer(compose_cfg(overrides))
-    _, tokenizer = get_model_and_tokenizer(compose_cfg([*overrides, f"dataset.chat_template='{CHATML}'"]))
+    cfg = compose_cfg(overrides)
+    cfg.dataset.chat_template = CHATML  # set directly: Jinja braces would need escaping on the command line
+    _, tokenizer = get_model_and_tokenizer(cfg)
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert text == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+@needs_target
+def test_diverging_run_stops_with_clear_error(tmp_path):
+    """A learning rate of 1e7 makes the loss NaN within a few steps: NonFiniteLossError, no final model."""
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Add {i} and 1."},
+                {"role": "assistant", "content": str(i + 1)},
+            ]
+        }
+        for i in range(16)
+    ]
+    data = tmp_path / "selected_data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose_cfg(
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"dataset.data_path={data}",
+            "training.learning_rate=1e7",
+            "training.lr_scheduler_type=constant",
+            "training.lora.r=8",
+            "training.batch_size=4",
+            "training.per_device_batch_size=4",
+            "training.max_steps=6",
+            "training.logging_steps=1",
+        ]
+    )
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+.*learning_rate"):
+        fine_tune(cfg)
+    assert not (tmp_path / "run" / "checkpoint-final").exists()
 
 
 @pytest.mark.slow

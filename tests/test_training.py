@@ -54,7 +54,7 @@ def tiny_qwen2():
 
 def test_batch_size_configuration():
     assert validate_batch_size_configuration(64, 8, 2) == 4
-    with pytest.raises(ValueError, match="training.batch_size=10"):
+    with pytest.raises(ValueError, match=r"training\.batch_size=10"):
         validate_batch_size_configuration(10, 4, 1)
 
 
@@ -102,7 +102,11 @@ def test_fsdp_kwargs_by_layout():
     model = tiny_qwen2()
     assert fsdp_training_kwargs(model, 1, "cuda") == {}
     assert fsdp_training_kwargs(model, 1, "cpu") == {}
-    assert fsdp_training_kwargs(model, 2, "cpu") == {"ddp_backend": "gloo", "ddp_find_unused_parameters": False}
+    assert fsdp_training_kwargs(model, 2, "cpu") == {
+        "use_cpu": True,
+        "ddp_backend": "gloo",
+        "ddp_find_unused_parameters": False,
+    }
     kwargs = fsdp_training_kwargs(model, 4, "cuda")
     assert kwargs["fsdp"] is True
     assert kwargs["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["Qwen2DecoderLayer"]

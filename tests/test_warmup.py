@@ -15,7 +15,6 @@ from omegaconf import OmegaConf
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, Qwen3Config, TrainingArguments
 
-from quality_gate.data import SFTDataCollator
 from quality_gate.gate import attach_quality_gates, find_quality_gates, freeze_backbone, gate_state_dict
 from quality_gate.models import apply_stage1_weights, load_selector
 from quality_gate.stages.warmup import QualityGateTrainer, get_peft_config
@@ -50,6 +49,22 @@ def tiny_dataset(n: int = 8) -> Dataset:
     return Dataset.from_list(rows)
 
 
+def pad_collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Right padding: ``input_ids`` with PAD, ``labels`` with -100, ``attention_mask`` 0 on padding."""
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = {
+        "input_ids": torch.full((len(rows), width), PAD),
+        "labels": torch.full((len(rows), width), -100),
+        "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
+    }
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        batch["input_ids"][i, :n] = torch.tensor(row["input_ids"])
+        batch["labels"][i, :n] = torch.tensor(row["labels"])
+        batch["attention_mask"][i, :n] = 1
+    return batch
+
+
 def tiny_trainer(model, tmp_path: Path, max_steps: int = 1) -> QualityGateTrainer:
     args = TrainingArguments(
         output_dir=str(tmp_path),
@@ -68,7 +83,7 @@ def tiny_trainer(model, tmp_path: Path, max_steps: int = 1) -> QualityGateTraine
         model=model,
         args=args,
         train_dataset=tiny_dataset(),
-        data_collator=SFTDataCollator(PAD),
+        data_collator=pad_collate,
         quality_loss_weight=1.0,
         quality_loss_mode="sample",
     )

@@ -50,8 +50,8 @@ class NonFiniteLossError(RuntimeError):
 
 def _non_finite_message(step: int, value: float) -> str:
     return (
-        f"non-finite training loss {value} at step {step}. Try a lower training.learning_rate, "
-        "training.dtype=float32 (or bf16 instead of fp16), gradient clipping (training.max_grad_norm), "
+        f"non-finite training loss {value} at step {step}. Try a lower training.learning_rate, a wider "
+        "model dtype (float32, or bfloat16 instead of float16), gradient clipping (training.max_grad_norm), "
         "and check the data for empty or broken records."
     )
 
@@ -128,7 +128,7 @@ def fsdp_training_kwargs(model: nn.Module, world_size: int, device_type: str) ->
       full sharding (``reshard_after_forward``), one unit per decoder layer, full state dict on save so
       checkpoints load in one process. FSDP2 shards per parameter (DTensor), so LoRA's mix of frozen
       and trainable parameters in one unit works without FSDP1's ``use_orig_params``.
-    * several processes on CPU: DDP with the gloo backend (NCCL needs CUDA).
+    * several processes on CPU: DDP with the gloo backend (NCCL needs CUDA), ``use_cpu`` set.
     * one process: nothing.
     """
     if world_size <= 1:
@@ -144,8 +144,10 @@ def fsdp_training_kwargs(model: nn.Module, world_size: int, device_type: str) ->
                 "state_dict_type": "FULL_STATE_DICT",
             },
         }
-    # DDP: find_unused_parameters stays False (every LoRA/gate parameter is used each step).
-    return {"ddp_backend": "gloo", "ddp_find_unused_parameters": False}
+    # accelerate only builds a MULTI_CPU (DDP) state when told the run is CPU-only; without use_cpu the
+    # ranks train independently on their shards and never sync gradients. Every LoRA/gate parameter is
+    # used in each step, so find_unused_parameters stays off.
+    return {"use_cpu": True, "ddp_backend": "gloo", "ddp_find_unused_parameters": False}
 
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")

@@ -26,6 +26,7 @@ import math
 import re
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from quality_gate.data import SFTDataCollator, encode_records, ensure_chat_template, load_local_file
+from quality_gate.data import (
+    SFTDataCollator,
+    encode_records,
+    ensure_chat_template,
+    load_local_file,
+    to_hf_dataset,
+)
 from quality_gate.io import atomic_write_json, atomic_write_text
 from quality_gate.models import load_target, sha256_of
 from quality_gate.runs import init_run, update_manifest
@@ -129,7 +136,9 @@ def adapter_output_change(model: PeftModel, batch: dict[str, torch.Tensor]) -> f
 
 
 @torch.no_grad()
-def heldout_loss(model: nn.Module, dataset: list[dict], collator: SFTDataCollator, batch_size: int) -> dict:
+def heldout_loss(
+    model: nn.Module, dataset: Sequence[dict], collator: SFTDataCollator, batch_size: int
+) -> dict:
     """Mean NLL per assistant token over ``dataset`` and its perplexity (token-weighted, not per sample)."""
     device = _device_of(model)
     total_nll, total_tokens = 0.0, 0
@@ -215,8 +224,10 @@ def generate_answers(
         tokenizer.apply_chat_template(_prompt_messages(r), tokenize=False, add_generation_prompt=True)
         for r in records
     ]
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right, so prompts must end aligned
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    # Generation appends on the right, so prompts must end aligned; an over-long prompt loses its
+    # beginning, never the generation prompt at its end.
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
     outputs: list[str] = []
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
@@ -237,7 +248,7 @@ def generate_answers(
             new_tokens = generated[:, enc["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     finally:
-        tokenizer.padding_side = padding_side
+        tokenizer.padding_side, tokenizer.truncation_side = sides
     return outputs
 
 
@@ -328,14 +339,20 @@ def run_lm_eval(
 
 
 def load_eval_records(cfg: DictConfig) -> list[dict]:
+    """The held-out records of ``eval.data_path`` (any data-layer format), the first ``eval.max_samples``."""
     path = Path(str(cfg.eval.data_path))
     if not path.is_file():
         raise FileNotFoundError(f"eval.data_path={path} does not exist")
-    records = load_local_file(path, str(cfg.eval.dataset_name), bool(cfg.eval.strict))
+    records, skipped = load_local_file(path, str(cfg.eval.dataset_name), strict=bool(cfg.eval.strict))
+    if skipped:
+        log.warning("eval.data_path=%s: %d rows skipped, first: %s", path, len(skipped), skipped[0])
     if cfg.eval.get("max_samples"):
         records = records[: int(cfg.eval.max_samples)]
     if not records:
-        raise ValueError(f"eval.data_path={path} holds no usable records (messages with an assistant turn)")
+        raise ValueError(
+            f"eval.data_path={path} holds no usable records (conversations with an assistant turn); "
+            f"{len(skipped)} rows skipped"
+        )
     return records
 
 
@@ -382,11 +399,11 @@ def run(cfg: DictConfig) -> None:
     )
     if not samples:
         raise ValueError("no held-out sample left after encoding; check eval.max_sequence_length")
-    dataset = [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in _as_dicts(samples)]
+    dataset = to_hf_dataset(samples)
     collator = SFTDataCollator(tokenizer.pad_token_id)
 
     if model_info["adapter_path"]:
-        probe = collator(dataset[: int(cfg.eval.adapter_check_samples)])
+        probe = collator([dataset[i] for i in range(min(int(cfg.eval.adapter_check_samples), len(dataset)))])
         change = adapter_output_change(model, probe)
         model_info["adapter_max_logit_change"] = change
         if change <= float(cfg.eval.adapter_check_atol):
@@ -407,7 +424,7 @@ def run(cfg: DictConfig) -> None:
             "data_path": str(cfg.eval.data_path),
             "sha256": sha256_of(cfg.eval.data_path),
             "num_records": len(records),
-            "encode_stats": encode_stats,
+            "encode_stats": encode_stats.as_dict(),
         },
         "heldout": heldout_loss(model, dataset, collator, batch_size),
         "exact_match": exact_match_accuracy(model, tokenizer, records, cfg),
@@ -426,11 +443,6 @@ def run(cfg: DictConfig) -> None:
         results["heldout"]["perplexity"],
         f", exact match {em['accuracy']:.3f} on {em['num_samples']}" if em else "",
     )
-
-
-def _as_dicts(samples: list) -> list[dict]:
-    """Encoded samples as dicts (the data layer may return dataclasses or dicts)."""
-    return [s if isinstance(s, dict) else vars(s) for s in samples]
 
 
 evaluate = run

@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers.training_args import ParallelMode
 
 from quality_gate.data import (
     SFTDataCollator,
@@ -39,7 +40,7 @@ from quality_gate.data import (
     load_records,
     to_hf_dataset,
 )
-from quality_gate.io import atomic_write_json
+from quality_gate.io import atomic_write_json, atomic_write_jsonl
 from quality_gate.models import load_target, sha256_of
 from quality_gate.runs import init_run, is_main_process, run_dir_of, update_manifest, world_size
 from quality_gate.training import (
@@ -55,6 +56,7 @@ PEFT_MODES = ("lora", "full")
 DATASET_MODES = ("subset", "full")
 FINAL_DIR = "checkpoint-final"
 METRICS_FILE = "train_metrics.json"
+SKIPPED_ROWS_FILE = "skipped_rows.jsonl"  # same name as the data layer's report in full mode
 # The seed's targets: every attention and MLP projection of Qwen / Llama / Mistral decoder layers.
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -102,21 +104,35 @@ def _subset_file(cfg: DictConfig) -> Path:
 
 
 def load_training_records(cfg: DictConfig, run_dir: Path) -> tuple[list[dict], dict[str, Any]]:
-    """Records for ``dataset.mode`` and a description of their source (path and sha256 for subset)."""
+    """Records for ``dataset.mode`` and a description of their source (path and sha256 for subset).
+
+    Rows that cannot be read as a conversation are skipped and listed in ``skipped_rows.jsonl``
+    (``dataset.strict=true``: the first one is an error); no usable row at all is an error.
+    """
     ds = cfg.dataset
     if ds.mode == "full":
         records = load_records(ds, seed=int(cfg.seed), report_dir=run_dir)
         source: dict[str, Any] = {"mode": "full", "dataset_from": str(ds.dataset_from)}
     else:
         file = _subset_file(cfg)
-        records = load_local_file(file, str(ds.get("dataset_name") or "selected"), bool(ds.strict))
-        source = {"mode": "subset", "data_path": str(file), "sha256": sha256_of(file)}
-    if not records:
-        where = f"dataset.data_path={ds.get('data_path')}" if ds.mode == "subset" else "dataset.local/hf"
-        raise ValueError(
-            f"no usable records in {where}: every row lacked `messages` (or ShareGPT `conversations` / "
-            "Alpaca `instruction`+`output`) with an assistant turn; see the bad-row report in the run dir"
+        records, skipped = load_local_file(
+            file, str(ds.get("dataset_name") or "selected"), strict=bool(ds.strict)
         )
+        if is_main_process():
+            atomic_write_jsonl(run_dir / SKIPPED_ROWS_FILE, [row.as_dict() for row in skipped])
+        if not records:
+            first = f"; first: {skipped[0]}" if skipped else ""
+            raise ValueError(
+                f"no usable records in dataset.data_path={file}: {len(skipped)} rows skipped, none with "
+                "`messages` (or ShareGPT `conversations`, Alpaca `instruction`/`output`, "
+                f"`question`/`answer`) and an assistant turn{first}; see {run_dir / SKIPPED_ROWS_FILE}"
+            )
+        source = {
+            "mode": "subset",
+            "data_path": str(file),
+            "sha256": sha256_of(file),
+            "skipped_rows": len(skipped),
+        }
     source["num_records"] = len(records)
     return records, source
 
@@ -141,7 +157,7 @@ def build_train_dataset(
     dataset = to_hf_dataset(samples)
     info = {
         "source": source,
-        "encode_stats": stats,
+        "encode_stats": stats.as_dict(),
         "num_samples": len(dataset),
         "num_tokens": sum(len(ids) for ids in dataset["input_ids"]),
         "num_target_tokens": sum(sum(1 for x in labels if x != -100) for labels in dataset["labels"]),
@@ -232,6 +248,41 @@ def save_final(trainer: Trainer, run_dir: Path) -> Path:
     return final
 
 
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+def _warn_on_changed_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Warn when a resumed run's training / dataset settings differ from the ones it started with."""
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved = OmegaConf.load(saved_file)
+    before = _flatten(OmegaConf.to_container(OmegaConf.masked_copy(saved, ["training", "dataset"])))
+    now = _flatten(OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["training", "dataset"]), resolve=True))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        log.warning(
+            "resuming %s with settings that differ from its start: %s; the optimizer and scheduler state "
+            "come from the checkpoint, so the run mixes both. Start a new run unless this is intended "
+            "(e.g. a larger training.max_steps).",
+            run_dir,
+            ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed),
+        )
+
+
+def _distributed_kind(args: TrainingArguments) -> str:
+    """What the Trainer really set up (not what was asked for): fsdp, ddp or none."""
+    if args.fsdp:
+        return "fsdp"
+    return "ddp" if args.parallel_mode == ParallelMode.DISTRIBUTED else "none"
+
+
 def _loss_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     curve = [{"step": e["step"], "loss": e["loss"]} for e in history if "loss" in e and "step" in e]
     if not curve:
@@ -253,6 +304,8 @@ def fine_tune(cfg: DictConfig) -> Trainer | None:
         return None
     _validate(cfg)
     resume_from = last_checkpoint(run_dir)
+    if resume_from:
+        _warn_on_changed_config(cfg, run_dir)
     run_dir = init_run(cfg, "finetune", target_model=str(cfg.training.model.name), resumed_from=resume_from)
     started = time.perf_counter()
     set_seed(int(cfg.seed))
@@ -291,7 +344,7 @@ def fine_tune(cfg: DictConfig) -> Trainer | None:
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 3),
         "wall_time_s": round(time.perf_counter() - started, 3),
         "world_size": world_size(),
-        "distributed": "fsdp" if trainer.args.fsdp else ("ddp" if world_size() > 1 else "none"),
+        "distributed": _distributed_kind(trainer.args),
     }
     atomic_write_json(run_dir / METRICS_FILE, metrics)
     update_manifest(run_dir, final_checkpoint=str(final), train_metrics=METRICS_FILE)

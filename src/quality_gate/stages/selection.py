@@ -26,6 +26,7 @@ import json
 import logging
 import resource
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,9 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from quality_gate.data import encode_records, load_records, pad_batch, token_budget_batches
+from quality_gate.data.sources import SKIPPED_ROWS_FILE
 from quality_gate.io import atomic_write_json, atomic_write_jsonl
-from quality_gate.models import apply_stage1_weights, default_device, load_selector
+from quality_gate.models import apply_stage1_weights, default_device, is_converted_dir, load_selector
 from quality_gate.runs import init_run, is_main_process, rank, update_manifest, world_size
 from quality_gate.stats.collect import collect_batch, compute_token_perplexity, concat_batch_stats
 from quality_gate.stats.store import (
@@ -64,6 +66,16 @@ log = logging.getLogger(__name__)
 # Ranks finish their shards at different times; the slowest may trail by far more than the
 # default 10-minute collective timeout on a large dataset.
 _BARRIER_TIMEOUT = dt.timedelta(hours=12)
+# Records the encoder dropped (too long under truncation=drop, or no assistant token left).
+DROPPED_SAMPLES_FILE = "dropped_samples.jsonl"
+_POSITIVE_KEYS = ("batch_size", "max_tokens_per_batch", "shard_size", "nll_chunk_tokens")
+
+
+def _validate(cfg: DictConfig) -> None:
+    for key in _POSITIVE_KEYS:
+        value = cfg.data_process.get(key)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"data_process.{key}={value!r}: expected a positive integer")
 
 
 @dataclasses.dataclass
@@ -82,6 +94,9 @@ def _hash_text(text: str | None) -> str | None:
 
 def _load_model(cfg: DictConfig, device: str) -> tuple[Any, Any, dict[str, Any]]:
     sel = cfg.selector_model
+    # A plain (unconverted) selector gets freshly initialised gates: seed them, so that every rank
+    # and every resumed run scores with the same gates.
+    torch.manual_seed(int(cfg.seed))
     model, tokenizer = load_selector(
         str(sel.path),
         dtype=str(sel.get("dtype", "auto")),
@@ -98,6 +113,8 @@ def _load_model(cfg: DictConfig, device: str) -> tuple[Any, Any, dict[str, Any]]
             sel.path,
         )
         weights = {"kind": "none", "path": None, "sha256": None}
+    if weights["kind"] == "none" and not is_converted_dir(str(sel.path)):
+        weights["gate_init_seed"] = int(cfg.seed)
     model.eval().requires_grad_(False)
     return model, tokenizer, weights
 
@@ -181,6 +198,7 @@ def _fingerprint_fields(
         else str(cfg.selector_model.path),
         "stage1_weights_kind": weights.get("kind"),
         "stage1_weights_sha256": weights.get("sha256"),
+        "gate_init_seed": weights.get("gate_init_seed"),
         "tokenizer_name": getattr(tokenizer, "name_or_path", None),
         "tokenizer_vocab_sha256": _hash_text(vocab),
         "chat_template_sha256": _hash_text(getattr(tokenizer, "chat_template", None)),
@@ -329,6 +347,14 @@ def _finalise(
         atomic_write_jsonl(
             router_dir / f"{name}_records.jsonl", [data["records"][s.id] for s in data["samples"]]
         )
+    dropped = [row.as_dict() for d in datasets.values() for row in d["skipped"]]
+    atomic_write_jsonl(run_dir / DROPPED_SAMPLES_FILE, dropped)
+    skipped_file = run_dir / SKIPPED_ROWS_FILE  # written by load_records: bad rows, one per line
+    skipped_rows = (
+        [json.loads(line) for line in skipped_file.read_text().splitlines() if line.strip()]
+        if skipped_file.exists()
+        else []
+    )
     tokens = sum(r["tokens"] for r in per_rank)
     slots = sum(r["padded_slots"] for r in per_rank)
     scored_samples = sum(r["samples"] for r in per_rank)
@@ -350,12 +376,14 @@ def _finalise(
         "datasets": {
             name: {
                 "samples": len(d["samples"]),
-                "encode": d["encode_stats"],
-                "skipped": d["skipped"],
+                "encode": d["encode_stats"].as_dict(),
+                "dropped_by_encoder": len(d["skipped"]),
                 "truncated": sum(bool(s.truncated) for s in d["samples"]),
             }
             for name, d in datasets.items()
         },
+        "skipped_rows": len(skipped_rows),
+        "skipped_rows_by_dataset": dict(Counter(r.get("dataset") for r in skipped_rows)),
         "invalid_samples": len(invalid),
         "invalid": invalid,
     }
@@ -369,6 +397,7 @@ def _finalise(
 
 def run(cfg: DictConfig) -> None:
     """Stage 2 entry point (``cfg.stage == "selection"``); see the module docstring."""
+    _validate(cfg)
     run_dir = init_run(cfg, "selection")
     started = time.perf_counter()
     device, own_group = _init_distributed()
@@ -384,7 +413,7 @@ def run(cfg: DictConfig) -> None:
         dtype = next(model.parameters()).dtype
         fields = _fingerprint_fields(cfg, tokenizer, weights, dtype, datasets)
         if is_main_process():
-            fingerprint = check_or_write_fingerprint(router_dir, fields)
+            check_or_write_fingerprint(router_dir, fields)
         _barrier()
         # Every rank checks too: the stored file now exists, so this only verifies.
         fingerprint = check_or_write_fingerprint(router_dir, fields)

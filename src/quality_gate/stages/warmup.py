@@ -113,7 +113,7 @@ def get_model_and_tokenizer(cfg: DictConfig) -> tuple[PreTrainedModel, PreTraine
         gate_init_mean=float(cfg.quality_gate.init_mean),
         gate_init_std=float(cfg.quality_gate.init_std),
     )
-    ensure_chat_template(tokenizer)
+    ensure_chat_template(tokenizer, cfg.dataset.get("chat_template"))
     freeze_backbone(model)
     return model, tokenizer
 
@@ -130,19 +130,24 @@ def get_peft_config(cfg: DictConfig) -> LoraConfig:
     )
 
 
-def build_train_dataset(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, run_dir: Path):
-    """Records -> encoded samples (labels on assistant tokens) -> ``datasets.Dataset``."""
-    records = load_records(cfg.dataset, seed=int(cfg.seed), report_dir=run_dir)
-    samples, stats, _skipped = encode_records(
+def build_train_dataset(
+    cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, run_dir: Path
+) -> tuple[Any, dict]:
+    """Records -> encoded samples (labels on assistant tokens) -> ``datasets.Dataset``, and counts."""
+    # Every rank reads the same records (seeded); only rank 0 writes the bad-row report.
+    records = load_records(cfg.dataset, seed=int(cfg.seed), report_dir=run_dir if is_main_process() else None)
+    samples, stats, skipped = encode_records(
         records, tokenizer, int(cfg.dataset.max_sequence_length), str(cfg.dataset.truncation)
     )
+    if skipped:
+        log.warning("%d records dropped while encoding; first: %s", len(skipped), skipped[0])
     if not samples:
         raise ValueError(
             "no training samples left after encoding; check dataset.* (paths, subset_ratio, "
             "max_sequence_length, truncation)"
         )
-    log.info("Stage 1 data: %d samples (%s)", len(samples), stats)
-    return to_hf_dataset(samples), stats
+    log.info("Stage 1 data: %d samples (%s)", len(samples), stats.as_dict())
+    return to_hf_dataset(samples), stats.as_dict()
 
 
 def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
@@ -168,9 +173,11 @@ def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
         activation_checkpointing_kwargs={"use_reentrant": False},
         remove_unused_columns=False,
         seed=int(cfg.seed),
-        ddp_backend=None if torch.cuda.is_available() else "gloo",
+        use_cpu=not torch.cuda.is_available(),  # without it a CPU torchrun would not run DDP
+        ddp_backend="gloo" if world_size() > 1 and not torch.cuda.is_available() else None,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=int(t.get("dataloader_num_workers", 0)),
+        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=not is_main_process(),
     )
 
@@ -260,7 +267,11 @@ def run(cfg: DictConfig) -> None:
     collator = SFTDataCollator(tokenizer.pad_token_id)
     stats_samples = int(cfg.training.gate_stats_samples)
     batch_size = int(cfg.training.per_device_batch_size)
-    gates_before = gate_statistics(model, train_dataset, collator, batch_size, stats_samples)
+    gates_before = (
+        gate_statistics(model, train_dataset, collator, batch_size, stats_samples)
+        if is_main_process()
+        else None
+    )
 
     trainer = QualityGateTrainer(
         model=model,
