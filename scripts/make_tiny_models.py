@@ -216,6 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bench-epochs", type=int, default=6, help="fine-tuning epochs of the bench")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--skip-bench", action="store_true", help="build the models only")
+    parser.add_argument("--bench-only", action="store_true", help="measure the models already in --out-dir")
     return parser.parse_args(argv)
 
 
@@ -482,12 +483,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     start = time.time()
-    records = pretraining_records(args.seed, 20000)
-    tokenizer = train_tokenizer(records + pretraining_records(args.seed + 1, 2000, 0.3), args.vocab_size)
-    logger.info("tokenizer: %d tokens", len(tokenizer))
-    build_selector(tokenizer, args, records)
-    build_target(tokenizer, args, records)
-    logger.info("models built in %.0f s", time.time() - start)
+    if not args.bench_only:
+        records = pretraining_records(args.seed, 20000)
+        tokenizer = train_tokenizer(records + pretraining_records(args.seed + 1, 2000, 0.3), args.vocab_size)
+        logger.info("tokenizer: %d tokens", len(tokenizer))
+        build_selector(tokenizer, args, records)
+        build_target(tokenizer, args, records)
+        logger.info("models built in %.0f s", time.time() - start)
     if not args.skip_bench:
         figures = bench(args)
         print(json.dumps(figures, indent=2))

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config, TrainingArguments
 from quality_gate.gate import attach_quality_gates, find_quality_gates, freeze_backbone, gate_state_dict
 from quality_gate.models import apply_stage1_weights, load_selector
 from quality_gate.stages.warmup import QualityGateTrainer, get_peft_config
+from quality_gate.training import NonFiniteLossCallback, NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
 SELECTOR = REPO / "assets" / "models" / "tiny-qwen3-selector"
@@ -65,7 +66,9 @@ def pad_collate(rows: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def tiny_trainer(model, tmp_path: Path, max_steps: int = 1) -> QualityGateTrainer:
+def tiny_trainer(
+    model, tmp_path: Path, max_steps: int = 1, quality_loss_weight: float = 1.0, callbacks=None
+) -> QualityGateTrainer:
     args = TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
@@ -84,6 +87,7 @@ def tiny_trainer(model, tmp_path: Path, max_steps: int = 1) -> QualityGateTraine
         args=args,
         train_dataset=tiny_dataset(),
         data_collator=pad_collate,
+        callbacks=callbacks,
         quality_loss_weight=1.0,
         quality_loss_mode="sample",
     )
@@ -132,6 +136,15 @@ def test_one_lora_step_changes_only_the_adapter(tmp_path):
         changed = not torch.equal(param, before[name])
         is_lora = "quality_gate.gate.lora_" in name
         assert changed == is_lora, f"{name}: changed={changed}"
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    model = tiny_gated_model()
+    with torch.no_grad():
+        find_quality_gates(model)[1].quality_gate.gate.weight[0, 0] = float("nan")
+    trainer = tiny_trainer(model, tmp_path, callbacks=[NonFiniteLossCallback()])
+    with pytest.raises(NonFiniteLossError, match=r"training\.learning_rate"):
+        trainer.train()
 
 
 def test_invalid_quality_loss_mode_names_the_key(tmp_path):

@@ -38,6 +38,7 @@ from quality_gate.data import (
     ensure_chat_template,
     load_local_file,
     load_records,
+    records_fingerprint,
     to_hf_dataset,
 )
 from quality_gate.io import atomic_write_json, atomic_write_jsonl
@@ -134,6 +135,7 @@ def load_training_records(cfg: DictConfig, run_dir: Path) -> tuple[list[dict], d
             "skipped_rows": len(skipped),
         }
     source["num_records"] = len(records)
+    source["records_fingerprint"] = records_fingerprint(records)
     return records, source
 
 

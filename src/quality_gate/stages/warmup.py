@@ -21,10 +21,12 @@ import os
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset
 from omegaconf import DictConfig
 from peft import LoraConfig, TaskType, get_peft_model
 from torch import Tensor, nn
@@ -132,7 +134,7 @@ def get_peft_config(cfg: DictConfig) -> LoraConfig:
 
 def build_train_dataset(
     cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, run_dir: Path
-) -> tuple[Any, dict]:
+) -> tuple[Dataset, dict[str, int]]:
     """Records -> encoded samples (labels on assistant tokens) -> ``datasets.Dataset``, and counts."""
     # Every rank reads the same records (seeded); only rank 0 writes the bad-row report.
     records = load_records(cfg.dataset, seed=int(cfg.seed), report_dir=run_dir if is_main_process() else None)
@@ -167,6 +169,7 @@ def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
         weight_decay=0.0,  # decay would pull the gates towards 0.5, against the quality loss
         logging_steps=int(t.logging_steps),
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the log, where NonFiniteLossCallback stops
         save_strategy="no",  # the gate weights are saved by this stage, not as Trainer checkpoints
         report_to=list(t.get("report_to") or []),
         activation_checkpointing=bool(t.gradient_checkpointing),
@@ -183,10 +186,16 @@ def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
 
 
 @torch.no_grad()
-def gate_statistics(model: nn.Module, dataset, collator, batch_size: int, max_samples: int) -> dict:
+def gate_statistics(
+    model: nn.Module,
+    dataset: Dataset,
+    collator: Callable[[list[dict]], dict[str, Tensor]],
+    batch_size: int,
+    max_samples: int,
+) -> dict[str, Any]:
     """Per-layer mean and std of the gate value over the valid tokens of the first samples.
 
-    Returns ``{"mean_per_layer": [L], "std_per_layer": [L], "mean": float, "token_std": float}``;
+    Returns ``{"mean_per_layer": [L], "std_per_layer": [L], "mean", "token_std", "num_tokens"}``;
     ``token_std`` is the std over tokens of the layer-averaged gate, i.e. how much the gates
     distinguish tokens.
     """
