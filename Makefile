@@ -38,7 +38,8 @@ demo: install
 
 assets: install
 	$(PY) scripts/make_synthetic_data.py --out assets/data/synthetic_train.jsonl --num-samples 2000 --noise-rate 0.3 --seed 0
-	$(PY) scripts/make_tiny_models.py --out-dir assets/models
+	$(PY) scripts/make_synthetic_data.py --out assets/data/synthetic_eval.jsonl --num-samples 200 --noise-rate 0 --seed 1 --dataset-name synthetic_eval --exclude assets/data/synthetic_train.jsonl
+	$(PY) scripts/make_tiny_models.py --out-dir assets/models --seed 0
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -18,7 +18,11 @@ Unless ``--skip-bench``, the script then measures this (figures printed at the e
 mean assistant-token NLL on clean vs corrupted records of assets/data/synthetic_train.jsonl, and the
 target's greedy exact match on assets/data/synthetic_eval.jsonl before fine-tuning, after fine-tuning
 on ~600 clean records and after fine-tuning on ~600 records of which 30 % are corrupted.
-Takes a few minutes on 2 CPU cores.
+Measured with the defaults (seed 0, 1 CPU thread; ~10 min on a shared 2-core machine, building
+included): selector reply NLL 0.06 on clean records vs 7.8 on corrupted ones (wrong_answer 1.8,
+other_task 3.5, truncated 6.5, garbage 11.1, repetition 11.3), selector exact match 0.87; target exact
+match 0.015 before fine-tuning, 0.18 after 15 epochs on 600 clean records, 0.115 after 15 epochs on
+600 records with 30 % corrupted. ``--bench-only`` re-measures models already in ``--out-dir``.
 """
 
 from __future__ import annotations
@@ -213,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="pretraining batch size")
     parser.add_argument("--data-dir", default="assets/data", help="synthetic_train/eval.jsonl for the bench")
     parser.add_argument("--bench-samples", type=int, default=600, help="fine-tuning set size of the bench")
-    parser.add_argument("--bench-epochs", type=int, default=6, help="fine-tuning epochs of the bench")
+    parser.add_argument("--bench-epochs", type=int, default=15, help="fine-tuning epochs of the bench")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--skip-bench", action="store_true", help="build the models only")
     parser.add_argument("--bench-only", action="store_true", help="measure the models already in --out-dir")

@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "assets" / "data"
 SELECTOR = ROOT / "assets" / "models" / "tiny-qwen3-selector"
 TARGET = ROOT / "assets" / "models" / "tiny-qwen2-target"
+SYSTEM = (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+)
 CHAT = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]
 
 
@@ -67,16 +70,15 @@ def test_model_dir_is_small_and_self_contained(path):
         (
             SELECTOR,
             "Qwen3ForCausalLM",
-            "<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n5<|im_end|>\n",
+            "<|im_start|>user\nAdd 2 and 3.<|im_end|>\n"
+            "<|im_start|>assistant\n<think>\n\n</think>\n\n5<|im_end|>\n",
             "<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n",
         ),
         (
             TARGET,
             "Qwen2ForCausalLM",
-            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
-            "<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n",
-            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
-            "<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n",
+            SYSTEM + "<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n",
+            SYSTEM + "<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n",
         ),
     ],
     ids=["selector", "target"],

@@ -211,17 +211,25 @@ def _labels_of(records: Sequence[dict[str, Any]]) -> dict[str, str]:
     return out
 
 
-def _stage_overrides(cfg: DictConfig, stage: str) -> dict[str, Any]:
-    extra = cfg.get("overrides", {}).get(stage) or {}
-    return dict(OmegaConf.to_container(extra, resolve=True)) if extra else {}
+def _stage_overrides(cfg: DictConfig, stage: str) -> list[str]:
+    """``overrides.<stage>``: a list of ``key=value`` strings for that stage's config."""
+    extra = cfg.get("overrides", {}).get(stage) or []
+    return [str(x) for x in extra]
 
 
 def _eval_row(eval_dir: Path) -> dict[str, Any]:
     results = json.loads((eval_dir / "eval_results.json").read_text())
     return {
-        "eval_loss": results.get("loss", {}).get("mean_loss"),
-        "exact_match": results.get("exact_match", {}).get("accuracy"),
+        "eval_loss": (results.get("heldout") or {}).get("loss"),
+        "exact_match": (results.get("exact_match") or {}).get("accuracy"),
     }
+
+
+def _run(cfg: DictConfig, stage: str, config_name: str, values: dict[str, Any]) -> None:
+    """Run ``quality_gate.stages.<stage>`` with its config, ``values`` and ``overrides.<stage>``."""
+    run_stage(
+        f"quality_gate.stages.{stage}", load_stage_config(config_name, values, _stage_overrides(cfg, stage))
+    )
 
 
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
@@ -232,21 +240,26 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     selectors = list(cfg.selectors)
     seeds = list(cfg.random_seeds) if "random" in selectors else []
     arms = [s for s in selectors if s != "random"] + [f"random_seed{s}" for s in seeds]
-    n_steps = 4 + len(arms) * 3 + (2 if cfg.include_full else 0) + (1 if cfg.include_base else 0)
-    steps = Steps(n_steps + 1)
-    train_name = cfg.data.dataset_name
+    ft_arms = arms + (["full"] if cfg.include_full else [])
+    steps = Steps(5 + len(arms) + 2 * len(ft_arms) + (1 if cfg.include_base else 0))
+    train_name = str(cfg.data.dataset_name)
 
     with steps.step("data"):
         if cfg.data.generate:
             from quality_gate.synthetic import make_records
 
             train_path = run_dir / "data" / "train.jsonl"
-            atomic_write_jsonl(
-                train_path, make_records(cfg.data.num_samples, cfg.data.noise_rate, cfg.seed, train_name)
+            records = make_records(
+                int(cfg.data.num_samples), float(cfg.data.noise_rate), int(cfg.seed), train_name
             )
+            atomic_write_jsonl(train_path, records)
         else:
             train_path = Path(cfg.data.train_path)
-        datasets_block = [{"path": str(train_path), "dataset_name": train_name}]
+        common = {
+            "seed": cfg.seed,
+            "dataset.dataset_from": "local",
+            "dataset.local.datasets": [{"path": str(train_path), "dataset_name": train_name}],
+        }
 
     with steps.step("convert the selector"):
         selector_path = str(cfg.selector_model)
@@ -258,36 +271,26 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
             save_converted(model, tokenizer, selector_path)
             del model
 
-    common = {"seed": cfg.seed, "dataset.dataset_from": "local", "dataset.local.datasets": datasets_block}
+    warm_dir, stats_dir = run_dir / "stage_1_warmup", run_dir / "stage_2_selection"
     with steps.step("Stage 1 warmup"):
-        warm_dir = run_dir / "stage_1_warmup"
-        run_stage(
-            "quality_gate.stages.warmup",
-            load_stage_config(
-                "stage_1_warmup",
-                {
-                    **common,
-                    "selector_model.path": selector_path,
-                    "output_dir": str(warm_dir),
-                    **_stage_overrides(cfg, "warmup"),
-                },
-            ),
+        _run(
+            cfg,
+            "warmup",
+            "stage_1_warmup",
+            {**common, "selector_model.path": selector_path, "output_dir": str(warm_dir)},
         )
-    with steps.step("Stage 2 statistics (+ IFD)"):
-        stats_dir = run_dir / "stage_2_selection"
-        run_stage(
-            "quality_gate.stages.selection",
-            load_stage_config(
-                "stage_2_selection",
-                {
-                    **common,
-                    "selector_model.path": selector_path,
-                    "model_checkpoint_path": str(warm_dir),
-                    "collect_ifd": "ifd" in selectors,
-                    "output_dir": str(stats_dir),
-                    **_stage_overrides(cfg, "stage2"),
-                },
-            ),
+    with steps.step("Stage 2 statistics"):
+        _run(
+            cfg,
+            "selection",
+            "stage_2_selection",
+            {
+                **common,
+                "selector_model.path": selector_path,
+                "model_checkpoint_path": str(warm_dir),
+                "collect_ifd": "ifd" in selectors,
+                "output_dir": str(stats_dir),
+            },
         )
 
     labels = _labels_of(_read_jsonl(train_path))
@@ -295,19 +298,20 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     selected_files: dict[str, Path] = {}
     report = None
     for arm in arms:
-        selector, seed = (arm, cfg.seed) if not arm.startswith("random_seed") else ("random", int(arm[11:]))
+        selector, seed = (
+            ("random", int(arm[len("random_seed") :])) if arm.startswith("random_seed") else (arm, cfg.seed)
+        )
         with steps.step(f"select: {arm}"):
             sel_dir = run_dir / "selection" / arm
-            res = run_selection(
-                config_from_overrides(
-                    root_dir=str(stats_dir),
-                    selector=selector,
-                    seed=seed,
-                    output_dir=str(sel_dir),
-                    selection_percentage=cfg.selection_percentage,
-                    **_stage_overrides(cfg, "selection"),
-                )
+            sel_cfg = config_from_overrides(
+                root_dir=str(stats_dir),
+                selector=selector,
+                seed=seed,
+                output_dir=str(sel_dir),
+                selection_percentage=float(cfg.selection_percentage),
             )
+            sel_cfg = OmegaConf.merge(sel_cfg, OmegaConf.from_dotlist(_stage_overrides(cfg, "selection")))
+            res = run_selection(sel_cfg)
             ids = [str(i) for i in res.stats.ids]
             kept = [ids[i] for i in res.order]
             sc = res.scores[selector]
@@ -318,82 +322,43 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
             if selector == "quality_gate":
                 report = str(sel_dir / "selection_report.html")
 
-    ft_arms = list(arms) + (["full"] if cfg.include_full else [])
     for arm in ft_arms:
-        ft_dir = run_dir / "stage_3_finetune" / arm
+        ft_dir, ev_dir = run_dir / "stage_3_finetune" / arm, run_dir / "stage_4_evaluate" / arm
+        data = (
+            {"dataset.mode": "full", **common}
+            if arm == "full"
+            else {"dataset.mode": "subset", "dataset.data_path": str(selected_files[arm])}
+        )
         with steps.step(f"fine-tune: {arm}"):
-            data = (
-                {"dataset.mode": "full", **common}
-                if arm == "full"
-                else {"dataset.mode": "subset", "dataset.data_path": str(selected_files[arm])}
-            )
-            run_stage(
-                "quality_gate.stages.finetune",
-                load_stage_config(
-                    "stage_3_finetune",
-                    {
-                        **data,
-                        "seed": cfg.seed,
-                        "training.model.name": str(cfg.target_model),
-                        "output_dir": str(ft_dir),
-                        **_stage_overrides(cfg, "finetune"),
-                    },
-                ),
+            _run(
+                cfg,
+                "finetune",
+                "stage_3_finetune",
+                {
+                    **data,
+                    "seed": cfg.seed,
+                    "training.model.name": str(cfg.target_model),
+                    "output_dir": str(ft_dir),
+                },
             )
         with steps.step(f"evaluate: {arm}"):
-            ev_dir = run_dir / "stage_4_evaluate" / arm
-            run_stage(
-                "quality_gate.stages.evaluate",
-                load_stage_config(
-                    "stage_4_evaluate",
-                    {
-                        "model_path": str(cfg.target_model),
-                        "adapter_path": str(ft_dir / "checkpoint-final"),
-                        "eval.data_path": str(cfg.data.eval_path),
-                        "output_dir": str(ev_dir),
-                        "seed": cfg.seed,
-                        **_stage_overrides(cfg, "evaluate"),
-                    },
-                ),
-            )
+            _evaluate(cfg, ft_dir / "checkpoint-final", ev_dir)
         if arm == "full":
-            rows["full"] = {
-                "kept": len(labels) or None,
-                "corrupted_kept_share": None,
-                "auroc_clean_vs_corrupted": None,
-            }
-            if labels:
-                rows["full"]["corrupted_kept_share"] = sum(v != "none" for v in labels.values()) / len(labels)
+            share = sum(v != "none" for v in labels.values()) / len(labels) if labels else None
+            rows["full"] = {"kept": len(labels) or None, "corrupted_kept_share": share}
         rows[arm].update(_eval_row(ev_dir))
 
     if cfg.include_base:
         with steps.step("evaluate: base model (no fine-tune)"):
             ev_dir = run_dir / "stage_4_evaluate" / "base"
-            run_stage(
-                "quality_gate.stages.evaluate",
-                load_stage_config(
-                    "stage_4_evaluate",
-                    {
-                        "model_path": str(cfg.target_model),
-                        "adapter_path": None,
-                        "eval.data_path": str(cfg.data.eval_path),
-                        "output_dir": str(ev_dir),
-                        "seed": cfg.seed,
-                        **_stage_overrides(cfg, "evaluate"),
-                    },
-                ),
-            )
+            _evaluate(cfg, None, ev_dir)
             rows["base (no fine-tune)"] = {"kept": 0, **_eval_row(ev_dir)}
 
     with steps.step("summary"):
-        table: dict[str, dict[str, Any]] = {}
-        for arm in [a for a in arms if not a.startswith("random_seed")]:
-            table[arm] = rows[arm]
+        table = {arm: rows[arm] for arm in arms if not arm.startswith("random_seed")}
         if seeds:
             table["random"] = aggregate([rows[f"random_seed{s}"] for s in seeds])
-        for extra in ("full", "base (no fine-tune)"):
-            if extra in rows:
-                table[extra] = rows[extra]
+        table.update({k: rows[k] for k in ("full", "base (no fine-tune)") if k in rows})
         summary = {
             "name": cfg.name,
             "run_dir": str(run_dir),
@@ -409,3 +374,14 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
         atomic_write_json(run_dir / "summary.json", summary)
         atomic_write_text(run_dir / "summary.md", render_markdown(summary))
     return summary
+
+
+def _evaluate(cfg: DictConfig, adapter: Path | None, out_dir: Path) -> None:
+    values = {
+        "model_path": str(cfg.target_model),
+        "adapter_path": None if adapter is None else str(adapter),
+        "eval.data_path": str(cfg.data.eval_path),
+        "output_dir": str(out_dir),
+        "seed": cfg.seed,
+    }
+    _run(cfg, "evaluate", "stage_4_evaluate", values)
