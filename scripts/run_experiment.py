@@ -15,11 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from omegaconf import DictConfig
 
-from quality_gate.experiment import render_markdown, run_experiment  # noqa: E402
-from quality_gate.runs import register_resolvers  # noqa: E402
+from quality_gate.experiment import render_markdown, run_experiment
+from quality_gate.runs import register_resolvers
 
 register_resolvers()
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from omegaconf import DictConfig
 
-from quality_gate.runs import register_resolvers  # noqa: E402
+from quality_gate.runs import register_resolvers
 
 STAGES = {
     "warmup": "quality_gate.stages.warmup",

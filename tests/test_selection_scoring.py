@@ -134,3 +134,40 @@ def test_bad_params():
         ScoreParams(token_scope="user")
     with pytest.raises(ValueError, match="tau"):
         ScoreParams(tau=-1.0)
+
+
+def _as_samples_same_token(shards, scope: str):
+    """Pairing same_token: gate at token t (stored row t) with perplexity of token t (stored row t-1)."""
+    out = []
+    for s in shards:
+        off = 0
+        for n in s["lengths"].tolist():
+            pairs = [(off + t, off + t - 1) for t in range(1, n)]
+            if scope == "assistant":
+                pairs = [(g, p) for g, p in pairs if bool(s["assistant_mask"][p])]
+            gates = [[float(v) for v in s["gates"][g].tolist()] for g, _ in pairs]
+            out.append((gates, [float(s["perplexities"][p]) for _, p in pairs]))
+            off += n
+    return out
+
+
+@pytest.mark.parametrize("scope", ["all", "assistant"])
+def test_same_token_pairing_matches_reference(tmp_path, scope):
+    g = torch.Generator().manual_seed(3)
+    shards = [fake_shard(["a", "b", "c"], [4, 6, 3], 3, g), fake_shard(["d", "e"], [5, 8], 3, g)]
+    for s in shards:
+        s["assistant_mask"][:] = True
+        s["assistant_mask"][::3] = False
+    index = write_router_dataset(tmp_path, "d", shards)
+    params = ScoreParams(alpha=1.0, token_scope=scope, pairing="same_token")
+    stats = collect_sample_stats([index], params)
+    q, _ = quality_scores(stats, params, per_dataset=False)
+    S_ref, q_ref = reference_q(_as_samples_same_token(shards, scope), 1.0, 1e-8, 0.0)
+    assert stats.valid.all()
+    np.testing.assert_allclose(stats.S, np.array(S_ref), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(q, np.array(q_ref), rtol=1e-9, atol=1e-9)
+    # The pairing leaves the perplexity baseline alone: it is over every stored position in scope.
+    plain = collect_sample_stats([index], ScoreParams(token_scope=scope))
+    np.testing.assert_allclose(stats.mean_nll, plain.mean_nll)
+    with pytest.raises(ValueError, match="pairing"):
+        ScoreParams(pairing="previous")

@@ -189,6 +189,7 @@ def _validate(cfg: DictConfig) -> tuple[ScoreParams, float, str]:
             eps=float(cfg.get("eps", 1e-8)),
             tau=float(cfg.get("tau", 0.0)),
             token_scope=str(cfg.get("token_scope", "all")),
+            pairing=str(cfg.get("pairing", "next_token")),
         )
     except ValueError as e:
         raise SelectionError(str(e)) from e
@@ -377,21 +378,11 @@ def run(cfg: DictConfig) -> None:
 
 def config_from_overrides(**overrides: Any) -> DictConfig:
     """A selection config from keyword overrides (tests, the experiment runner)."""
-    base = {
-        "root_dir": None,
-        "router_data_dir": None,
-        "selection_percentage": 0.05,
-        "selector": "quality_gate",
-        "alpha": 1.0,
-        "eps": 1e-8,
-        "tau": 0.0,
-        "token_scope": "all",
-        "per_dataset": False,
-        "seed": 42,
-        "report": True,
-        "report_top_k": 10,
-        "output_dir": None,
-    }
+    path = Path(__file__).resolve().parents[3] / "configs" / "batch_selection.yaml"
+    base = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    for key in ("hydra", "defaults"):
+        base.pop(key, None)
+    base["root_dir"] = None  # "???" in the file: required on the command line
     unknown = set(overrides) - set(base)
     if unknown:
         raise SelectionError(f"unknown selection config keys {sorted(unknown)}; known: {sorted(base)}")

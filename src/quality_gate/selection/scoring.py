@@ -22,9 +22,14 @@ which equals the formula exactly (numerator and denominator divided by ``exp(m)`
 its meaning: ``eps * exp(-m)`` is evaluated as ``exp(log(eps) - m)``, and when that overflows the
 weights tend to 0, the formula's own limit. ``w`` is *not* normalised to 1 (eps is kept).
 
-``token_scope``: ``all`` scores every stored position (the seed); ``assistant`` only the positions
-that predict an assistant token. A sample with no position in scope, or a non-finite perplexity in
-scope, is invalid: it gets no score and is listed in the summary with its reason.
+``pairing`` (method.md leaves it open): ``next_token`` pairs the gate at token t with the perplexity
+of token t+1, the prediction that gate shapes (the stored layout); ``same_token`` pairs the gate at
+token t with the perplexity of token t itself, i.e. how the gate reacts to reading a surprising
+token (stored gate row t with stored perplexity row t-1, t >= 1).
+
+``token_scope``: ``all`` scores every paired position (the seed); ``assistant`` only the positions
+whose perplexity is that of an assistant token. A sample with no position in scope, or a
+non-finite perplexity in scope, is invalid: it gets no score and is listed in the summary with its reason.
 """
 
 from __future__ import annotations
@@ -43,20 +48,25 @@ from quality_gate.stats.store import RouterShard, iter_shards, load_index
 log = logging.getLogger(__name__)
 
 TOKEN_SCOPES = ("all", "assistant")
+PAIRINGS = ("next_token", "same_token")
 # Rows of a shard turned into float64 at once in the segment sum: (chunk, L) x 8 bytes stays small.
 _ROW_CHUNK = 1 << 18
 
 
 @dataclasses.dataclass
 class ScoreParams:
-    """Hyper-parameters of the score (config keys ``alpha``, ``eps``, ``tau``, ``token_scope``)."""
+    """Hyper-parameters of the score (config keys ``alpha``, ``eps``, ``tau``, ``token_scope``,
+    ``pairing``)."""
 
     alpha: float = 1.0
     eps: float = 1e-8
     tau: float = 0.0
     token_scope: str = "all"
+    pairing: str = "next_token"
 
     def __post_init__(self) -> None:
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"pairing={self.pairing!r}; expected one of {list(PAIRINGS)}")
         if self.token_scope not in TOKEN_SCOPES:
             raise ValueError(f"token_scope={self.token_scope!r}; expected one of {list(TOKEN_SCOPES)}")
         if not (math.isfinite(self.eps) and self.eps >= 0):
@@ -114,15 +124,33 @@ def token_weights(
     return e / denom[segment]
 
 
+def _paired_rows(shard: RouterShard, pairing: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row indices ``(gate_rows, ppl_rows)`` (P',) into the shard's arrays, and their sample index."""
+    total = int(shard.perplexities.shape[0])
+    segment = torch.repeat_interleave(torch.arange(len(shard)), shard.lengths)  # (P,)
+    rows = torch.arange(total)
+    if pairing == "next_token":
+        return rows, rows, segment
+    first = shard.offsets[:-1][shard.lengths > 0]  # stored row of token 0 of each sample
+    keep = torch.ones(total, dtype=torch.bool)
+    keep[first] = False
+    gate_rows = rows[keep]  # gate at token t >= 1
+    return gate_rows, gate_rows - 1, segment[keep]  # stored row t-1 holds the perplexity of token t
+
+
 def shard_scores(shard: RouterShard, params: ScoreParams) -> dict[str, object]:
-    """``S`` (n, L) float64, mean NLL (n,), positions in scope (n,), validity and reasons of one shard."""
+    """``S`` (n, L) float64, mean NLL (n,), positions in scope (n,), validity and reasons of one shard.
+
+    The mean NLL (the perplexity baseline) is over every stored position in ``token_scope``, whatever
+    the pairing; ``S`` uses the paired positions.
+    """
     n = len(shard)
     num_layers = int(shard.gates.shape[1])
-    segment = torch.repeat_interleave(torch.arange(n), shard.lengths)  # (P,)
-    ppl = shard.perplexities.to(torch.float64)  # (P,)
+    gate_rows, ppl_rows, segment = _paired_rows(shard, params.pairing)
+    ppl = shard.perplexities[ppl_rows].to(torch.float64)  # (P,)
     in_scope = torch.ones_like(ppl, dtype=torch.bool)
     if params.token_scope == "assistant":
-        in_scope = shard.assistant_mask.to(torch.bool).clone()
+        in_scope = shard.assistant_mask[ppl_rows].to(torch.bool)
     sample_ok = shard.valid.to(torch.bool).clone()  # (n,)
     in_scope &= sample_ok[segment]
     finite = torch.isfinite(ppl) & (ppl > 0)
@@ -144,11 +172,10 @@ def shard_scores(shard: RouterShard, params: ScoreParams) -> dict[str, object]:
     w = token_weights(ppl[pos], seg, n, params.alpha, params.eps)  # (P',)
     S = torch.zeros(n, num_layers, dtype=torch.float64)
     for start in range(0, len(pos), _ROW_CHUNK):
-        rows = pos[start : start + _ROW_CHUNK]
+        rows = gate_rows[pos[start : start + _ROW_CHUNK]]
         g = shard.gates[rows].to(torch.float64)  # (chunk, L)
         S.index_add_(0, seg[start : start + _ROW_CHUNK], g * w[start : start + _ROW_CHUNK, None])
-    nll_sum = torch.zeros(n, dtype=torch.float64).index_add_(0, seg, torch.log(ppl[pos]))
-    mean_nll = nll_sum / count.clamp(min=1)
+    mean_nll = _mean_nll(shard, params.token_scope, n)
     S[~sample_ok] = math.nan
     mean_nll[~sample_ok] = math.nan
     return {
@@ -158,6 +185,18 @@ def shard_scores(shard: RouterShard, params: ScoreParams) -> dict[str, object]:
         "valid": sample_ok.numpy(),
         "invalid_reason": ["" if ok else r for ok, r in zip(sample_ok.tolist(), reasons)],
     }
+
+
+def _mean_nll(shard: RouterShard, token_scope: str, n: int) -> torch.Tensor:
+    """(n,) mean log perplexity over the stored positions in scope (NaN where none)."""
+    segment = torch.repeat_interleave(torch.arange(n), shard.lengths)
+    log_ppl = torch.log(shard.perplexities.to(torch.float64))
+    mask = torch.ones_like(log_ppl, dtype=torch.bool)
+    if token_scope == "assistant":
+        mask = shard.assistant_mask.to(torch.bool)
+    total = torch.zeros(n, dtype=torch.float64).index_add_(0, segment, torch.where(mask, log_ppl, 0.0))
+    count = torch.zeros(n, dtype=torch.float64).index_add_(0, segment, mask.to(torch.float64))
+    return total / count
 
 
 def collect_sample_stats(index_paths: Sequence[Path], params: ScoreParams) -> SampleStats:

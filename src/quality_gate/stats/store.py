@@ -135,10 +135,14 @@ def write_index(
     has_ifd = True
     for p in shard_paths:
         if not shard_is_complete(p):
-            raise RouterDataError(f"shard {p} is not complete; rerun Stage 2 in the same run dir to finish it")
+            raise RouterDataError(
+                f"shard {p} is not complete; rerun Stage 2 in the same run dir to finish it"
+            )
         s = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         if s.get("fingerprint") != fingerprint:
-            raise RouterDataError(f"shard {p} was written under fingerprint {s.get('fingerprint')}, not {fingerprint}")
+            raise RouterDataError(
+                f"shard {p} was written under fingerprint {s.get('fingerprint')}, not {fingerprint}"
+            )
         sample_ids.extend(s["sample_ids"])
         lengths.append(s["lengths"].clone())
         valid.append(s["valid"].clone())
@@ -228,7 +232,9 @@ def load_index(path: str | Path) -> dict[str, Any]:
         raise RouterDataError(f"router data index {path} does not exist")
     index = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if index.get("format") != FORMAT:
-        raise RouterDataError(f"{path} is not Quality-Gate router data ({FORMAT}); format={index.get('format')!r}")
+        raise RouterDataError(
+            f"{path} is not Quality-Gate router data ({FORMAT}); format={index.get('format')!r}"
+        )
     return index
 
 
