@@ -24,7 +24,10 @@ def test_selection_metrics_ties_and_missing() -> None:
     labels = {"a": "none", "b": "garbage"}
     # A tie counts one half; samples that cannot be scored (-inf) still rank last.
     assert selection_metrics(["a"], labels, {"a": 1.0, "b": 1.0})["auroc_clean_vs_corrupted"] == 0.5
-    assert selection_metrics([], labels, {"a": 0.0, "b": -math.inf})["corrupted_kept_share"] is None
+    # A sample the selector may not keep (-inf) ranks below every other; NaN is left out.
+    m = selection_metrics([], labels, {"a": 0.0, "b": -math.inf})
+    assert m["corrupted_kept_share"] is None and m["auroc_clean_vs_corrupted"] == 1.0
+    assert selection_metrics([], labels, {"a": 0.0, "b": math.nan})["auroc_clean_vs_corrupted"] is None
     assert selection_metrics(["a"], {"a": "none"}, {"a": 1.0})["auroc_clean_vs_corrupted"] is None
 
 

@@ -104,7 +104,8 @@ def selection_metrics(
 
     ``corruption`` maps every candidate id to its label (``"none"`` = clean); ids without a label are
     left out of the shares. ``score`` (higher = more likely kept) covers the candidates it can score;
-    AUROC is over those with a finite score (None when only one class is present).
+    AUROC is over the scored candidates (``-inf``: the selector may not keep it, ranked last; NaN
+    left out); None when only one class is present.
     """
     from quality_gate.selection.metrics import auroc
 
@@ -113,7 +114,7 @@ def selection_metrics(
     auc = None
     if score is not None:
         pairs = [
-            (s, corruption[i] == "none") for i, s in score.items() if i in corruption and math.isfinite(s)
+            (s, corruption[i] == "none") for i, s in score.items() if i in corruption and not math.isnan(s)
         ]
         labels = [int(c) for _, c in pairs]
         if pairs and 0 < sum(labels) < len(labels):
@@ -235,6 +236,7 @@ def _run(cfg: DictConfig, stage: str, config_name: str, values: dict[str, Any]) 
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """Run every arm of the experiment and write ``summary.json`` / ``summary.md`` into the run dir."""
     from quality_gate.selection.pipeline import config_from_overrides, run_selection
+    from quality_gate.selection.selectors import ranking_score
 
     run_dir = init_run(cfg, "experiment")
     selectors = list(cfg.selectors)
@@ -314,9 +316,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
             res = run_selection(sel_cfg)
             ids = [str(i) for i in res.stats.ids]
             kept = [ids[i] for i in res.order]
-            sc = res.scores[selector]
-            # Samples the selector may not keep (IFD > 1, invalid statistics) rank below every other.
-            score = {i: float(s) if ok else -1e300 for i, s, ok in zip(ids, sc.score, sc.eligible)}
+            score = dict(zip(ids, ranking_score(res.scores[selector]).tolist()))
             rows[arm] = selection_metrics(kept, labels, score)
             selected_files[arm] = sel_dir / "selected_data.jsonl"
             if selector == "quality_gate":

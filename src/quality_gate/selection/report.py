@@ -26,7 +26,7 @@ import yaml
 
 from quality_gate.io import atomic_write_text
 from quality_gate.selection.metrics import auroc, spearman
-from quality_gate.selection.selectors import select
+from quality_gate.selection.selectors import ranking_score, select
 from quality_gate.stats.store import get_sample_router_info, load_router_data
 
 if TYPE_CHECKING:
@@ -193,21 +193,20 @@ def _corruption(res: SelectionResult, labels: np.ndarray, summary: dict[str, Any
         sc = res.scores[name]
         _, kept = select(sc, res.stats, k, per_dataset)
         kept_lab = labels[kept & has]
-        finite = has & np.isfinite(sc.score)
-        clean = (labels[finite] == 0).astype(int)
+        clean = (labels[has] == 0).astype(int)
         rows.append(
             [
                 name,
                 int((kept & has).sum()),
                 float(kept_lab.mean()) if len(kept_lab) else float("nan"),
-                auroc(sc.score[finite], clean),
+                auroc(ranking_score(sc)[has], clean),
             ]
         )
     note = (
         f"<p class='note'>Share of corrupted samples among all labelled valid samples: {base:.3f}. "
         f"Each selector keeps its own ceil(k N) with k = {k}. "
-        "AUROC: how well the score ranks clean above corrupted samples "
-        "(0.5 = chance).</p>"
+        "AUROC: how well the selector's ranking puts clean above corrupted samples "
+        "(0.5 = chance; samples a selector may not keep, e.g. IFD > 1, rank last).</p>"
     )
     return (
         _table(["selector", "kept (labelled)", "corrupted share of kept", "AUROC clean vs corrupted"], rows)

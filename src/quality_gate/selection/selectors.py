@@ -59,6 +59,11 @@ def selector_scores(name: str, stats: SampleStats, q: np.ndarray, seed: int) -> 
     raise SelectionError(f"selector={name!r}; expected one of {list(SELECTORS)}")
 
 
+def ranking_score(scores: SelectorScores) -> np.ndarray:
+    """(N,) the score as the selection ranks it: samples that may not be kept rank last (-inf)."""
+    return np.where(scores.eligible & np.isfinite(scores.score), scores.score, -np.inf)
+
+
 def available_selectors(stats: SampleStats) -> list[str]:
     """The selectors whose scores these statistics allow (``ifd`` needs Stage 2's ``collect_ifd``)."""
     return [s for s in SELECTORS if s != "ifd" or all(stats.has_ifd.values())]
