@@ -107,6 +107,6 @@ def test_runner_command_line_prints_the_table(tmp_path):
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"^\| quality_gate \| 15 \|", proc.stdout, re.M)
+    assert re.search(r"^\| quality_gate \| 18 \|", proc.stdout, re.M)
     assert "Did selection help?" in proc.stdout
     assert (out / "summary.json").is_file()
