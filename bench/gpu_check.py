@@ -136,10 +136,10 @@ def main() -> int:
         "batches": len(timed),
         "wall_s": round(wall, 3),
         "tokens_per_s": round(tps, 1),
-        "gflop_per_token": round(flop_per_token / 1e9, 3),
-        "achieved_tflops": round(tps * flop_per_token / 1e12, 2),
+        "gflop_per_token": float(f"{flop_per_token / 1e9:.4g}"),
+        "achieved_tflops": float(f"{tps * flop_per_token / 1e12:.4g}"),
         "compute_floor_tokens_per_s": round(floor_tps, 1),
-        "fraction_of_floor": round(tps / floor_tps, 4),
+        "fraction_of_floor": float(f"{tps / floor_tps:.3g}"),
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if device.type == "cuda"
         else None,
