@@ -71,7 +71,7 @@ def test_runner_writes_every_arm_and_consistent_summaries(tmp_path, monkeypatch)
         assert cells[5].startswith(f"{row['exact_match']:.4f}")
     for verdict in summary["verdicts"]:
         assert verdict in md
-    assert Path(summary["report"]).is_file()
+    _check_report(Path(summary["report"]))
     # Every stage left its usual run dir with a manifest.
     for sub in (
         "stage_1_warmup",
@@ -80,6 +80,30 @@ def test_runner_writes_every_arm_and_consistent_summaries(tmp_path, monkeypatch)
         "stage_4_evaluate/base",
     ):
         assert (run_dir / sub / "manifest.json").is_file(), sub
+
+
+def _check_report(path: Path) -> None:
+    """The report of the real tiny pipeline: every section, embedded images, coloured tokens."""
+    from html.parser import HTMLParser
+
+    from quality_gate.selection.report import SECTIONS
+
+    ids, imgs = set(), []
+
+    class Collect(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if "id" in a:
+                ids.add(a["id"])
+            if tag == "img":
+                imgs.append(a.get("src", ""))
+
+    text = path.read_text(encoding="utf-8")
+    Collect().feed(text)
+    assert set(SECTIONS) <= ids
+    assert len(imgs) >= 5 and all(src.startswith("data:image/png;base64,") for src in imgs)
+    assert "Token colouring unavailable" not in text and "coloured by gate" in text
+    assert "AUROC clean vs corrupted" in text
 
 
 @pytest.mark.slow

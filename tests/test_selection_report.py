@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
+from quality_gate.data import encode
 from quality_gate.selection import config_from_overrides, run_selection
 from quality_gate.selection.testing import fake_record, fake_shard, write_router_dataset
-
-encode = pytest.importorskip("quality_gate.data.encode", reason="the data layer's encoder is not written yet")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
