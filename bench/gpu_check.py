@@ -28,7 +28,6 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from quality_gate.data.batching import token_budget_batches
-
 from quality_gate.gate import attach_quality_gates
 from quality_gate.stats.collect import collect_batch
 
