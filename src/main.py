@@ -7,6 +7,8 @@ that ``--help`` and config errors come back fast.
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -26,13 +28,28 @@ STAGES = {
 
 register_resolvers()
 
+# Matched by name so that this entry point imports no torch before a stage runs.
+USER_ERRORS = ("RouterDataError", "NonFiniteLossError", "SelectionError", "AdapterError")
+
+
+def _is_user_error(e: Exception) -> bool:
+    return isinstance(e, (ValueError, FileNotFoundError)) or type(e).__name__ in USER_ERRORS
+
 
 @hydra.main(config_path="../configs", config_name="stage_1_warmup", version_base=None)
 def main(cfg: DictConfig) -> None:
     stage = cfg.get("stage")
     if stage not in STAGES:
         raise SystemExit(f"config key `stage` is {stage!r}; expected one of {sorted(STAGES)}")
-    importlib.import_module(STAGES[stage]).run(cfg)
+    try:
+        importlib.import_module(STAGES[stage]).run(cfg)
+    except Exception as e:
+        # Errors about the input or the config say what to fix; a traceback would bury the message.
+        # Anything else (a bug) keeps its traceback, and so does everything with QG_TRACEBACK=1.
+        if os.environ.get("QG_TRACEBACK") or not _is_user_error(e):
+            raise
+        logging.getLogger("quality_gate").error("%s failed: %s", stage, e)
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

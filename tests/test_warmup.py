@@ -206,6 +206,15 @@ def test_stage1_lora_writes_an_adapter_that_merges(tmp_path):
     after = gate_state_dict(model)
     assert sorted(after) == sorted(before)
     assert any(not torch.equal(after[k], before[k]) for k in after), "merging must change the gate weights"
+    # The adapter dir carries the gates it was trained on: a load under another seed (other random
+    # gates before the merge) ends with the same merged gates.
+    assert (tmp_path / "checkpoint-final" / "quality_gate_base.safetensors").is_file()
+    torch.manual_seed(12345)
+    other, _ = load_selector(str(SELECTOR), device="cpu")
+    assert any(not torch.equal(v, before[k]) for k, v in gate_state_dict(other).items())
+    apply_stage1_weights(other, str(tmp_path / "checkpoint-final"))
+    for k, v in gate_state_dict(other).items():
+        torch.testing.assert_close(v, after[k])
 
 
 @needs_assets

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 GATE_WEIGHTS_FILE = "quality_gate.safetensors"
 GATE_CONFIG_FILE = "quality_gate_config.json"
 FULL_RANK_WEIGHTS_FILE = "full_rank_weights.pt"
+# Stage 1 LoRA mode: the gate weights the adapter was trained on, saved beside the adapter.
+GATE_BASE_FILE = "quality_gate_base.safetensors"
 FORMAT_VERSION = "quality-gate/v1"
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -251,6 +253,22 @@ def _merge_lora_adapter(model: nn.Module, adapter_dir: Path) -> None:
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    base_file = Path(adapter_dir) / GATE_BASE_FILE
+    if base_file.is_file():
+        base = load_file(str(base_file))
+        gates = find_quality_gates(model)
+        if len(base) != len(gates):
+            raise ValueError(f"{base_file} holds {len(base)} gates, the model has {len(gates)}")
+        with torch.no_grad():
+            for m in gates:
+                m.quality_gate.gate.weight.copy_(base[f"layers.{m.layer_idx}.weight"])
+    else:
+        log.warning(
+            "%s has no %s: the adapter is merged into the gates as initialised now (seed and "
+            "quality_gate.init_* must match Stage 1)",
+            adapter_dir,
+            GATE_BASE_FILE,
+        )
     PeftModel.from_pretrained(model, str(adapter_dir))  # injects the LoRA layers into `model` in place
     lora_layers = {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
     if not lora_layers:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import json
 import logging
 import os
 import platform
@@ -75,15 +76,27 @@ def _now(fmt: str) -> str:
 
 
 def _suffix(override_dirname: str) -> str:
-    """``-key=value_key2=value2`` for the run dir name; path separators made safe, length capped."""
+    """``-key-value_key2-value2`` for the run dir name, length capped.
+
+    ``=`` and ``,`` become ``-`` and ``_`` (and any other unsafe character ``-``) so that the run dir
+    can be pasted unquoted into the next stage's override (Hydra's grammar rejects ``=`` and ``,``).
+    """
     if not override_dirname:
         return ""
-    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "-", override_dirname)
+    safe = override_dirname.replace("=", "-").replace(",", "_")
+    safe = re.sub(r"[^A-Za-z0-9._+-]", "-", safe)
     return "-" + safe[:120]
+
+
+def _first_set(value: Any, default: str) -> str:
+    """``value`` unless it is null or empty, else ``default`` (``hydra.run.dir`` follows ``output_dir``)."""
+    return default if value in (None, "") else str(value)
 
 
 def register_resolvers() -> None:
     """Register the OmegaConf resolvers the configs use (idempotent)."""
+    if not OmegaConf.has_resolver("qg_or"):
+        OmegaConf.register_new_resolver("qg_or", _first_set)
     if not OmegaConf.has_resolver("qg_now"):
         OmegaConf.register_new_resolver("qg_now", _now)
     if not OmegaConf.has_resolver("qg_suffix"):
@@ -137,31 +150,56 @@ def package_versions() -> dict[str, str | None]:
 
 
 def init_run(cfg: DictConfig, stage: str, **manifest_fields: Any) -> Path:
-    """Create the run dir; on rank 0 write ``config.yaml`` (resolved) and ``manifest.json``."""
+    """Create the run dir; on rank 0 write ``config.yaml`` (resolved) and ``manifest.json``.
+
+    Rerunning into an existing run dir (resume) keeps what is there: a different config is saved as
+    ``config.<time>.yaml`` beside the original, and the manifest gains an entry under ``reruns``
+    instead of being replaced, so a refused or failed rerun never rewrites the provenance of the
+    outputs already in the dir.
+    """
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        manifest = {
-            "stage": stage,
-            "started_at": dt.datetime.now().isoformat(timespec="seconds"),
+        now = dt.datetime.now()
+        entry = {
+            "started_at": now.isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "git_commit": git_commit(),
-            "python": platform.python_version(),
-            "packages": package_versions(),
-            "seed": cfg.get("seed"),
-            "world_size": world_size(),
-            **manifest_fields,
         }
-        atomic_write_json(run_dir / "manifest.json", manifest)
+        manifest_path = run_dir / "manifest.json"
+        if manifest_path.exists():
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            if manifest.get("stage") not in (None, stage):
+                raise ValueError(
+                    f"output_dir={run_dir} is a {manifest.get('stage')} run dir; a {stage} run cannot "
+                    "write into it. Choose a new output_dir (or leave it unset)."
+                )
+            manifest.setdefault("reruns", []).append(entry)
+        else:
+            manifest = {
+                "stage": stage,
+                **entry,
+                "python": platform.python_version(),
+                "packages": package_versions(),
+                "seed": cfg.get("seed"),
+                "world_size": world_size(),
+                **manifest_fields,
+            }
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+        config_path = run_dir / "config.yaml"
+        if not config_path.exists():
+            atomic_write_text(config_path, text)
+        elif config_path.read_text(encoding="utf-8") != text:
+            other = run_dir / f"config.{now:%Y-%m-%d_%H-%M-%S}.yaml"
+            atomic_write_text(other, text)
+            log.warning("%s holds a run with another config; this one is saved as %s", run_dir, other.name)
+        atomic_write_json(manifest_path, manifest)
     log.info("run dir: %s", run_dir)
     return run_dir
 
 
 def update_manifest(run_dir: Path, **fields: Any) -> None:
     """Merge ``fields`` into ``manifest.json`` (rank 0 only)."""
-    import json
-
     if not is_main_process():
         return
     path = Path(run_dir) / "manifest.json"

@@ -18,6 +18,16 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 
+def check_trains_some_steps(training: Any) -> None:
+    """Refuse a config that would train zero steps (``training.epochs`` and ``training.max_steps``)."""
+    epochs, max_steps = float(training.epochs), int(training.get("max_steps", -1))
+    if epochs <= 0 and max_steps <= 0:
+        raise ValueError(
+            f"training.epochs={training.epochs} and training.max_steps={max_steps} would train zero "
+            "steps; set training.epochs > 0 or training.max_steps > 0"
+        )
+
+
 def validate_batch_size_configuration(
     total_batch_size: int, per_device_batch_size: int, world_size: int
 ) -> int:

@@ -247,8 +247,8 @@ def load_records(
     if duplicates:
         raise ValueError(
             f"{len(duplicates)} duplicate record ids, e.g. {duplicates[:SHOW_FIRST]}: ids must be unique "
-            "across all datasets read together; fix the rows' `id` fields (or drop them: the id then becomes "
-            "<dataset_name>_<row>) or give the datasets different dataset_name values"
+            "across all datasets read together; the same file read twice, or rows sharing an `id` field: "
+            "fix or drop those fields (without one, the id becomes <dataset_name>_<row>)"
         )
     if dataset_cfg.get("shuffle", False):
         random.Random(seed).shuffle(records)

@@ -189,7 +189,7 @@ def _validate(cfg: DictConfig) -> tuple[ScoreParams, float, str]:
             eps=float(cfg.get("eps", 1e-8)),
             tau=float(cfg.get("tau", 0.0)),
             token_scope=str(cfg.get("token_scope", "all")),
-            pairing=str(cfg.get("pairing", "next_token")),
+            pairing=str(cfg.get("pairing", "same_token")),
         )
     except ValueError as e:
         raise SelectionError(str(e)) from e

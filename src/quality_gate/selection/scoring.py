@@ -62,7 +62,7 @@ class ScoreParams:
     eps: float = 1e-8
     tau: float = 0.0
     token_scope: str = "all"
-    pairing: str = "next_token"
+    pairing: str = "same_token"
 
     def __post_init__(self) -> None:
         if self.pairing not in PAIRINGS:

@@ -69,6 +69,11 @@ def available_selectors(stats: SampleStats) -> list[str]:
     return [s for s in SELECTORS if s != "ifd" or all(stats.has_ifd.values())]
 
 
+def budget_of(percentage: float, n: int) -> int:
+    """``ceil(k * N)``, with the product rounded first so that 0.07 * 400 = 28.000000000000004 keeps 28."""
+    return math.ceil(round(percentage * n, 9))
+
+
 def rank_order(score: np.ndarray, ids: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """Indices of ``candidates`` (bool (N,)) by decreasing score, ties by increasing id."""
     idx = np.flatnonzero(candidates)
@@ -97,7 +102,7 @@ def select(
     rank = np.full(len(ids), -1, dtype=np.int64)
     selected = np.zeros(len(ids), dtype=bool)
     for group, members in groups.items():
-        budget = math.ceil(percentage * int((stats.valid & members).sum()))
+        budget = budget_of(percentage, int((stats.valid & members).sum()))
         order = rank_order(scores.score, ids, scores.eligible & members)
         if len(order) < budget:
             log.warning(

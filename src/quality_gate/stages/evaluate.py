@@ -346,7 +346,9 @@ def load_eval_records(cfg: DictConfig) -> list[dict]:
     records, skipped = load_local_file(path, str(cfg.eval.dataset_name), strict=bool(cfg.eval.strict))
     if skipped:
         log.warning("eval.data_path=%s: %d rows skipped, first: %s", path, len(skipped), skipped[0])
-    if cfg.eval.get("max_samples"):
+    if cfg.eval.get("max_samples") is not None:
+        if int(cfg.eval.max_samples) < 1:
+            raise ValueError(f"eval.max_samples={cfg.eval.max_samples} must be >= 1, or null for all records")
         records = records[: int(cfg.eval.max_samples)]
     if not records:
         raise ValueError(

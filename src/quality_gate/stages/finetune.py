@@ -45,13 +45,17 @@ from quality_gate.io import atomic_write_json, atomic_write_jsonl
 from quality_gate.models import load_target, sha256_of
 from quality_gate.runs import init_run, is_main_process, run_dir_of, update_manifest, world_size
 from quality_gate.training import (
+    FSDP_CONFIG,  # the seed's place for the per-family FSDP table; it lives in training.py
     NonFiniteLossCallback,
+    check_trains_some_steps,
     fsdp_training_kwargs,
     last_checkpoint,
     validate_batch_size_configuration,
 )
 
 log = logging.getLogger(__name__)
+
+__all__ = ["FSDP_CONFIG", "finetune", "get_model_and_tokenizer", "get_peft_config", "run", "train"]
 
 PEFT_MODES = ("lora", "full")
 DATASET_MODES = ("subset", "full")
@@ -228,6 +232,7 @@ def _validate(cfg: DictConfig) -> None:
         raise ValueError(
             f"dataset.mode={cfg.dataset.mode!r} is not supported; use one of {list(DATASET_MODES)}"
         )
+    check_trains_some_steps(cfg.training)
     if cfg.dataset.mode == "subset":
         _subset_file(cfg)
 

@@ -29,6 +29,7 @@ import torch
 from datasets import Dataset
 from omegaconf import DictConfig
 from peft import LoraConfig, TaskType, get_peft_model
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
@@ -40,12 +41,16 @@ from quality_gate.data import (
     load_records,
     to_hf_dataset,
 )
-from quality_gate.gate import freeze_backbone, gate_state_dict, record_gates
+from quality_gate.gate import find_quality_gates, freeze_backbone, gate_state_dict, record_gates
 from quality_gate.io import atomic_torch_save, atomic_write_json
 from quality_gate.loss import QUALITY_LOSS_MODES, quality_loss
-from quality_gate.models import FULL_RANK_WEIGHTS_FILE, load_selector
+from quality_gate.models import FULL_RANK_WEIGHTS_FILE, GATE_BASE_FILE, load_selector
 from quality_gate.runs import init_run, is_main_process, update_manifest, world_size
-from quality_gate.training import NonFiniteLossCallback, validate_batch_size_configuration
+from quality_gate.training import (
+    NonFiniteLossCallback,
+    check_trains_some_steps,
+    validate_batch_size_configuration,
+)
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +235,15 @@ def gate_statistics(
     }
 
 
+def save_gate_base(model: nn.Module, adapter_dir: Path) -> None:
+    """Write the (pre-LoRA) gate weights as ``quality_gate_base.safetensors``, keyed by layer index."""
+    tensors = {
+        f"layers.{m.layer_idx}.weight": m.quality_gate.gate.weight.detach().cpu().contiguous()
+        for m in find_quality_gates(model)
+    }
+    save_file(tensors, str(Path(adapter_dir) / GATE_BASE_FILE))
+
+
 def save_stage1_weights(model: nn.Module, cfg: DictConfig, run_dir: Path) -> Path:
     """Rank 0 writes ``full_rank_weights.pt`` or the LoRA adapter ``checkpoint-final/``."""
     if cfg.training.peft_mode == "full_rank":
@@ -241,6 +255,9 @@ def save_stage1_weights(model: nn.Module, cfg: DictConfig, run_dir: Path) -> Pat
         # Written beside and renamed, so that a crash never leaves a half-written adapter dir.
         tmp = run_dir / f".checkpoint-final.tmp-{os.getpid()}"
         model.save_pretrained(tmp)
+        # The adapter holds only lora_A/lora_B; the gate weights it was trained on go beside it, so
+        # that Stage 2 rebuilds exactly these gates whatever its seed or init settings.
+        save_gate_base(model, tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -250,6 +267,7 @@ def save_stage1_weights(model: nn.Module, cfg: DictConfig, run_dir: Path) -> Pat
 
 def _validate(cfg: DictConfig) -> None:
     t = cfg.training
+    check_trains_some_steps(cfg.training)
     if t.peft_mode not in PEFT_MODES:
         raise ValueError(
             f"training.peft_mode={t.peft_mode!r} is not supported; use one of {list(PEFT_MODES)}"
@@ -265,8 +283,8 @@ def _validate(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> None:
     """Stage 1: load the selector, train its gates (backbone frozen), save the gate weights."""
-    run_dir = init_run(cfg, "warmup", selector_model=str(cfg.selector_model.path))
     _validate(cfg)
+    run_dir = init_run(cfg, "warmup", selector_model=str(cfg.selector_model.path))
     started = time.perf_counter()
     set_seed(int(cfg.seed))
     model, tokenizer = get_model_and_tokenizer(cfg)
