@@ -69,7 +69,7 @@ def _as_samples(shards, scope: str):
 def test_scores_match_reference(tmp_path, alpha, eps, tau, scope):
     shards = _shards(0)
     index = write_router_dataset(tmp_path, "d", shards)
-    params = ScoreParams(alpha=alpha, eps=eps, tau=tau, token_scope=scope)
+    params = ScoreParams(alpha=alpha, eps=eps, tau=tau, token_scope=scope, pairing="next_token")
     stats = collect_sample_stats([index], params)
     q, cols = quality_scores(stats, params, per_dataset=False)
     S_ref, q_ref = reference_q(_as_samples(shards, scope), alpha, eps, tau)
@@ -101,11 +101,11 @@ def test_scope_without_positions_is_invalid(tmp_path):
     shard = fake_shard(["a", "b", "c"], [4, 3, 5], 2, g)
     shard["assistant_mask"][4:7] = False  # sample b has no assistant position
     index = write_router_dataset(tmp_path, "d", [shard])
-    stats = collect_sample_stats([index], ScoreParams(token_scope="assistant"))
+    stats = collect_sample_stats([index], ScoreParams(token_scope="assistant", pairing="next_token"))
     assert stats.valid.tolist() == [True, False, True]
     assert "token_scope=assistant" in stats.invalid_reason[1]
     assert np.isnan(stats.S[1]).all()
-    q, _ = quality_scores(stats, ScoreParams(token_scope="assistant"), per_dataset=False)
+    q, _ = quality_scores(stats, ScoreParams(token_scope="assistant", pairing="next_token"), per_dataset=False)
     assert np.isnan(q[1]) and np.isfinite(q[[0, 2]]).all()
 
 
@@ -116,7 +116,7 @@ def test_multi_dataset_columns_global_vs_per_dataset(tmp_path):
     b["gates"] = (b["gates"].float() * 0.2 + 0.8).half()  # dataset b's gates are all high
     ia = write_router_dataset(tmp_path, "a", [a])
     ib = write_router_dataset(tmp_path, "b", [b])
-    params = ScoreParams()
+    params = ScoreParams(pairing="next_token")
     stats = collect_sample_stats([ia, ib], params)
     q_global, cols = quality_scores(stats, params, per_dataset=False)
     _, q_ref = reference_q(_as_samples([a, b], "all"), 1.0, 1e-8, 0.0)
