@@ -105,7 +105,9 @@ def test_scope_without_positions_is_invalid(tmp_path):
     assert stats.valid.tolist() == [True, False, True]
     assert "token_scope=assistant" in stats.invalid_reason[1]
     assert np.isnan(stats.S[1]).all()
-    q, _ = quality_scores(stats, ScoreParams(token_scope="assistant", pairing="next_token"), per_dataset=False)
+    q, _ = quality_scores(
+        stats, ScoreParams(token_scope="assistant", pairing="next_token"), per_dataset=False
+    )
     assert np.isnan(q[1]) and np.isfinite(q[[0, 2]]).all()
 
 
