@@ -266,8 +266,11 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     with steps.step("convert the selector"):
         selector_path = str(cfg.selector_model)
         if cfg.convert_selector:
+            import torch
+
             from quality_gate.models import load_selector, save_converted
 
+            torch.manual_seed(int(cfg.seed))  # the new gates' init: the run is reproducible per seed
             model, tokenizer = load_selector(selector_path)
             selector_path = str(run_dir / "converted_selector")
             save_converted(model, tokenizer, selector_path)
