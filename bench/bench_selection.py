@@ -26,8 +26,9 @@ from quality_gate.selection.testing import fake_record, fake_shard, write_router
 CHILD = """
 import json, resource, sys, time
 t0 = time.perf_counter()
-from quality_gate.selection import config_from_overrides, run_selection
-res = run_selection(config_from_overrides(root_dir=sys.argv[1], selection_percentage=0.05))
+from quality_gate.config import make_config
+from quality_gate.selection import run_selection
+res = run_selection(make_config("select", {"root_dir": sys.argv[1], "selection_percentage": 0.05}))
 wall = time.perf_counter() - t0
 # VmHWM is this process's own peak: ru_maxrss would also carry the generator parent's peak, which
 # Linux keeps across fork + exec.

@@ -28,22 +28,19 @@ sys.path.insert(0, str(REPO / "src"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
-from quality_gate.runs import register_resolvers  # noqa: E402
+from quality_gate.config import make_config  # noqa: E402
 
 
 def stage2_config(overrides: list[str]):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        return compose(config_name="stage_2_selection", overrides=overrides)
+    return make_config("collect", dotlist=overrides)
 
 
 def bench_throughput(num_samples: int, threads: int) -> dict:
     """(a) and (c): Stage 2 on the synthetic data vs a batch-size-1 full-logits loop."""
     from quality_gate.data import encode_records, load_records
     from quality_gate.gate import record_gates
-    from quality_gate.stages.selection import run
+    from quality_gate.stages.collect import run
     from quality_gate.stats.store import find_router_data, iter_shards, load_index
 
     torch.set_num_threads(threads)

@@ -1,66 +1,46 @@
-"""Generate the README's config reference from configs/*.yaml (keys, defaults, comments).
+"""Generate the README's config reference from the typed schemas (quality_gate/config.py).
 
     python scripts/gen_config_docs.py           # rewrite the README section in place
     python scripts/gen_config_docs.py --check   # exit 1 if the README is out of date
 
 The section lies between ``<!-- config-reference:start -->`` and ``<!-- config-reference:end -->``.
-Each key's meaning is the comment at the end of its line in the YAML file.
+Each key's default and meaning come from the schema's fields (``opt(default, help)``), so the
+reference, ``quality-gate <stage> --help`` and the code cannot disagree.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from quality_gate.compat import CONFIG_STAGES  # noqa: E402
+from quality_gate.config import ASSETS_NOTE, SCHEMAS, help_rows  # noqa: E402
+
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
-LINE = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_][\w.-]*):(?P<value>[^#]*?)\s*(?:#\s?(?P<comment>.*))?$")
-
-
-def parse_keys(text: str) -> list[tuple[str, str, str]]:
-    """(dotted key, default, comment) for every key outside the ``hydra`` block, in file order."""
-    rows: list[tuple[str, str, str]] = []
-    stack: list[tuple[int, str]] = []
-    for raw in text.splitlines():
-        if not raw.strip() or raw.lstrip().startswith("#"):
-            continue
-        if raw.lstrip().startswith("- "):
-            if rows and rows[-1][1] == "":
-                key, _, comment = rows[-1]
-                rows[-1] = (key, "(list)", comment)
-            continue
-        m = LINE.match(raw)
-        if not m:
-            continue
-        indent = len(m["indent"])
-        while stack and stack[-1][0] >= indent:
-            stack.pop()
-        key = ".".join([k for _, k in stack] + [m["key"]])
-        stack.append((indent, m["key"]))
-        if key == "hydra" or key.startswith("hydra.") or key == "defaults":
-            continue
-        rows.append((key, m["value"].strip(), (m["comment"] or "").strip()))
-    return [r for r in rows if r[1] != "" or r[2]]
 
 
 def render() -> str:
-    parts = [START, ""]
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
-        text = path.read_text(encoding="utf-8")
-        first = text.splitlines()[0].lstrip("# ").strip() if text else ""
+    parts = [START, "", ASSETS_NOTE, ""]
+    for stage, schema in SCHEMAS.items():
+        aliases = sorted(name for name, s in CONFIG_STAGES.items() if s == stage and name != stage)
+        alias_text = f"; the seed's names: {', '.join(f'`{a}`' for a in aliases)}" if aliases else ""
         parts += [
-            f"#### `configs/{path.name}`",
+            f"#### `quality-gate {stage}`",
             "",
-            f"`{first}`",
+            f"{(schema.__doc__ or '').strip()} Config `{stage}.yaml`, schema "
+            f"`{schema.__name__}`{alias_text}.",
             "",
             "| key | default | meaning |",
             "|---|---|---|",
         ]
-        for key, value, comment in parse_keys(text):
-            value = value.replace("|", "\\|") or "(section)"
-            parts.append(f"| `{key}` | `{value}` | {comment.replace('|', '/')} |")
+        for key, default, text in help_rows(schema):
+            if key == "stage":
+                continue
+            parts.append(f"| `{key}` | `{default.replace('|', '/')}` | {text.replace('|', '/')} |")
         parts.append("")
     parts.append(END)
     return "\n".join(parts)

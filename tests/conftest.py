@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -296,3 +297,13 @@ def shared_data_dir() -> Path:
     if not SHARED_DATA_DIR.is_dir():
         pytest.skip(f"shared data not present at {SHARED_DATA_DIR}")
     return SHARED_DATA_DIR
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Every test (and module-scoped fixture) runs torch on one thread, as the subprocess stages do with
+    OMP_NUM_THREADS=1, so in-process and subprocess runs compute bit-identical results; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -39,7 +39,6 @@ def eval_records() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def selector():
-    torch.set_num_threads(1)
     return AutoModelForCausalLM.from_pretrained(SELECTOR).eval(), AutoTokenizer.from_pretrained(SELECTOR)
 
 

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import EVAL, TARGET, compose
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from quality_gate.data import SFTDataCollator
+from quality_gate.errors import AdapterError
 from quality_gate.models import load_target
-from quality_gate.runs import register_resolvers
 from quality_gate.stages.evaluate import (
-    AdapterError,
     checkable_answer,
     heldout_loss,
     is_correct,
@@ -24,37 +23,24 @@ from quality_gate.stages.evaluate import (
 from quality_gate.stages.evaluate import run as evaluate_run
 from quality_gate.synthetic import exact_match
 
-REPO = Path(__file__).resolve().parents[1]
-TARGET = REPO / "assets" / "models" / "tiny-qwen2-target"
-EVAL = REPO / "assets" / "data" / "synthetic_eval.jsonl"
 needs_assets = pytest.mark.skipif(
     not (TARGET.exists() and EVAL.exists()), reason="tiny assets missing: run `make assets`"
 )
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def compose_cfg(run_dir: Path, overrides: list[str]):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        return compose(
-            "stage_4_evaluate",
-            overrides=[
-                f"model_path={TARGET}",
-                f"eval.data_path={EVAL}",
-                "eval.max_samples=16",
-                "eval.max_new_tokens=8",
-                f"output_dir={run_dir}",
-                *overrides,
-            ],
-        )
+    return compose(
+        "evaluate",
+        [
+            f"model_path={TARGET}",
+            f"eval.data_path={EVAL}",
+            "eval.max_samples=16",
+            "eval.max_new_tokens=8",
+            f"output_dir={run_dir}",
+            *overrides,
+        ],
+    )
 
 
 def save_adapter(path: Path, *, zero: bool, base: Path = TARGET) -> Path:

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO as ROOT
 
-from quality_gate.experiment import load_stage_config, run_experiment
+from quality_gate.config import make_config
+from quality_gate.experiment import run_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
     "training.max_steps=2",
     "training.batch_size=8",
@@ -21,7 +22,7 @@ SMALL = [
 
 
 def _small_config(out: Path, **extra):
-    cfg = load_stage_config(
+    cfg = make_config(
         "experiment",
         {
             "output_dir": str(out),
@@ -48,18 +49,34 @@ def test_runner_writes_every_arm_and_consistent_summaries(tmp_path, monkeypatch)
     summary = run_experiment(_small_config(tmp_path / "exp"))
     arms = summary["arms"]
     assert list(arms) == ["quality_gate", "perplexity", "ifd", "random", "full", "base (no fine-tune)"]
-    for name in ("quality_gate", "perplexity", "ifd", "random"):
-        row = arms[name]
-        assert row["kept"] == 20  # ceil(0.25 * 80)
-        assert 0.0 <= row["corrupted_kept_share"] <= 1.0
-        assert 0.0 <= row["auroc_clean_vs_corrupted"] <= 1.0
-        assert row["eval_loss"] > 0 and 0.0 <= row["exact_match"] <= 1.0
-    assert arms["random"]["n_seeds"] == 2 and set(summary["per_seed"]) == {"random_seed0", "random_seed1"}
+    run_dir = tmp_path / "exp"
+    pool = {r["id"]: r for r in map(json.loads, (run_dir / "data" / "train.jsonl").read_text().splitlines())}
+    for name in ("quality_gate", "perplexity", "ifd", "random_seed0", "random_seed1"):
+        row = summary["per_seed"][name] if name.startswith("random") else arms[name]
+        kept = [json.loads(line)["id"] for line in (run_dir / "select" / name / "selected_data.jsonl").open()]
+        assert row["kept"] == len(kept) == 20  # ceil(0.25 * 80)
+        # The row's share is the share of corrupted records in that arm's selected_data.jsonl ...
+        share = sum(pool[i]["meta"]["corruption"] != "none" for i in kept) / len(kept)
+        assert row["corrupted_kept_share"] == pytest.approx(share)
+        # ... its AUROC is the one the selection's own summary (and report) computed ...
+        audit = json.loads((run_dir / "select" / name / "selection_summary.json").read_text())[
+            "corruption_audit"
+        ]
+        selector = "random" if name.startswith("random") else name
+        assert row["auroc_clean_vs_corrupted"] == pytest.approx(audit["selectors"][selector]["auroc"])
+        # ... and its held-out numbers are that arm's Stage 4 results.
+        results = json.loads((run_dir / "evaluate" / name / "eval_results.json").read_text())
+        assert row["eval_loss"] == pytest.approx(results["heldout"]["loss"])
+        assert row["exact_match"] == pytest.approx(results["exact_match"]["accuracy"])
+    # The tiny selector was pretrained on clean data: perplexity alone separates the planted corruptions.
+    assert arms["perplexity"]["auroc_clean_vs_corrupted"] > 0.8
+    assert arms["perplexity"]["corrupted_kept_share"] < arms["full"]["corrupted_kept_share"]
+    seeds = [summary["per_seed"][f"random_seed{s}"]["eval_loss"] for s in (0, 1)]
+    assert arms["random"]["n_seeds"] == 2 and arms["random"]["eval_loss"] == pytest.approx(sum(seeds) / 2)
     assert arms["full"]["kept"] == 80 and arms["full"]["corrupted_kept_share"] == pytest.approx(24 / 80)
     assert arms["base (no fine-tune)"]["kept"] == 0
 
     # summary.json and summary.md say the same thing.
-    run_dir = tmp_path / "exp"
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["arms"] == json.loads(json.dumps(arms))
     md = (run_dir / "summary.md").read_text()
@@ -73,12 +90,7 @@ def test_runner_writes_every_arm_and_consistent_summaries(tmp_path, monkeypatch)
         assert verdict in md
     _check_report(Path(summary["report"]))
     # Every stage left its usual run dir with a manifest.
-    for sub in (
-        "stage_1_warmup",
-        "stage_2_selection",
-        "stage_3_finetune/quality_gate",
-        "stage_4_evaluate/base",
-    ):
+    for sub in ("warmup", "collect", "finetune/quality_gate", "evaluate/base"):
         assert (run_dir / sub / "manifest.json").is_file(), sub
 
 
@@ -111,7 +123,9 @@ def test_runner_command_line_prints_the_table(tmp_path):
     out = tmp_path / "cli"
     cmd = [
         sys.executable,
-        "scripts/run_experiment.py",
+        "-m",
+        "quality_gate",
+        "experiment",
         f"output_dir={out}",
         "data.num_samples=60",
         "selectors=[quality_gate,random]",
@@ -128,7 +142,7 @@ def test_runner_command_line_prints_the_table(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^\| quality_gate \| 18 \|", proc.stdout, re.M)

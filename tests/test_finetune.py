@@ -12,19 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import REPO, TARGET, TRAIN, compose
 from peft import PeftModel
 from safetensors.torch import load_file
 
 from quality_gate.models import load_target
-from quality_gate.runs import register_resolvers
 from quality_gate.stages.evaluate import heldout_loss
 from quality_gate.stages.finetune import fine_tune
 from quality_gate.stages.finetune import run as finetune_run
 
-REPO = Path(__file__).resolve().parents[1]
-TARGET = REPO / "assets" / "models" / "tiny-qwen2-target"
-TRAIN = REPO / "assets" / "data" / "synthetic_train.jsonl"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_assets = pytest.mark.skipif(
     not (TARGET.exists() and TRAIN.exists()), reason="tiny assets missing: run `make assets`"
@@ -48,18 +44,8 @@ FAST = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def compose_cfg(overrides: list[str]):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        return compose("stage_3_finetune", overrides=overrides)
+    return compose("finetune", overrides)
 
 
 def selected_file(path: Path, n: int = 32) -> Path:

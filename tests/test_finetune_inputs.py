@@ -7,18 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
+from helpers import REPO, TARGET, compose
 
-from quality_gate.runs import register_resolvers
+from quality_gate.errors import ConfigError, NonFiniteLossError
 from quality_gate.stages.finetune import fine_tune, get_model_and_tokenizer
-from quality_gate.training import NonFiniteLossError
 
-REPO = Path(__file__).resolve().parents[1]
-TARGET = REPO / "assets" / "models" / "tiny-qwen2-target"
 needs_target = pytest.mark.skipif(not TARGET.exists(), reason="tiny assets missing: run `make assets`")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 CHATML = (
@@ -27,21 +22,8 @@ CHATML = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def compose_cfg(overrides: list[str]):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        return compose(
-            "stage_3_finetune",
-            overrides=[f"training.model.name={TARGET}", "training.report_to=[]", *overrides],
-        )
+    return compose("finetune", [f"training.model.name={TARGET}", "training.report_to=[]", *overrides])
 
 
 def test_missing_data_path(tmp_path):
@@ -59,9 +41,9 @@ def test_empty_data_path(tmp_path):
 
 
 def test_bad_modes(tmp_path):
-    with pytest.raises(ValueError, match=r"training\.peft_mode='qlora'"):
+    with pytest.raises(ConfigError, match=r"training\.peft_mode='qlora'"):
         fine_tune(compose_cfg([f"output_dir={tmp_path}", "training.peft_mode=qlora"]))
-    with pytest.raises(ValueError, match=r"dataset\.mode='some'"):
+    with pytest.raises(ConfigError, match=r"dataset\.mode='some'"):
         fine_tune(compose_cfg([f"output_dir={tmp_path}", "dataset.mode=some"]))
 
 

@@ -47,14 +47,6 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_attach_names_shapes_and_recorder(model_type):
     model = tiny_model(model_type)

@@ -14,18 +14,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import REPO, select_config
 
-from quality_gate.selection import (
-    SelectionError,
-    auroc,
-    compute_selection,
-    config_from_overrides,
-    run_selection,
-)
+from quality_gate.errors import ConfigError, SelectionError
+from quality_gate.selection import auroc, compute_selection, run_selection
 from quality_gate.selection.report import SECTIONS, _coloured_tokens
 from quality_gate.selection.testing import fake_record, fake_shard, write_router_dataset
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make_stage2(root: Path, sizes=(("alpha", 23), ("beta", 17)), ifd: bool = True, seed: int = 0) -> Path:
@@ -55,7 +49,7 @@ def stage2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def default_run(stage2):
-    return run_selection(config_from_overrides(root_dir=str(stage2), selection_percentage=0.3))
+    return run_selection(select_config(root_dir=str(stage2), selection_percentage=0.3))
 
 
 class _Collect(HTMLParser):
@@ -143,25 +137,21 @@ def test_exports_load(stage2, default_run):
 
 
 def test_deterministic_and_selectors_do_not_overwrite(stage2, default_run):
-    again = compute_selection(config_from_overrides(root_dir=str(stage2), selection_percentage=0.3))
+    again = compute_selection(select_config(root_dir=str(stage2), selection_percentage=0.3))
     assert [again.stats.ids[i] for i in again.order] == [default_run.stats.ids[i] for i in default_run.order]
     before = (stage2 / "selected_data.jsonl").read_text()
     for name in ("random", "perplexity", "ifd"):
-        res = run_selection(
-            config_from_overrides(root_dir=str(stage2), selection_percentage=0.3, selector=name)
-        )
+        res = run_selection(select_config(root_dir=str(stage2), selection_percentage=0.3, selector=name))
         assert res.output_dir == stage2 / f"selection_{name}"
         assert (res.output_dir / "selected_data.jsonl").exists()
     assert (stage2 / "selected_data.jsonl").read_text() == before
-    r1 = compute_selection(config_from_overrides(root_dir=str(stage2), selector="random", seed=1))
-    r2 = compute_selection(config_from_overrides(root_dir=str(stage2), selector="random", seed=2))
+    r1 = compute_selection(select_config(root_dir=str(stage2), selector="random", seed=1))
+    r2 = compute_selection(select_config(root_dir=str(stage2), selector="random", seed=2))
     assert r1.order.tolist() != r2.order.tolist()
 
 
 def test_per_dataset_budget(stage2):
-    res = compute_selection(
-        config_from_overrides(root_dir=str(stage2), selection_percentage=0.3, per_dataset=True)
-    )
+    res = compute_selection(select_config(root_dir=str(stage2), selection_percentage=0.3, per_dataset=True))
     names = np.asarray(res.stats.datasets)
     assert int(res.selected[names == "alpha"].sum()) == math.ceil(0.3 * 23)
     assert int(res.selected[names == "beta"].sum()) == math.ceil(0.3 * 17)
@@ -199,7 +189,7 @@ def test_baselines_on_handmade_statistics(tmp_path):
 
     def kept(selector: str) -> list[str]:
         res = compute_selection(
-            config_from_overrides(root_dir=str(root), selection_percentage=0.5, selector=selector)
+            select_config(root_dir=str(root), selection_percentage=0.5, selector=selector)
         )
         return [res.stats.ids[i] for i in res.order]
 
@@ -212,7 +202,7 @@ def test_baselines_on_handmade_statistics(tmp_path):
 def test_ties_broken_by_id(tmp_path):
     root = _handmade(tmp_path, [1.0] * 4, [0.5] * 4, [0.5] * 4, [1.0] * 4)
     res = compute_selection(
-        config_from_overrides(root_dir=str(root), selection_percentage=0.5, selector="perplexity")
+        select_config(root_dir=str(root), selection_percentage=0.5, selector="perplexity")
     )
     assert [res.stats.ids[i] for i in res.order] == ["x0", "x1"]
 
@@ -223,16 +213,16 @@ def _no_outputs(root: Path) -> bool:
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(SelectionError, match=r"root_dir=.* is not a directory"):
-        compute_selection(config_from_overrides(root_dir=str(tmp_path / "missing")))
+        compute_selection(select_config(root_dir=str(tmp_path / "missing")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(SelectionError, match="holds no router data"):
-        compute_selection(config_from_overrides(root_dir=str(tmp_path / "empty")))
+        compute_selection(select_config(root_dir=str(tmp_path / "empty")))
     root = make_stage2(tmp_path / "ok", sizes=(("a", 5),), ifd=False)
     for k in (0, 1.5, -0.1):
-        with pytest.raises(SelectionError, match="selection_percentage"):
-            run_selection(config_from_overrides(root_dir=str(root), selection_percentage=k))
+        with pytest.raises(ConfigError, match="selection_percentage"):
+            run_selection(select_config(root_dir=str(root), selection_percentage=k))
     with pytest.raises(SelectionError, match="collect_ifd=true"):
-        run_selection(config_from_overrides(root_dir=str(root), selector="ifd"))
+        run_selection(select_config(root_dir=str(root), selector="ifd"))
     assert _no_outputs(root) and _no_outputs(root / "selection_ifd")
 
     mixed = make_stage2(tmp_path / "mixed", sizes=(("a", 5),))
@@ -241,13 +231,13 @@ def test_bad_inputs(tmp_path):
         mixed / "other", "b", [fake_shard(["b0"], [3], 4, g)], fingerprint_fields={"model": "other"}
     )
     with pytest.raises(SelectionError, match="different Stage 2 setups"):
-        run_selection(config_from_overrides(root_dir=str(mixed)))
+        run_selection(select_config(root_dir=str(mixed)))
     assert _no_outputs(mixed)
 
     norec = make_stage2(tmp_path / "norec", sizes=(("a", 5),))
     (norec / "router_data" / "a_records.jsonl").unlink()
     with pytest.raises(SelectionError, match=r"records file .* is missing"):
-        run_selection(config_from_overrides(root_dir=str(norec)))
+        run_selection(select_config(root_dir=str(norec)))
 
     dead = tmp_path / "dead"
     shard = fake_shard(["d0", "d1"], [3, 2], 4, g)
@@ -256,7 +246,7 @@ def test_bad_inputs(tmp_path):
     make_stage2(dead, sizes=(("a", 5),))
     write_router_dataset(dead / "router_data", "d", [shard])
     with pytest.raises(SelectionError, match=r"every sample of dataset\(s\) \['d'\] is invalid"):
-        run_selection(config_from_overrides(root_dir=str(dead)))
+        run_selection(select_config(root_dir=str(dead)))
     assert _no_outputs(dead)
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+from helpers import select_config
 
 from quality_gate.data import encode
-from quality_gate.selection import config_from_overrides, run_selection
+from quality_gate.selection import run_selection
 from quality_gate.selection.testing import fake_record, fake_shard, write_router_dataset
 
 CHAT_TEMPLATE = (
@@ -45,15 +45,16 @@ def test_report_colours_tokens(tmp_path):
         assert enc is not None
         lengths.append(len(enc.input_ids) - 1)
     g = torch.Generator().manual_seed(0)
+    # The report finds the tokenizer through the fingerprint Stage 2 stores (absolute selector path).
+    fields = {"selector_model_path": str(tmp_path / "tok"), "max_sequence_length": 512, "truncation": "right"}
     write_router_dataset(
-        root / "router_data", "d", [fake_shard([r["id"] for r in records], lengths, 3, g)], records=records
+        root / "router_data",
+        "d",
+        [fake_shard([r["id"] for r in records], lengths, 3, g)],
+        fingerprint_fields=fields,
+        records=records,
     )
-    config = {
-        "selector_model": {"path": str(tmp_path / "tok")},
-        "dataset": {"max_sequence_length": 512, "truncation": "right"},
-    }
-    (root / "config.yaml").write_text(json.dumps(config))  # JSON is valid YAML
-    run_selection(config_from_overrides(root_dir=str(root), selection_percentage=0.5, report_top_k=2))
+    run_selection(select_config(root_dir=str(root), selection_percentage=0.5, report_top_k=2))
     text = (root / "selection_report.html").read_text()
     assert "Token colouring unavailable" not in text
     assert "coloured by gate" in text and 'title="token 1: gate' in text

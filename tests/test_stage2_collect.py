@@ -8,14 +8,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from quality_gate.gate import attach_quality_gates, record_gates
-from quality_gate.stats.collect import (
-    chunked_token_nll,
-    collect_batch,
-    compute_token_perplexity,
-    concat_batch_stats,
-)
-
-torch.set_num_threads(1)
+from quality_gate.nll import chunked_token_nll
+from quality_gate.stats.collect import collect_batch, compute_token_perplexity, concat_batch_stats
 
 
 def tiny_gated_model(vocab: int = 97, tie: bool = False) -> torch.nn.Module:

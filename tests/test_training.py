@@ -24,18 +24,10 @@ from quality_gate.training import (
     NonFiniteLossError,
     check_finite_loss,
     fsdp_layer_classes,
-    fsdp_training_kwargs,
     last_checkpoint,
+    process_layout_kwargs,
     validate_batch_size_configuration,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_qwen2():
@@ -100,14 +92,17 @@ def test_trainer_stops_on_nan_loss(tmp_path):
 
 def test_fsdp_kwargs_by_layout():
     model = tiny_qwen2()
-    assert fsdp_training_kwargs(model, 1, "cuda") == {}
-    assert fsdp_training_kwargs(model, 1, "cpu") == {}
-    assert fsdp_training_kwargs(model, 2, "cpu") == {
-        "use_cpu": True,
-        "ddp_backend": "gloo",
-        "ddp_find_unused_parameters": False,
-    }
-    kwargs = fsdp_training_kwargs(model, 4, "cuda")
+    assert process_layout_kwargs(model, 1, "cuda", shard=True) == {}
+    assert process_layout_kwargs(model, 1, "cpu", shard=True) == {}
+    for shard in (True, False):  # no FSDP on CPU: DDP over gloo
+        assert process_layout_kwargs(model, 2, "cpu", shard=shard) == {
+            "use_cpu": True,
+            "ddp_backend": "gloo",
+            "ddp_find_unused_parameters": False,
+        }
+    # Stage 1 (gates only) on several GPUs: DDP, no sharding.
+    assert "fsdp" not in process_layout_kwargs(model, 4, "cuda", shard=False)
+    kwargs = process_layout_kwargs(model, 4, "cuda", shard=True)
     assert kwargs["fsdp"] is True
     assert kwargs["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["Qwen2DecoderLayer"]
     assert kwargs["fsdp_config"]["version"] == 2

@@ -11,32 +11,30 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from omegaconf import OmegaConf
+from helpers import REPO, SELECTOR
+from helpers import TRAIN as DATA
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, Qwen3Config, TrainingArguments
 
-from quality_gate.gate import attach_quality_gates, find_quality_gates, freeze_backbone, gate_state_dict
+from quality_gate.config import make_config
+from quality_gate.errors import NonFiniteLossError
+from quality_gate.gate import (
+    attach_quality_gates,
+    find_quality_gates,
+    freeze_backbone,
+    gate_state_dict,
+    record_gates,
+)
 from quality_gate.models import apply_stage1_weights, load_selector
 from quality_gate.stages.warmup import QualityGateTrainer, get_peft_config
-from quality_gate.training import NonFiniteLossCallback, NonFiniteLossError
+from quality_gate.training import NonFiniteLossCallback
 
-REPO = Path(__file__).resolve().parents[1]
-SELECTOR = REPO / "assets" / "models" / "tiny-qwen3-selector"
-DATA = REPO / "assets" / "data" / "synthetic_train.jsonl"
 needs_assets = pytest.mark.skipif(
     not (SELECTOR.exists() and DATA.exists()), reason="tiny assets missing: run `make assets`"
 )
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "1"}
 VOCAB = 97
 PAD = 0
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_dataset(n: int = 8) -> Dataset:
@@ -88,7 +86,7 @@ def tiny_trainer(
         train_dataset=tiny_dataset(),
         data_collator=pad_collate,
         callbacks=callbacks,
-        quality_loss_weight=1.0,
+        quality_loss_weight=quality_loss_weight,
         quality_loss_mode="sample",
     )
 
@@ -114,7 +112,7 @@ def tiny_gated_model() -> torch.nn.Module:
 def test_one_step_changes_every_gate_and_no_backbone_parameter(tmp_path):
     model = tiny_gated_model()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainer = tiny_trainer(model, tmp_path)
+    trainer = tiny_trainer(model, tmp_path, quality_loss_weight=0.25)
     trainer.train()
     for name, param in model.named_parameters():
         if "quality_gate.gate" in name:
@@ -122,12 +120,27 @@ def test_one_step_changes_every_gate_and_no_backbone_parameter(tmp_path):
         else:
             assert torch.equal(param, before[name]), f"frozen {name} changed"
     logged = next(e for e in trainer.state.log_history if "lm_loss" in e)
-    assert logged["loss"] == pytest.approx(logged["lm_loss"] + logged["quality_loss"], rel=1e-4)
+    # The logged loss is LM loss + weight x quality loss, with the configured weight.
+    assert logged["loss"] == pytest.approx(logged["lm_loss"] + 0.25 * logged["quality_loss"], rel=1e-4)
     assert 0 < logged["gate_mean"] < 1
 
 
+def test_quality_loss_weight_moves_the_gates(tmp_path):
+    """The weight is applied: with a large weight the same steps close the gates further than the LM
+    loss alone does (mean gate value on held-out token ids)."""
+    probe = torch.randint(1, VOCAB, (4, 12), generator=torch.Generator().manual_seed(1))
+    means = {}
+    for weight in (0.0, 50.0):
+        model = tiny_gated_model()
+        tiny_trainer(model, tmp_path / str(weight), max_steps=4, quality_loss_weight=weight).train()
+        with torch.no_grad(), record_gates(model) as rec:
+            model(input_ids=probe)
+            means[weight] = rec.probs().mean().item()
+    assert means[50.0] < means[0.0]
+
+
 def test_one_lora_step_changes_only_the_adapter(tmp_path):
-    cfg = OmegaConf.create({"training": {"lora": {"r": 16, "alpha": 64, "dropout": 0.0}}})
+    cfg = make_config("warmup")
     model = get_peft_model(tiny_gated_model(), get_peft_config(cfg))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     # Two steps: lora_B starts at zero, so lora_A only receives a gradient from the second step on.
@@ -147,14 +160,12 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
         trainer.train()
 
 
-def test_invalid_quality_loss_mode_names_the_key(tmp_path):
-    with pytest.raises(ValueError, match=r"training\.quality_loss_mode"):
-        QualityGateTrainer(
-            model=tiny_gated_model(),
-            args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
-            quality_loss_weight=1.0,
-            quality_loss_mode="batch",
-        )
+def test_invalid_quality_loss_mode_names_the_key():
+    from quality_gate.config import make_config
+    from quality_gate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"training\.quality_loss_mode='batch'.*\['sample', 'token'\]"):
+        make_config("warmup", {"training.quality_loss_mode": "batch"})
 
 
 def warmup(out_dir: Path, *overrides: str, launcher: list[str] | None = None) -> dict:
@@ -170,7 +181,7 @@ def warmup(out_dir: Path, *overrides: str, launcher: list[str] | None = None) ->
 def test_stage1_full_rank_end_to_end(tmp_path):
     metrics = warmup(tmp_path, "dataset.subset_ratio=0.05", "training.epochs=1")
     payload = torch.load(tmp_path / "full_rank_weights.pt", map_location="cpu", weights_only=True)
-    assert payload["tokenizer_name"] == "assets/models/tiny-qwen3-selector"
+    assert payload["tokenizer_name"] == str(SELECTOR)
     model, _ = load_selector(str(SELECTOR), device="cpu")
     expected = gate_state_dict(model)
     assert sorted(payload["model_state_dict"]) == sorted(expected)

@@ -7,62 +7,31 @@ One command runs the whole pipeline and compares selectors::
       -> Stage 3 fine-tune per arm (+ the full data) -> Stage 4 evaluate per arm (+ the base model)
       -> summary.json / summary.md
 
-Every stage runs in this process through its own ``run(cfg)``, with its own config file
-(``configs/stage_*.yaml``) plus the overrides of ``configs/experiment.yaml``; each writes its usual
-run dir under ``<experiment dir>/``, so every intermediate result can be inspected or reused.
+Every stage runs in this process through its own ``run(cfg)``, with its own typed config
+(:mod:`quality_gate.config`) plus the ``overrides.<stage>`` of the experiment config; each writes its
+usual outputs under ``<experiment dir>/<stage>/``, so every intermediate result can be inspected or
+reused.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from quality_gate.config import make_config, validate
+from quality_gate.data.records import corruption_of
 from quality_gate.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from quality_gate.runs import init_run, register_resolvers
+from quality_gate.runs import init_run
 
 log = logging.getLogger(__name__)
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-
-
-# --------------------------------------------------------------------------------------------- #
-# Stage configs
-# --------------------------------------------------------------------------------------------- #
-def load_stage_config(
-    name: str, overrides: dict[str, Any] | None = None, dotlist: Sequence[str] = ()
-) -> DictConfig:
-    """``configs/<name>.yaml`` without its ``hydra`` block, with ``overrides`` (dotted keys) applied.
-
-    The stage configs are single files (no defaults lists), so plain OmegaConf composition gives the
-    same config Hydra would, without nesting a second Hydra app inside this one.
-    """
-    register_resolvers()
-    path = CONFIG_DIR / f"{name}.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"no stage config {path}")
-    cfg = OmegaConf.load(path)
-    cfg.pop("hydra", None)
-    for key, value in (overrides or {}).items():
-        OmegaConf.update(cfg, key, value, merge=False, force_add=True)
-    if dotlist:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(dotlist)))
-    return cfg
-
-
-def run_stage(module: str, cfg: DictConfig) -> None:
-    """Call ``quality_gate.stages.<module>.run(cfg)`` (or another ``module:function``)."""
-    mod_name, _, fn = module.partition(":")
-    importlib.import_module(mod_name).__dict__[fn or "run"](cfg)
 
 
 class Steps:
@@ -95,31 +64,15 @@ METRICS: dict[str, tuple[str, bool]] = {
 }
 
 
-def selection_metrics(
-    selected_ids: Sequence[str],
-    corruption: dict[str, str],
-    score: dict[str, float] | None,
-) -> dict[str, float | int | None]:
-    """Kept count, share of kept samples that are corrupted, AUROC of ``score`` for clean vs corrupted.
-
-    ``corruption`` maps every candidate id to its label (``"none"`` = clean); ids without a label are
-    left out of the shares. ``score`` (higher = more likely kept) covers the candidates it can score;
-    AUROC is over the scored candidates (``-inf``: the selector may not keep it, ranked last; NaN
-    left out); None when only one class is present.
-    """
-    from quality_gate.selection.metrics import auroc
-
-    labelled = [i for i in selected_ids if i in corruption]
-    share = sum(corruption[i] != "none" for i in labelled) / len(labelled) if labelled else None
-    auc = None
-    if score is not None:
-        pairs = [
-            (s, corruption[i] == "none") for i, s in score.items() if i in corruption and not math.isnan(s)
-        ]
-        labels = [int(c) for _, c in pairs]
-        if pairs and 0 < sum(labels) < len(labels):
-            auc = float(auroc([s for s, _ in pairs], labels))
-    return {"kept": len(selected_ids), "corrupted_kept_share": share, "auroc_clean_vs_corrupted": auc}
+def selection_row(summary: dict[str, Any], selector: str) -> dict[str, Any]:
+    """An arm's selection metrics, read from its ``selection_summary.json`` (the audit of
+    :mod:`quality_gate.selection.audit`, the same numbers as the selection report)."""
+    audit = (summary.get("corruption_audit") or {}).get("selectors", {}).get(selector, {})
+    return {
+        "kept": summary["num_selected"],
+        "corrupted_kept_share": audit.get("corrupted_share_of_kept"),
+        "auroc_clean_vs_corrupted": audit.get("auroc"),
+    }
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -203,19 +156,13 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _labels_of(records: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """id -> corruption label, for records that carry ``meta.corruption``."""
-    out = {}
-    for r in records:
-        label = (r.get("meta") or {}).get("corruption")
-        if label is not None:
-            out[str(r["id"])] = str(label)
-    return out
+    """id -> corruption label (``"none"`` = clean), for records that carry ``meta.corruption``."""
+    return {str(r["id"]): label for r in records if (label := corruption_of(r)) is not None}
 
 
 def _stage_overrides(cfg: DictConfig, stage: str) -> list[str]:
     """``overrides.<stage>``: a list of ``key=value`` strings for that stage's config."""
-    extra = cfg.get("overrides", {}).get(stage) or []
-    return [str(x) for x in extra]
+    return [str(x) for x in cfg.overrides[stage]]
 
 
 def _eval_row(eval_dir: Path) -> dict[str, Any]:
@@ -226,17 +173,17 @@ def _eval_row(eval_dir: Path) -> dict[str, Any]:
     }
 
 
-def _run(cfg: DictConfig, stage: str, config_name: str, values: dict[str, Any]) -> None:
-    """Run ``quality_gate.stages.<stage>`` with its config, ``values`` and ``overrides.<stage>``."""
-    run_stage(
-        f"quality_gate.stages.{stage}", load_stage_config(config_name, values, _stage_overrides(cfg, stage))
-    )
+def _run(cfg: DictConfig, stage: str, values: dict[str, Any]) -> Any:
+    """Run ``stage`` with its config, ``values`` and ``overrides.<stage>``; returns what its run returns."""
+    from quality_gate.cli import run_stage
+
+    return run_stage(make_config(stage, values, _stage_overrides(cfg, stage)))
 
 
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """Run every arm of the experiment and write ``summary.json`` / ``summary.md`` into the run dir."""
-    from quality_gate.selection.pipeline import config_from_overrides, run_selection
-    from quality_gate.selection.selectors import ranking_score
+    validate(cfg)
+    from quality_gate.selection.pipeline import run_selection
 
     run_dir = init_run(cfg, "experiment")
     selectors = list(cfg.selectors)
@@ -266,29 +213,18 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     with steps.step("convert the selector"):
         selector_path = str(cfg.selector_model)
         if cfg.convert_selector:
-            import torch
+            from quality_gate.convert import convert
 
-            from quality_gate.models import load_selector, save_converted
+            # The new gates' init is seeded: the run is reproducible per seed.
+            selector_path = str(convert(selector_path, run_dir / "converted_selector", seed=int(cfg.seed)))
 
-            torch.manual_seed(int(cfg.seed))  # the new gates' init: the run is reproducible per seed
-            model, tokenizer = load_selector(selector_path)
-            selector_path = str(run_dir / "converted_selector")
-            save_converted(model, tokenizer, selector_path)
-            del model
-
-    warm_dir, stats_dir = run_dir / "stage_1_warmup", run_dir / "stage_2_selection"
+    warm_dir, stats_dir = run_dir / "warmup", run_dir / "collect"
     with steps.step("Stage 1 warmup"):
-        _run(
-            cfg,
-            "warmup",
-            "stage_1_warmup",
-            {**common, "selector_model.path": selector_path, "output_dir": str(warm_dir)},
-        )
+        _run(cfg, "warmup", {**common, "selector_model.path": selector_path, "output_dir": str(warm_dir)})
     with steps.step("Stage 2 statistics"):
         _run(
             cfg,
-            "selection",
-            "stage_2_selection",
+            "collect",
             {
                 **common,
                 "selector_model.path": selector_path,
@@ -307,26 +243,26 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
             ("random", int(arm[len("random_seed") :])) if arm.startswith("random_seed") else (arm, cfg.seed)
         )
         with steps.step(f"select: {arm}"):
-            sel_dir = run_dir / "selection" / arm
-            sel_cfg = config_from_overrides(
-                root_dir=str(stats_dir),
-                selector=selector,
-                seed=seed,
-                output_dir=str(sel_dir),
-                selection_percentage=float(cfg.selection_percentage),
+            sel_dir = run_dir / "select" / arm
+            sel_cfg = make_config(
+                "select",
+                {
+                    "root_dir": str(stats_dir),
+                    "selector": selector,
+                    "seed": seed,
+                    "output_dir": str(sel_dir),
+                    "selection_percentage": float(cfg.selection_percentage),
+                },
+                _stage_overrides(cfg, "select"),
             )
-            sel_cfg = OmegaConf.merge(sel_cfg, OmegaConf.from_dotlist(_stage_overrides(cfg, "selection")))
             res = run_selection(sel_cfg)
-            ids = [str(i) for i in res.stats.ids]
-            kept = [ids[i] for i in res.order]
-            score = dict(zip(ids, ranking_score(res.scores[selector]).tolist()))
-            rows[arm] = selection_metrics(kept, labels, score)
+            rows[arm] = selection_row(res.summary, selector)
             selected_files[arm] = sel_dir / "selected_data.jsonl"
             if selector == "quality_gate":
                 report = str(sel_dir / "selection_report.html")
 
     for arm in ft_arms:
-        ft_dir, ev_dir = run_dir / "stage_3_finetune" / arm, run_dir / "stage_4_evaluate" / arm
+        ft_dir, ev_dir = run_dir / "finetune" / arm, run_dir / "evaluate" / arm
         data = (
             {"dataset.mode": "full", **common}
             if arm == "full"
@@ -336,7 +272,6 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
             _run(
                 cfg,
                 "finetune",
-                "stage_3_finetune",
                 {
                     **data,
                     "seed": cfg.seed,
@@ -353,7 +288,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
 
     if cfg.include_base:
         with steps.step("evaluate: base model (no fine-tune)"):
-            ev_dir = run_dir / "stage_4_evaluate" / "base"
+            ev_dir = run_dir / "evaluate" / "base"
             _evaluate(cfg, None, ev_dir)
             rows["base (no fine-tune)"] = {"kept": 0, **_eval_row(ev_dir)}
 
@@ -387,4 +322,13 @@ def _evaluate(cfg: DictConfig, adapter: Path | None, out_dir: Path) -> None:
         "output_dir": str(out_dir),
         "seed": cfg.seed,
     }
-    _run(cfg, "evaluate", "stage_4_evaluate", values)
+    _run(cfg, "evaluate", values)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """The ``experiment`` stage: run every arm, log the summary table and where the files are."""
+    summary = run_experiment(cfg)
+    log.info("\n%s", render_markdown(summary))
+    log.info("summary: %s", Path(summary["run_dir"]) / "summary.md")
+    log.info("selection report: %s", summary["report"])
+    return summary

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from quality_gate.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 GATE_PARAM_KEY = "quality_gate.gate"
@@ -139,7 +141,7 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
         ):
             return module
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    raise ValueError(
+    raise ConfigError(
         f"cannot attach quality gates to model_type={model_type!r}: no decoder layers "
         "(`*.layers[i]`) with an `mlp` module were found. Supported: decoder-only models such as "
         "Qwen2/Qwen2.5, Qwen3, Llama and Mistral."
@@ -155,7 +157,7 @@ def _hidden_size(model: nn.Module, block: nn.Module) -> int:
         norm = getattr(block, "post_attention_layernorm", None)
         size = getattr(getattr(norm, "weight", None), "shape", [None])[0]
     if size is None:
-        raise ValueError("cannot infer hidden_size: set model.config.hidden_size")
+        raise ConfigError("cannot infer hidden_size: set model.config.hidden_size")
     return int(size)
 
 
@@ -166,8 +168,8 @@ def attach_quality_gates(
 
     Gate weights take the dtype and device of the wrapped FFN. Calling this on a model that already
     has gates returns the existing wrappers unchanged (the init arguments are then ignored).
-    Raises ``ValueError`` naming ``model.config.model_type`` when the model has no decoder layers
-    with an ``mlp``.
+    Raises :class:`~quality_gate.errors.ConfigError` naming ``model.config.model_type`` when the
+    model has no decoder layers with an ``mlp``.
     """
     existing = find_quality_gates(model)
     if existing:

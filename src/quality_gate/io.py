@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -56,5 +54,7 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> N
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through a temporary file. Save only tensors and plain containers, so that
     ``torch.load(path, weights_only=True)`` can read it back."""
+    import torch  # deferred: importing torch costs ~1.5 s, and most callers write only text
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from quality_gate.errors import ConfigError, DataError, MissingPathError
 from quality_gate.gate import (
     GATE_PARAM_KEY,
     attach_quality_gates,
@@ -59,7 +60,7 @@ def resolve_dtype(dtype: str, device: str | torch.device | None = None) -> torch
     if dtype in _DTYPES:
         return _DTYPES[dtype]
     if dtype != "auto":
-        raise ValueError(f"dtype={dtype!r} is not supported; use one of ['auto', *{sorted(_DTYPES)}]")
+        raise ConfigError(f"dtype={dtype!r} is not supported; use one of ['auto', *{sorted(_DTYPES)}]")
     device = torch.device(device if device is not None else default_device())
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
@@ -70,7 +71,7 @@ def _load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBa
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer of {path} has neither a pad nor an eos token; add a pad token")
+            raise ConfigError(f"tokenizer of {path} has neither a pad nor an eos token; add a pad token")
         tokenizer.pad_token = tokenizer.eos_token
         log.info("tokenizer has no pad token; using eos %r as pad", tokenizer.eos_token)
     return tokenizer
@@ -112,7 +113,7 @@ def _load_gate_tensors(model: nn.Module, state: dict[str, Tensor], source: str) 
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"gate weights in {source} do not match the model: missing {missing[:4]}"
             f"{'...' if len(missing) > 4 else ''} ({len(missing)}), unexpected {unexpected[:4]}"
             f"{'...' if len(unexpected) > 4 else ''} ({len(unexpected)}). Check that selector_model.path "
@@ -121,7 +122,7 @@ def _load_gate_tensors(model: nn.Module, state: dict[str, Tensor], source: str) 
     with torch.no_grad():
         for name, value in state.items():
             if value.shape != params[name].shape:
-                raise ValueError(
+                raise ConfigError(
                     f"gate weight {name} in {source} has shape {tuple(value.shape)}, the model expects "
                     f"{tuple(params[name].shape)}; check selector_model.path"
                 )
@@ -236,7 +237,7 @@ def _resolve_stage1_checkpoint(checkpoint_path: str) -> tuple[str, Path]:
         return "full_rank", path / FULL_RANK_WEIGHTS_FILE
     if (path / "checkpoint-final" / "adapter_config.json").is_file():
         return "lora", path / "checkpoint-final"
-    raise FileNotFoundError(
+    raise MissingPathError(
         f"model_checkpoint_path={checkpoint_path!r} is not a Stage 1 output: expected a "
         f"{FULL_RANK_WEIGHTS_FILE} file, a LoRA checkpoint dir (adapter_config.json), or a Stage 1 "
         f"run dir containing one of them"
@@ -258,7 +259,7 @@ def _merge_lora_adapter(model: nn.Module, adapter_dir: Path) -> None:
         base = load_file(str(base_file))
         gates = find_quality_gates(model)
         if len(base) != len(gates):
-            raise ValueError(f"{base_file} holds {len(base)} gates, the model has {len(gates)}")
+            raise ConfigError(f"{base_file} holds {len(base)} gates, the model has {len(gates)}")
         with torch.no_grad():
             for m in gates:
                 m.quality_gate.gate.weight.copy_(base[f"layers.{m.layer_idx}.weight"])
@@ -272,10 +273,10 @@ def _merge_lora_adapter(model: nn.Module, adapter_dir: Path) -> None:
     PeftModel.from_pretrained(model, str(adapter_dir))  # injects the LoRA layers into `model` in place
     lora_layers = {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
     if not lora_layers:
-        raise ValueError(f"the LoRA checkpoint {adapter_dir} adds no layer to the model")
+        raise ConfigError(f"the LoRA checkpoint {adapter_dir} adds no layer to the model")
     foreign = [name for name in lora_layers if not name.endswith(GATE_PARAM_KEY)]
     if foreign:
-        raise ValueError(
+        raise ConfigError(
             f"the LoRA checkpoint {adapter_dir} also targets {foreign[:3]}; a Stage 1 adapter may only "
             f"target `{GATE_PARAM_KEY}`"
         )
@@ -300,7 +301,7 @@ def apply_stage1_weights(model: PreTrainedModel, checkpoint_path: str) -> dict[s
     if kind == "full_rank":
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(payload, dict) or "model_state_dict" not in payload:
-            raise ValueError(f"{path} has no 'model_state_dict'; is it a Stage 1 {FULL_RANK_WEIGHTS_FILE}?")
+            raise DataError(f"{path} has no 'model_state_dict'; is it a Stage 1 {FULL_RANK_WEIGHTS_FILE}?")
         state = payload["model_state_dict"]
         _load_gate_tensors(model, state, str(path))
         weights_file = path

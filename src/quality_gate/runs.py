@@ -1,12 +1,10 @@
 """Run directories and the manifest.
 
-Every stage writes into ``outputs/<stage>/YYYY-MM-DD/HH-MM-SS-<key overrides>/`` (Hydra's run dir)
-and starts with :func:`init_run`, which saves the resolved config (``config.yaml``) and a
-``manifest.json`` (git commit, package versions, models, dataset fingerprints, seed).
-
-Under ``torchrun`` every rank composes its own config, so ``${now:...}`` could differ by a second
-between ranks. The ``qg_now`` resolver therefore takes the launcher's start time (the parent process,
-shared by all local ranks) when a distributed launch is detected.
+Every stage writes into ``outputs/<run_name>/YYYY-MM-DD/HH-MM-SS-<key overrides>/`` (Hydra's run dir,
+see ``configs/_run_dir.yaml``; ``run_name`` is the stage name) and starts with :func:`init_run`, which
+saves the resolved config (``config.yaml``) and a ``manifest.json`` (git commit, package versions,
+models, dataset fingerprints, seed). All ranks of a ``torchrun`` launch share one run dir (the
+``qg_now`` resolver of :mod:`quality_gate.config` takes the launcher's start time).
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ import json
 import logging
 import os
 import platform
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +22,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from quality_gate.compat import STAGE_ALIASES
+from quality_gate.errors import ConfigError
 from quality_gate.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -52,55 +51,6 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
-
-
-def _launcher_start_time() -> dt.datetime | None:
-    """Start time of the parent process (torchrun's agent), identical for all local ranks."""
-    try:
-        ticks = int(Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        btime = next(
-            int(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime")
-        )
-        return dt.datetime.fromtimestamp(btime + ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
-def _now(fmt: str) -> str:
-    when = None
-    if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
-        when = _launcher_start_time()
-    return (when or dt.datetime.now()).strftime(fmt)
-
-
-def _suffix(override_dirname: str) -> str:
-    """``-key-value_key2-value2`` for the run dir name, length capped.
-
-    ``=`` and ``,`` become ``-`` and ``_`` (and any other unsafe character ``-``) so that the run dir
-    can be pasted unquoted into the next stage's override (Hydra's grammar rejects ``=`` and ``,``).
-    """
-    if not override_dirname:
-        return ""
-    safe = override_dirname.replace("=", "-").replace(",", "_")
-    safe = re.sub(r"[^A-Za-z0-9._+-]", "-", safe)
-    return "-" + safe[:120]
-
-
-def _first_set(value: Any, default: str) -> str:
-    """``value`` unless it is null or empty, else ``default`` (``hydra.run.dir`` follows ``output_dir``)."""
-    return default if value in (None, "") else str(value)
-
-
-def register_resolvers() -> None:
-    """Register the OmegaConf resolvers the configs use (idempotent)."""
-    if not OmegaConf.has_resolver("qg_or"):
-        OmegaConf.register_new_resolver("qg_or", _first_set)
-    if not OmegaConf.has_resolver("qg_now"):
-        OmegaConf.register_new_resolver("qg_now", _now)
-    if not OmegaConf.has_resolver("qg_suffix"):
-        OmegaConf.register_new_resolver("qg_suffix", _suffix)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -169,8 +119,8 @@ def init_run(cfg: DictConfig, stage: str, **manifest_fields: Any) -> Path:
         manifest_path = run_dir / "manifest.json"
         if manifest_path.exists():
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            if manifest.get("stage") not in (None, stage):
-                raise ValueError(
+            if STAGE_ALIASES.get(manifest.get("stage"), manifest.get("stage")) not in (None, stage):
+                raise ConfigError(
                     f"output_dir={run_dir} is a {manifest.get('stage')} run dir; a {stage} run cannot "
                     "write into it. Choose a new output_dir (or leave it unset)."
                 )

@@ -12,12 +12,12 @@ assistant content equals it exactly iff ``meta.corruption == "none"``.
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 WORDS: tuple[str, ...] = (
     "apple", "river", "stone", "cloud", "tiger", "green", "bread", "chair", "light", "house",
@@ -238,58 +238,6 @@ def exact_match(prediction: str, answer: str) -> bool:
     return normalise_answer(prediction) == normalise_answer(answer)
 
 
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
-
-
-@torch.no_grad()
-def generate_answers(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    records: list[dict],
-    batch_size: int = 50,
-    max_new_tokens: int = 24,
-) -> list[str]:
-    """Greedy replies to each record's turns before its last assistant turn (chat template with
-    ``add_generation_prompt=True``); a leading ``<think>...</think>`` block is removed."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    replies: list[str] = []
-    for start in range(0, len(records), batch_size):
-        prompts = [
-            tokenizer.apply_chat_template(
-                r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"],
-                add_generation_prompt=True,
-                tokenize=False,
-            )
-            for r in records[start : start + batch_size]
-        ]
-        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        width = max(len(ids) for ids in encoded)
-        # Left padding, so that every row's first generated token follows its own prompt.
-        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=device)
-        attention_mask = torch.tensor(
-            [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device
-        )  # (B, T)
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos_id,
-            pad_token_id=pad_id,
-        )  # (B, T + new)
-        for row in out[:, width:].tolist():
-            if eos_id in row:
-                row = row[: row.index(eos_id)]
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            replies.append(_THINK_BLOCK.sub("", text).strip())
-    model.train(was_training)
-    return replies
-
-
 def evaluate_exact_match(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -298,7 +246,9 @@ def evaluate_exact_match(
     max_new_tokens: int = 24,
 ) -> float:
     """Fraction of ``records`` whose greedy reply exactly matches ``meta.answer``."""
+    from quality_gate.generation import greedy_replies
+
     if not records:
         raise ValueError("evaluate_exact_match needs at least one record")
-    replies = generate_answers(model, tokenizer, records, batch_size, max_new_tokens)
+    replies = greedy_replies(model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
     return sum(exact_match(p, r["meta"]["answer"]) for p, r in zip(replies, records)) / len(records)

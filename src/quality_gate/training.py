@@ -1,13 +1,17 @@
 """Pieces shared by the two training stages (Stage 1 warmup, Stage 3 fine-tune).
 
+* :func:`training_arguments`: the one place ``TrainingArguments`` are built from a ``training`` config.
 * :func:`validate_batch_size_configuration`: gradient accumulation from the total batch size.
 * :class:`NonFiniteLossCallback` / :func:`check_finite_loss`: stop on a NaN/inf loss with a clear error.
-* :data:`FSDP_CONFIG` / :func:`fsdp_training_kwargs`: FSDP on several CUDA processes, DDP otherwise.
+* :data:`FSDP_CONFIG` / :func:`process_layout_kwargs`: FSDP on several CUDA processes, DDP otherwise.
+* :func:`report_to`: the configured loggers that are installed.
 * :func:`last_checkpoint`: the newest ``checkpoint-<step>`` of a run dir, for resuming.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 import re
 from pathlib import Path
@@ -17,15 +21,23 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from quality_gate.errors import ConfigError, NonFiniteLossError
+from quality_gate.runs import is_main_process, world_size
 
-def check_trains_some_steps(training: Any) -> None:
-    """Refuse a config that would train zero steps (``training.epochs`` and ``training.max_steps``)."""
-    epochs, max_steps = float(training.epochs), int(training.get("max_steps", -1))
-    if epochs <= 0 and max_steps <= 0:
-        raise ValueError(
-            f"training.epochs={training.epochs} and training.max_steps={max_steps} would train zero "
-            "steps; set training.epochs > 0 or training.max_steps > 0"
-        )
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FSDP_CONFIG",
+    "NonFiniteLossCallback",
+    "NonFiniteLossError",
+    "check_finite_loss",
+    "fsdp_layer_classes",
+    "last_checkpoint",
+    "process_layout_kwargs",
+    "report_to",
+    "training_arguments",
+    "validate_batch_size_configuration",
+]
 
 
 def validate_batch_size_configuration(
@@ -42,20 +54,16 @@ def validate_batch_size_configuration(
         ("world size", world_size),
     ):
         if int(value) < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise ConfigError(f"{name} must be >= 1, got {value}")
     effective = per_device_batch_size * world_size
     if total_batch_size % effective != 0:
-        raise ValueError(
+        raise ConfigError(
             f"training.batch_size={total_batch_size} is not a multiple of "
             f"training.per_device_batch_size={per_device_batch_size} x world size {world_size} "
             f"= {effective}. Choose a total batch size that is a multiple of {effective}, or change "
             "the per-device batch size."
         )
     return total_batch_size // effective
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
 
 
 def _non_finite_message(step: int, value: float) -> str:
@@ -124,25 +132,29 @@ def fsdp_layer_classes(model: nn.Module) -> list[str]:
         return list(FSDP_CONFIG[model_type]["transformer_layer_cls_to_wrap"])
     no_split = list(getattr(base, "_no_split_modules", None) or [])
     if not no_split:
-        raise ValueError(
+        raise ConfigError(
             f"no FSDP wrap class known for model_type={model_type!r} and the model has no "
             "_no_split_modules; add its decoder layer class to quality_gate.training.FSDP_CONFIG."
         )
     return no_split
 
 
-def fsdp_training_kwargs(model: nn.Module, world_size: int, device_type: str) -> dict[str, Any]:
+def process_layout_kwargs(model: nn.Module, world_size: int, device_type: str, shard: bool) -> dict[str, Any]:
     """Extra ``TrainingArguments`` kwargs for the process layout.
 
-    * several processes on CUDA: FSDP2 (transformers 5.x default, ``fsdp=True`` + ``fsdp_config``),
-      full sharding (``reshard_after_forward``), one unit per decoder layer, full state dict on save so
-      checkpoints load in one process. FSDP2 shards per parameter (DTensor), so LoRA's mix of frozen
-      and trainable parameters in one unit works without FSDP1's ``use_orig_params``.
+    * several processes on CUDA with ``shard``: FSDP2 (transformers 5.x default, ``fsdp=True`` +
+      ``fsdp_config``), full sharding (``reshard_after_forward``), one unit per decoder layer, full
+      state dict on save so checkpoints load in one process. FSDP2 shards per parameter (DTensor),
+      so LoRA's mix of frozen and trainable parameters in one unit works without FSDP1's
+      ``use_orig_params``.
+    * several processes on CUDA without ``shard`` (Stage 1 trains only the gates): DDP over NCCL.
     * several processes on CPU: DDP with the gloo backend (NCCL needs CUDA), ``use_cpu`` set.
-    * one process: nothing.
+    * one process: nothing (the Trainer picks the device).
     """
     if world_size <= 1:
         return {}
+    if device_type == "cuda" and not shard:
+        return {"ddp_find_unused_parameters": False}
     if device_type == "cuda":
         return {
             "fsdp": True,
@@ -180,3 +192,72 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
             if best is None or step > best[0]:
                 best = (step, child)
     return str(best[1]) if best else None
+
+
+def report_to(wanted: Any) -> list[str]:
+    """The loggers of ``training.report_to`` whose package is installed (others dropped, with a warning)."""
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted or [])
+    packages = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+    kept = []
+    for name in wanted:
+        if name in packages and importlib.util.find_spec(packages[name]) is None:
+            log.warning("training.report_to includes %s but it is not installed; not logging to it", name)
+            continue
+        kept.append(str(name))
+    return kept
+
+
+def training_arguments(
+    t: Any,
+    run_dir: Path,
+    *,
+    seed: int,
+    model: nn.Module,
+    shard: bool,
+    save_steps: int | None,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    save_total_limit: int | None = None,
+) -> TrainingArguments:
+    """``TrainingArguments`` from a stage's ``training`` config ``t`` (Stages 1 and 3).
+
+    ``shard``: FSDP on several CUDA processes (Stage 3) instead of DDP (Stage 1, gates only).
+    ``save_steps=None`` saves no Trainer checkpoints (Stage 1 saves the gates itself).
+    """
+    accumulation = validate_batch_size_configuration(
+        int(t.batch_size), int(t.per_device_batch_size), world_size()
+    )
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    saving: dict[str, Any] = (
+        {"save_strategy": "no"}
+        if save_steps is None
+        else {"save_strategy": "steps", "save_steps": int(save_steps), "save_total_limit": save_total_limit}
+    )
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=int(t.per_device_batch_size),
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=float(t.epochs),
+        max_steps=int(t.max_steps),
+        learning_rate=float(t.learning_rate),
+        lr_scheduler_type=str(t.lr_scheduler_type),
+        warmup_steps=int(t.warmup_steps),
+        weight_decay=float(weight_decay),
+        max_grad_norm=float(max_grad_norm),
+        logging_steps=int(t.logging_steps),
+        logging_first_step=True,
+        # The default replaces NaN/inf step losses by the running mean before logging, which would
+        # hide exactly what NonFiniteLossCallback has to see.
+        logging_nan_inf_filter=False,
+        report_to=report_to(t.report_to),
+        activation_checkpointing=bool(t.gradient_checkpointing),
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        remove_unused_columns=False,
+        seed=int(seed),
+        data_seed=int(seed),
+        dataloader_num_workers=int(t.dataloader_num_workers),
+        dataloader_pin_memory=device_type == "cuda",
+        disable_tqdm=not is_main_process(),
+        **saving,
+        **process_layout_kwargs(model, world_size(), device_type, shard),
+    )

@@ -6,9 +6,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from datasets import Dataset
 
 from quality_gate.data.encode import IGNORE_INDEX, EncodedSample
+from quality_gate.errors import ConfigError
 
 
 def token_budget_batches(
@@ -21,7 +21,7 @@ def token_budget_batches(
     longer than ``max_tokens`` gets a batch of its own. Deterministic.
     """
     if max_tokens < 1 or max_batch_size < 1:
-        raise ValueError(
+        raise ConfigError(
             f"max_tokens={max_tokens} and max_batch_size={max_batch_size} must be positive "
             "(data_process.max_tokens_per_batch / data_process.batch_size)"
         )
@@ -83,7 +83,7 @@ class SFTDataCollator:
 
     def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int | None = None) -> None:
         if pad_token_id is None:
-            raise ValueError(
+            raise ConfigError(
                 "the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the EOS token)"
             )
         self.pad_token_id = int(pad_token_id)
@@ -98,8 +98,10 @@ class SFTDataCollator:
         )
 
 
-def to_hf_dataset(samples: Sequence[EncodedSample]) -> Dataset:
+def to_hf_dataset(samples: Sequence[EncodedSample]) -> Any:
     """A ``datasets.Dataset`` with columns ``input_ids``, ``labels`` and ``id`` (one row per sample)."""
+    from datasets import Dataset  # deferred: importing datasets costs about a second
+
     return Dataset.from_dict(
         {
             "input_ids": [s.input_ids for s in samples],

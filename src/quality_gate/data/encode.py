@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from quality_gate.data.sources import SkippedRow
+from quality_gate.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, fallback_template: 
     A tokenizer without a template gets ``fallback_template`` when one is given.
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
+        raise ConfigError(
             f"{type(tokenizer).__name__} is not a fast tokenizer; assistant-only labels need character "
             "offsets (return_offsets_mapping). Load the tokenizer with use_fast=True / a tokenizer.json"
         )
@@ -77,7 +78,7 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, fallback_template: 
         tokenizer.chat_template = fallback_template
         log.info("the tokenizer has no chat template; using dataset.chat_template")
         return
-    raise ValueError(
+    raise ConfigError(
         f"the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
         "set dataset.chat_template to a Jinja chat template (e.g. the one of the model family)"
     )
@@ -85,7 +86,7 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, fallback_template: 
 
 def _check_truncation(truncation: str) -> None:
     if truncation not in TRUNCATION_POLICIES:
-        raise ValueError(
+        raise ConfigError(
             f"dataset.truncation={truncation!r}: expected one of {', '.join(TRUNCATION_POLICIES)}"
         )
 
@@ -234,7 +235,7 @@ def encode_records(
     _check_truncation(truncation)
     ensure_chat_template(tokenizer)
     if max_length < 1:
-        raise ValueError(f"dataset.max_sequence_length={max_length}: expected a positive number of tokens")
+        raise ConfigError(f"dataset.max_sequence_length={max_length}: expected a positive number of tokens")
     special = _special_strings(tokenizer)
     samples: list[EncodedSample] = []
     skipped: list[SkippedRow] = []

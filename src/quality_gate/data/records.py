@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from quality_gate.errors import DataError
+
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
     "human": "user",
@@ -26,7 +28,7 @@ SHAREGPT_ROLES = {
 }
 
 
-class BadRecord(ValueError):
+class BadRecord(DataError):
     """A row that cannot become a training record; ``reason`` says why (one line, for reports)."""
 
     def __init__(self, reason: str) -> None:
@@ -145,3 +147,22 @@ def normalize_record(raw: dict[str, Any], dataset_name: str, row: int) -> dict[s
             continue
         meta[key] = value
     return {"messages": messages, "dataset": dataset_name, "id": record_id, "meta": meta}
+
+
+CLEAN_LABELS = (None, "", False, "none", "clean")
+
+
+def corruption_of(record: dict[str, Any]) -> str | None:
+    """The record's ``meta.corruption`` label: ``"none"`` for a clean record, the corruption kind for a
+    corrupted one, None when the record carries no label. The one rule every report uses."""
+    meta = record.get("meta") or {}
+    if "corruption" not in meta:
+        return None
+    value = meta["corruption"]
+    return "none" if value in CLEAN_LABELS else str(value)
+
+
+def corruption_label(record: dict[str, Any]) -> int | None:
+    """1: the record is labelled corrupted; 0: labelled clean; None: no label (see :func:`corruption_of`)."""
+    kind = corruption_of(record)
+    return None if kind is None else int(kind != "none")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from quality_gate.data.records import BadRecord, normalize_record
+from quality_gate.errors import ConfigError, DataError, MissingPathError
 from quality_gate.io import atomic_write_jsonl
 
 log = logging.getLogger(__name__)
@@ -77,11 +78,11 @@ def _read_json_list(path: Path) -> list[Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(
+        raise DataError(
             f"{path}: not a valid UTF-8 JSON file ({err}); a .json dataset must be a list of rows"
         ) from err
     if not isinstance(data, list):
-        raise ValueError(f"{path}: a .json dataset must be a list of rows, found {type(data).__name__}")
+        raise DataError(f"{path}: a .json dataset must be a list of rows, found {type(data).__name__}")
     return data
 
 
@@ -117,7 +118,7 @@ def load_local_file(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"dataset file {path} does not exist (relative paths are relative to {Path.cwd()})"
         )
     suffix = path.suffix.lower()
@@ -130,7 +131,7 @@ def load_local_file(
 
         rows = _list_rows(pq.read_table(path).to_pylist())
     else:
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
     return _normalize_rows(rows, str(path), dataset_name, strict)
 
 
@@ -156,7 +157,7 @@ def load_hf_dataset(
             local.suffix.lower()
         )
         if builder is None:
-            raise ValueError(f"{name}: unsupported local file type for load_hf_dataset")
+            raise DataError(f"{name}: unsupported local file type for load_hf_dataset")
         ds = datasets.load_dataset(builder, data_files=str(local), split=split)
     else:
         ds = datasets.load_dataset(name, split=split)
@@ -182,15 +183,15 @@ def _subset(
 def _entries(dataset_cfg: Mapping[str, Any]) -> tuple[str, list[Mapping[str, Any]]]:
     source = dataset_cfg.get("dataset_from")
     if source not in ("local", "hf"):
-        raise ValueError(f"dataset.dataset_from={source!r}: expected 'local' or 'hf'")
+        raise ConfigError(f"dataset.dataset_from={source!r}: expected 'local' or 'hf'")
     block = dataset_cfg.get(source) or {}
     entries = list(block.get("datasets") or [])
     if not entries:
-        raise ValueError(f"dataset.{source}.datasets is empty: list at least one dataset to read")
+        raise ConfigError(f"dataset.{source}.datasets is empty: list at least one dataset to read")
     key = "path" if source == "local" else "name"
     for i, entry in enumerate(entries):
         if not entry.get(key):
-            raise ValueError(f"dataset.{source}.datasets[{i}] has no `{key}`")
+            raise ConfigError(f"dataset.{source}.datasets[{i}] has no `{key}`")
     return source, entries
 
 
@@ -206,7 +207,7 @@ def load_records(
     source, entries = _entries(dataset_cfg)
     ratio = float(dataset_cfg.get("subset_ratio", 1.0))
     if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"dataset.subset_ratio={ratio}: expected a fraction in (0, 1]")
+        raise ConfigError(f"dataset.subset_ratio={ratio}: expected a fraction in (0, 1]")
     strict = bool(dataset_cfg.get("strict", False))
     records: list[dict[str, Any]] = []
     skipped: list[SkippedRow] = []
@@ -242,10 +243,10 @@ def load_records(
             detail = f"first: {skipped[0]}; all in {Path(report_dir) / SKIPPED_ROWS_FILE}"
         else:
             detail = f"first: {skipped[0]}"
-        raise ValueError(f"no valid rows in dataset.{source}.datasets ({len(skipped)} skipped); {detail}")
+        raise DataError(f"no valid rows in dataset.{source}.datasets ({len(skipped)} skipped); {detail}")
     duplicates = [i for i, n in Counter(r["id"] for r in records).items() if n > 1]
     if duplicates:
-        raise ValueError(
+        raise DataError(
             f"{len(duplicates)} duplicate record ids, e.g. {duplicates[:SHOW_FIRST]}: ids must be unique "
             "across all datasets read together; the same file read twice, or rows sharing an `id` field: "
             "fix or drop those fields (without one, the id becomes <dataset_name>_<row>)"

@@ -1,16 +1,12 @@
 """Selection: the quality score of method.md, baselines, the audit report and exports.
 
-``run_selection(cfg)`` runs everything (see :mod:`quality_gate.selection.pipeline`).
+``run_selection(cfg)`` runs everything (see :mod:`quality_gate.selection.pipeline`); the ``select``
+stage (:mod:`quality_gate.stages.select`) calls it.
 """
 
+from quality_gate.errors import SelectionError
 from quality_gate.selection.metrics import auroc, spearman
-from quality_gate.selection.pipeline import (
-    SelectionResult,
-    compute_selection,
-    config_from_overrides,
-    run,
-    run_selection,
-)
+from quality_gate.selection.pipeline import SelectionResult, compute_selection, run_selection
 from quality_gate.selection.scoring import (
     ScoreParams,
     collect_sample_stats,
@@ -18,7 +14,7 @@ from quality_gate.selection.scoring import (
     quality_scores,
     token_weights,
 )
-from quality_gate.selection.selectors import SELECTORS, SelectionError, select, selector_scores
+from quality_gate.selection.selectors import SELECTORS, select, selector_scores
 
 __all__ = [
     "SELECTORS",
@@ -29,9 +25,7 @@ __all__ = [
     "collect_sample_stats",
     "column_map",
     "compute_selection",
-    "config_from_overrides",
     "quality_scores",
-    "run",
     "run_selection",
     "select",
     "selector_scores",

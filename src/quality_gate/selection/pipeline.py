@@ -1,15 +1,15 @@
 """Selection end to end: router data -> scores -> kept records, scores table, summary, report, exports.
 
-``run_selection(cfg)`` is what ``scripts/batch_selection.py`` and ``scripts/continue_selection.py``
-call (and the experiment runner, in-process). Every check that can fail runs before anything is
-written; all outputs are first written into a staging folder inside the output dir and then renamed
-into place, so a failed run leaves the output dir as it was.
+``run_selection(cfg)`` is the body of the ``select`` stage (``quality-gate select``, the seed's
+``scripts/batch_selection.py`` and ``scripts/continue_selection.py``, the experiment runner). Every
+check that can fail runs before anything is written; all outputs are first written into a staging
+folder inside the output dir and then renamed into place, so a failed run leaves the output dir as
+it was.
 
 Output dir: ``output_dir`` when set; else the input dir for ``selector=quality_gate`` (the seed's
 ``<root_dir>/selected_data.jsonl``) and ``<input dir>/selection_<selector>/`` for the other
 selectors, so that several selectors can be run on one Stage 2 run without overwriting each other.
-Stage 2's own ``config.yaml`` in the input dir is never touched (the report reads it).
-"""
+Stage 2's own ``config.yaml`` in the input dir is never touched (the report reads it)."""
 
 from __future__ import annotations
 
@@ -27,9 +27,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from quality_gate.config import validate
+from quality_gate.data.records import corruption_of
+from quality_gate.errors import SelectionError
 from quality_gate.io import atomic_write_json, atomic_write_jsonl
+from quality_gate.selection.audit import corruption_audit
 from quality_gate.selection.export import export_hf_dataset, export_llamafactory
 from quality_gate.selection.scoring import (
     ColumnStats,
@@ -39,15 +43,13 @@ from quality_gate.selection.scoring import (
     quality_scores,
 )
 from quality_gate.selection.selectors import (
-    SELECTORS,
-    SelectionError,
     SelectorScores,
     available_selectors,
     rank_order,
     select,
     selector_scores,
 )
-from quality_gate.stats.store import INDEX_SUFFIX, RouterDataError, find_router_data, load_index
+from quality_gate.stats.store import INDEX_SUFFIX, find_router_data, load_index
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class SelectionResult:
     selected: np.ndarray
     order: np.ndarray
     output_dir: Path
+    summary: dict[str, Any] | None = None  # selection_summary.json, once run_selection wrote it
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -79,9 +82,7 @@ class SelectionResult:
 # --------------------------------------------------------------------------------------------- #
 def _input_dir(cfg: DictConfig) -> tuple[Path, list[Path]]:
     """The input dir and its router data indexes (``root_dir`` recursive, ``router_data_dir`` flat)."""
-    root, flat = cfg.get("root_dir"), cfg.get("router_data_dir")
-    if bool(root) == bool(flat):
-        raise SelectionError("set exactly one of root_dir=<Stage 2 run dir> or router_data_dir=<dir>")
+    root, flat = cfg.root_dir, cfg.router_data_dir
     if root:
         path = Path(root)
         if not path.is_dir():
@@ -140,30 +141,18 @@ def _iter_records(path: Path) -> Iterator[dict[str, Any]]:
                     raise SelectionError(f"{path}:{line_no} is not valid JSON ({e}); rerun Stage 2") from e
 
 
-def corruption_label(record: dict[str, Any]) -> int | None:
-    """1: ``meta.corruption`` names a corruption; 0: clean; None: the record carries no label."""
-    meta = record.get("meta") or {}
-    if "corruption" not in meta:
-        return None
-    value = meta["corruption"]
-    return 0 if value in (None, "", False, "none", "clean") else 1
-
-
-def _read_records(
-    stats: SampleStats, wanted: set[int]
-) -> tuple[dict[int, dict[str, Any]], np.ndarray | None]:
-    """Records of the sample indices in ``wanted``, and corruption labels (N,) (-1: none) if any."""
+def _read_records(stats: SampleStats, wanted: set[int]) -> tuple[dict[int, dict[str, Any]], list[str | None]]:
+    """Records of the sample indices in ``wanted``, and every sample's corruption label (N,)
+    (:func:`~quality_gate.data.records.corruption_of`; None where the record has none)."""
     row_of = {(d, i): k for k, (d, i) in enumerate(zip(stats.datasets, stats.ids))}
     records: dict[int, dict[str, Any]] = {}
-    labels = np.full(len(stats), -1, dtype=np.int64)
+    kinds: list[str | None] = [None] * len(stats)
     for dataset, index_path in stats.index_paths.items():
         for record in _iter_records(records_path(index_path, dataset)):
             k = row_of.get((dataset, str(record.get("id"))))
             if k is None:
                 continue
-            label = corruption_label(record)
-            if label is not None:
-                labels[k] = label
+            kinds[k] = corruption_of(record)
             if k in wanted:
                 records[k] = record
     missing = [stats.ids[k] for k in wanted if k not in records]
@@ -173,27 +162,17 @@ def _read_records(
             f"(e.g. {missing[:3]}); "
             "the records and the router data disagree: rerun Stage 2 in a fresh run dir"
         )
-    return records, (labels if (labels >= 0).any() else None)
+    return records, kinds
 
 
-def _validate(cfg: DictConfig) -> tuple[ScoreParams, float, str]:
-    k = cfg.get("selection_percentage")
-    if not isinstance(k, (int, float)) or isinstance(k, bool) or not 0 < float(k) <= 1:
-        raise SelectionError(f"selection_percentage={k!r} must be a number in (0, 1], e.g. 0.05 for 5 %")
-    selector = cfg.get("selector", "quality_gate")
-    if selector not in SELECTORS:
-        raise SelectionError(f"selector={selector!r}; expected one of {list(SELECTORS)}")
-    try:
-        params = ScoreParams(
-            alpha=float(cfg.get("alpha", 1.0)),
-            eps=float(cfg.get("eps", 1e-8)),
-            tau=float(cfg.get("tau", 0.0)),
-            token_scope=str(cfg.get("token_scope", "all")),
-            pairing=str(cfg.get("pairing", "same_token")),
-        )
-    except ValueError as e:
-        raise SelectionError(str(e)) from e
-    return params, float(k), selector
+def _params(cfg: DictConfig) -> ScoreParams:
+    return ScoreParams(
+        alpha=float(cfg.alpha),
+        eps=float(cfg.eps),
+        tau=float(cfg.tau),
+        token_scope=str(cfg.token_scope),
+        pairing=str(cfg.pairing),
+    )
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -201,7 +180,8 @@ def _validate(cfg: DictConfig) -> tuple[ScoreParams, float, str]:
 # --------------------------------------------------------------------------------------------- #
 def compute_selection(cfg: DictConfig) -> SelectionResult:
     """Every computation of the selection, nothing written. Raises :class:`SelectionError`."""
-    params, k, selector = _validate(cfg)
+    validate(cfg)
+    params, k, selector = _params(cfg), float(cfg.selection_percentage), str(cfg.selector)
     input_dir, index_paths = _input_dir(cfg)
     _check_fingerprints(index_paths)
     for p in index_paths:
@@ -211,11 +191,8 @@ def compute_selection(cfg: DictConfig) -> SelectionResult:
                 f"records file {records_path(p, name)} is missing; "
                 "Stage 2 writes it beside the router data: rerun it"
             )
-    per_dataset = bool(cfg.get("per_dataset", False))
-    try:
-        stats = collect_sample_stats(index_paths, params)
-    except ValueError as e:  # inconsistent router data (duplicate dataset, layer counts, no samples)
-        raise SelectionError(str(e)) from e
+    per_dataset = bool(cfg.per_dataset)
+    stats = collect_sample_stats(index_paths, params)
     names = np.asarray(stats.datasets)
     failed = [d for d in stats.index_paths if not stats.valid[names == d].any()]
     if failed:
@@ -225,13 +202,13 @@ def compute_selection(cfg: DictConfig) -> SelectionResult:
             "(e.g. token_scope=assistant needs assistant turns) or remove their router data"
         )
     q, columns = quality_scores(stats, params, per_dataset)
-    seed = int(cfg.get("seed", 42))
+    seed = int(cfg.seed)
     scores = {name: selector_scores(name, stats, q, seed) for name in available_selectors(stats)}
     if selector not in scores:
         scores[selector] = selector_scores(selector, stats, q, seed)  # raises the reason it is not available
     rank, selected = select(scores[selector], stats, k, per_dataset)
     order = rank_order(scores[selector].score, np.asarray(stats.ids), selected)
-    out = cfg.get("output_dir")
+    out = cfg.output_dir
     if out:
         output_dir = Path(out)
     else:
@@ -327,23 +304,26 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
     from quality_gate.selection.report import write_report
 
     res = compute_selection(cfg)
-    top_k = int(cfg.get("report_top_k", 10))
+    top_k = int(cfg.report_top_k)
     ranked_q = rank_order(
         res.scores["quality_gate"].score, np.asarray(res.stats.ids), res.scores["quality_gate"].eligible
     )
     showcase = [int(i) for i in ranked_q[:top_k]] + [int(i) for i in ranked_q[::-1][:top_k]]
-    records, labels = _read_records(res.stats, set(res.order.tolist()) | set(showcase))
+    records, kinds = _read_records(res.stats, set(res.order.tolist()) | set(showcase))
     kept = [records[int(i)] for i in res.order]
     parameters = {
         **dataclasses.asdict(res.params),
         "selection_percentage": res.percentage,
         "selector": res.selector,
-        "per_dataset": bool(cfg.get("per_dataset", False)),
-        "seed": int(cfg.get("seed", 42)),
-        "input": str(cfg.get("root_dir") or cfg.get("router_data_dir")),
+        "per_dataset": bool(cfg.per_dataset),
+        "seed": int(cfg.seed),
+        "input": str(cfg.root_dir or cfg.router_data_dir),
         "tau_rule": "denominator factor max(mu_l, eps) if tau == 0 else mu_l + tau",
     }
     summary = summary_of(res, parameters)
+    summary["corruption_audit"] = corruption_audit(
+        res.stats, res.scores, kinds, res.percentage, bool(cfg.per_dataset)
+    )
     res.output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".selection-staging-", dir=res.output_dir))
     try:
@@ -351,10 +331,11 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
         atomic_write_jsonl(staging / "selected_data.jsonl", kept)
         export_llamafactory(kept, staging / "llamafactory")
         export_hf_dataset(kept, res.q[res.order], staging / "hf_dataset")
-        if cfg.get("report", True):
-            write_report(staging / "selection_report.html", res, summary, records, showcase, labels)
+        if cfg.report:
+            write_report(staging / "selection_report.html", res, summary, records, showcase)
         atomic_write_json(staging / "selection_summary.json", summary)
         _install(staging, res.output_dir)
+        res.summary = summary
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info(
@@ -366,24 +347,3 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
         res.output_dir / "selected_data.jsonl",
     )
     return res
-
-
-def run(cfg: DictConfig) -> None:
-    """Hydra-style entry: :func:`run_selection`, with :class:`SelectionError` as a clear exit."""
-    try:
-        run_selection(cfg)
-    except (SelectionError, RouterDataError) as e:
-        raise SystemExit(f"selection failed: {e}") from e
-
-
-def config_from_overrides(**overrides: Any) -> DictConfig:
-    """A selection config from keyword overrides (tests, the experiment runner)."""
-    path = Path(__file__).resolve().parents[3] / "configs" / "batch_selection.yaml"
-    base = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    for key in ("hydra", "defaults"):
-        base.pop(key, None)
-    base["root_dir"] = None  # "???" in the file: required on the command line
-    unknown = set(overrides) - set(base)
-    if unknown:
-        raise SelectionError(f"unknown selection config keys {sorted(unknown)}; known: {sorted(base)}")
-    return OmegaConf.create({**base, **overrides})

@@ -22,11 +22,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-import yaml
 
 from quality_gate.io import atomic_write_text
-from quality_gate.selection.metrics import auroc, spearman
-from quality_gate.selection.selectors import ranking_score, select
+from quality_gate.selection.metrics import spearman
 from quality_gate.stats.store import get_sample_router_info, load_router_data
 
 if TYPE_CHECKING:
@@ -183,70 +181,53 @@ def _agreement(res: SelectionResult) -> str:
     return _png(fig) + _table(["", *names], rows) + note
 
 
-def _corruption(res: SelectionResult, labels: np.ndarray, summary: dict[str, Any]) -> str:
-    k = summary["parameters"]["selection_percentage"]
-    per_dataset = summary["parameters"]["per_dataset"]
-    has = (labels >= 0) & res.stats.valid
-    base = float(labels[has].mean()) if has.any() else float("nan")
-    rows = []
-    for name in sorted(res.scores):
-        sc = res.scores[name]
-        _, kept = select(sc, res.stats, k, per_dataset)
-        kept_lab = labels[kept & has]
-        clean = (labels[has] == 0).astype(int)
-        rows.append(
-            [
-                name,
-                int((kept & has).sum()),
-                float(kept_lab.mean()) if len(kept_lab) else float("nan"),
-                auroc(ranking_score(sc)[has], clean),
-            ]
-        )
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _corruption(audit: dict[str, Any], k: float) -> str:
+    """The table of ``selection_summary.json``'s ``corruption_audit`` (see :mod:`.audit`)."""
+    rows = [
+        [name, row["kept_labelled"], _nan(row["corrupted_share_of_kept"]), _nan(row["auroc"])]
+        for name, row in audit["selectors"].items()
+    ]
+    table = _table(
+        ["selector", "kept (labelled)", "corrupted share of kept", "AUROC clean vs corrupted"], rows
+    )
+    kinds = list(audit["kinds"])
+    per_kind = _table(
+        ["selector", *[f"{f} (n={audit['kinds'][f]})" for f in kinds]],
+        [
+            [name, *[_nan(row["per_kind"][f]["auroc"]) for f in kinds]]
+            for name, row in audit["selectors"].items()
+        ],
+    )
     note = (
-        f"<p class='note'>Share of corrupted samples among all labelled valid samples: {base:.3f}. "
-        f"Each selector keeps its own ceil(k N) with k = {k}. "
+        f"<p class='note'>Share of corrupted samples among all {audit['num_labelled']} labelled samples: "
+        f"{audit['corrupted_share_of_pool']:.3f}. Each selector keeps its own ceil(k N) with k = {k}. "
         "AUROC: how well the selector's ranking puts clean above corrupted samples "
-        "(0.5 = chance; samples a selector may not keep, e.g. IFD > 1, rank last).</p>"
+        "(0.5 = chance; samples a selector may not keep, e.g. invalid or IFD > 1, rank last).</p>"
     )
-    return (
-        _table(["selector", "kept (labelled)", "corrupted share of kept", "AUROC clean vs corrupted"], rows)
-        + note
-    )
+    return table + note + "<h3>AUROC clean vs each kind of corruption</h3>" + per_kind
 
 
 # --------------------------------------------------------------------------------------------- #
 # Token colouring
 # --------------------------------------------------------------------------------------------- #
 def _stage2_settings(res: SelectionResult) -> dict[str, Any]:
-    """Tokenizer path, max length and truncation of the Stage 2 run that wrote the router data."""
+    """Tokenizer path, max length and truncation of the Stage 2 run, from its ``fingerprint.json``.
+
+    Stage 2 stores the selector's path there resolved to an absolute path, so the report finds the
+    tokenizer from any working directory.
+    """
     index_path = next(iter(res.stats.index_paths.values()))
-    for candidate in (index_path.parent.parent / "config.yaml", index_path.parent / "config.yaml"):
-        if candidate.exists():
-            conf = yaml.safe_load(candidate.read_text()) or {}
-            model = conf.get("selector_model") or {}
-            data = conf.get("dataset") or {}
-            if model.get("path"):
-                return {
-                    "path": model["path"],
-                    "max_length": int(data.get("max_sequence_length", 2048)),
-                    "truncation": data.get("truncation", "right"),
-                    "trust_remote_code": bool(model.get("trust_remote_code", False)),
-                }
-    fp_file = index_path.parent / "fingerprint.json"
-    if fp_file.exists():
-        fields = json.loads(fp_file.read_text()).get("fields", {})
-        path = fields.get("tokenizer") or fields.get("tokenizer_path") or fields.get("selector_model_path")
-        if path:
-            return {
-                "path": path,
-                "max_length": int(fields.get("max_sequence_length", 2048)),
-                "truncation": fields.get("truncation", "right"),
-                "trust_remote_code": False,
-            }
-    raise FileNotFoundError(
-        f"no Stage 2 config.yaml with selector_model.path beside {index_path.parent}, "
-        "and no tokenizer in fingerprint.json"
-    )
+    fields = json.loads((index_path.parent / "fingerprint.json").read_text()).get("fields", {})
+    return {
+        "path": fields["selector_model_path"],
+        "max_length": int(fields["max_sequence_length"]),
+        "truncation": fields["truncation"],
+        "trust_remote_code": bool(fields.get("trust_remote_code", False)),
+    }
 
 
 def _load_encoder(res: SelectionResult) -> tuple[Any, Any, dict[str, Any]]:
@@ -345,7 +326,6 @@ def write_report(
     summary: dict[str, Any],
     records: dict[int, dict[str, Any]],
     showcase: list[int],
-    labels: np.ndarray | None,
 ) -> None:
     """Write the HTML report to ``path`` (atomic). ``showcase``: sample indices, best half first."""
     p = summary["parameters"]
@@ -363,10 +343,11 @@ def write_report(
         _section("length", _length(res)),
         _section("agreement", _agreement(res)),
     ]
-    if labels is not None:
-        sections.append(_section("corruption", _corruption(res, labels, summary)))
+    audit = summary.get("corruption_audit")
+    if audit is not None:
+        sections.append(_section("corruption", _corruption(audit, p["selection_percentage"])))
     sections.append(_section("samples", _samples(res, records, showcase)))
-    present = [k for k in SECTIONS if labels is not None or k != "corruption"]
+    present = [k for k in SECTIONS if audit is not None or k != "corruption"]
     nav = "".join(f'<a href="#{k}">{html.escape(SECTIONS[k])}</a>' for k in present)
     page = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quality_gate.errors import SelectionError
 from quality_gate.stats.store import RouterShard, iter_shards, load_index
 
 log = logging.getLogger(__name__)
@@ -211,13 +212,13 @@ def collect_sample_stats(index_paths: Sequence[Path], params: ScoreParams) -> Sa
         index = load_index(index_path)
         name = index["dataset_name"]
         if name in paths:
-            raise ValueError(
+            raise SelectionError(
                 f"dataset {name!r} appears twice ({paths[name]} and {index_path}); select one run"
             )
         paths[name] = Path(index_path)
         has_ifd[name] = bool(index.get("has_ifd"))
         if num_layers is not None and index["num_layers"] != num_layers:
-            raise ValueError(f"{index_path} has {index['num_layers']} layers, others {num_layers}")
+            raise SelectionError(f"{index_path} has {index['num_layers']} layers, others {num_layers}")
         num_layers = index["num_layers"]
         log.info("scoring %s: %d samples", name, index["num_samples"])
         for shard in iter_shards(index_path):
@@ -237,7 +238,7 @@ def collect_sample_stats(index_paths: Sequence[Path], params: ScoreParams) -> Sa
             else:
                 parts["ifd"].append(np.full(len(shard), np.nan))
     if not ids:
-        raise ValueError("the router data holds no samples")
+        raise SelectionError("the router data holds no samples")
 
     def cat(key: str, dtype: type) -> np.ndarray:
         return np.concatenate(parts[key]).astype(dtype, copy=False)

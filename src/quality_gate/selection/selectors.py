@@ -18,15 +18,11 @@ import math
 
 import numpy as np
 
+from quality_gate.config import SELECTORS
+from quality_gate.errors import SelectionError
 from quality_gate.selection.scoring import SampleStats
 
 log = logging.getLogger(__name__)
-
-SELECTORS = ("quality_gate", "perplexity", "ifd", "random")
-
-
-class SelectionError(ValueError):
-    """The inputs cannot be selected from; the message says what to fix."""
 
 
 @dataclasses.dataclass

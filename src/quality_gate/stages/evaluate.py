@@ -1,10 +1,12 @@
-"""Stage 4: evaluate the fine-tuned target (base + LoRA adapter) or the base model alone.
+"""Stage 4 (evaluate): the fine-tuned target (base + LoRA adapter) or the base model alone.
 
-``python src/main.py --config-name stage_4_evaluate model_path=<base> adapter_path=<checkpoint dir>``
+``quality-gate evaluate model_path=<base> adapter_path=<checkpoint dir>`` (seed: ``python src/main.py
+--config-name stage_4_evaluate ...``)
 
 On held-out records (``eval.data_path``):
 
-* mean loss and perplexity on assistant tokens (the training objective);
+* mean loss and perplexity on assistant tokens (the training objective), computed with the chunked
+  NLL of :mod:`quality_gate.nll` (no full ``(B, T, V)`` float32 logits);
 * for records with a checkable answer (``meta.answer``, or GSM8K's ``#### <number>`` at the end of the
   assistant turn): greedy generation through the chat template and exact-match accuracy, overall and
   per ``meta.task``;
@@ -34,11 +36,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
+from quality_gate.config import validate
 from quality_gate.data import (
     SFTDataCollator,
     encode_records,
@@ -46,8 +48,12 @@ from quality_gate.data import (
     load_local_file,
     to_hf_dataset,
 )
+from quality_gate.data.encode import IGNORE_INDEX
+from quality_gate.errors import AdapterError, DataError, MissingPathError
+from quality_gate.generation import greedy_replies
 from quality_gate.io import atomic_write_json, atomic_write_text
 from quality_gate.models import load_target, sha256_of
+from quality_gate.nll import chunked_token_nll
 from quality_gate.runs import init_run, update_manifest
 from quality_gate.synthetic import exact_match
 
@@ -57,10 +63,6 @@ RESULTS_JSON = "eval_results.json"
 RESULTS_MD = "eval_results.md"
 _GSM8K_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)\s*$")
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
-
-
-class AdapterError(ValueError):
-    """The adapter is missing, does not fit the base model, or does not change its outputs."""
 
 
 def _check_adapter_base(model: PreTrainedModel, adapter_dir: Path) -> dict[str, Any]:
@@ -90,13 +92,13 @@ def load_model(cfg: DictConfig) -> tuple[nn.Module, PreTrainedTokenizerBase, dic
     spec = cfg.model
     model, tokenizer = load_target(
         str(cfg.model_path),
-        dtype=str(spec.get("dtype", "auto")),
-        trust_remote_code=bool(spec.get("trust_remote_code", False)),
-        attn_implementation=spec.get("attn_implementation"),
+        dtype=str(spec.dtype),
+        trust_remote_code=bool(spec.trust_remote_code),
+        attn_implementation=spec.attn_implementation,
     )
-    ensure_chat_template(tokenizer, cfg.get("chat_template"))
+    ensure_chat_template(tokenizer, cfg.chat_template)
     info: dict[str, Any] = {"model_path": str(cfg.model_path), "adapter_path": None}
-    if cfg.get("adapter_path"):
+    if cfg.adapter_path:
         adapter_dir = Path(str(cfg.adapter_path))
         if not adapter_dir.is_dir():
             raise AdapterError(f"adapter_path={adapter_dir} does not exist")
@@ -120,44 +122,63 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states ``(B, T, H)`` of the backbone (adapter layers included, when active)."""
+    return model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
 @torch.no_grad()
-def adapter_output_change(model: PeftModel, batch: dict[str, torch.Tensor]) -> float:
+def adapter_output_change(
+    model: PeftModel, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024
+) -> float:
     """Max |logits(adapter on) - logits(adapter off)| over the valid tokens of ``batch``.
 
-    ``batch``: ``input_ids`` and ``attention_mask`` of shape ``(B, T)``.
+    ``batch``: ``input_ids`` and ``attention_mask`` of shape ``(B, T)``. The LM head runs on
+    ``chunk_tokens`` positions at a time in each mode, so no ``(B, T, V)`` logits are held.
     """
     device = _device_of(model)
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    adapted = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
-    with model.disable_adapter():
-        base = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
     valid = mask.bool()
-    return (adapted[valid] - base[valid]).abs().max().item()
+    on = _hidden(model, ids, mask)[valid]  # (N, H)
+    with model.disable_adapter():
+        off = _hidden(model, ids, mask)[valid]  # (N, H)
+    head = model.get_output_embeddings()
+    change = 0.0
+    for start in range(0, on.shape[0], chunk_tokens):
+        logits_on = head(on[start : start + chunk_tokens]).float()  # (C, V)
+        with model.disable_adapter():
+            logits_off = head(off[start : start + chunk_tokens]).float()  # (C, V)
+        change = max(change, (logits_on - logits_off).abs().max().item())
+    return change
 
 
 @torch.no_grad()
 def heldout_loss(
-    model: nn.Module, dataset: Sequence[dict], collator: SFTDataCollator, batch_size: int
+    model: nn.Module,
+    dataset: Sequence[dict],
+    collator: SFTDataCollator,
+    batch_size: int,
+    chunk_tokens: int = 1024,
 ) -> dict:
-    """Mean NLL per assistant token over ``dataset`` and its perplexity (token-weighted, not per sample)."""
+    """Mean NLL per assistant token over ``dataset`` and its perplexity (token-weighted, not per sample).
+
+    The backbone runs once per batch; the LM head only on the labelled positions, ``chunk_tokens`` at
+    a time (:func:`quality_gate.nll.chunked_token_nll`).
+    """
     device = _device_of(model)
+    head = model.get_output_embeddings()
     total_nll, total_tokens = 0.0, 0
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
     for batch in tqdm(loader, desc="held-out loss", leave=False):
         ids = batch["input_ids"].to(device)  # (B, T)
-        labels = batch["labels"].to(device)  # (B, T), -100 outside assistant tokens
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+        labels = batch["labels"].to(device)  # (B, T), IGNORE_INDEX outside assistant tokens
+        hidden = _hidden(model, ids, batch["attention_mask"].to(device))  # (B, T, H)
         # Position t predicts token t+1.
-        shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-        shift_labels = labels[:, 1:]  # (B, T-1)
-        nll = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]),
-            shift_labels.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        total_nll += nll.item()
-        total_tokens += int((shift_labels != -100).sum())
+        targets = labels[:, 1:]  # (B, T-1)
+        scored = targets != IGNORE_INDEX  # (B, T-1)
+        nll = chunked_token_nll(hidden[:, :-1], head, targets.clamp_min(0), scored, chunk_tokens)  # (B, T-1)
+        total_nll += nll.sum().item()
+        total_tokens += int(scored.sum())
     mean = total_nll / max(total_tokens, 1)
     return {
         "loss": mean,
@@ -202,56 +223,6 @@ def is_correct(prediction: str, kind: str, answer: str) -> bool:
     return predicted is not None and expected is not None and math.isclose(predicted, expected)
 
 
-def _prompt_messages(record: dict) -> list[dict]:
-    """The conversation up to (not including) the last assistant turn."""
-    messages = record["messages"]
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:last]
-
-
-@torch.no_grad()
-def generate_answers(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    records: list[dict],
-    batch_size: int,
-    max_new_tokens: int,
-    max_prompt_length: int,
-) -> list[str]:
-    """Greedy completions of each record's prompt (chat template, generation prompt, left padding)."""
-    device = _device_of(model)
-    prompts = [
-        tokenizer.apply_chat_template(_prompt_messages(r), tokenize=False, add_generation_prompt=True)
-        for r in records
-    ]
-    sides = tokenizer.padding_side, tokenizer.truncation_side
-    # Generation appends on the right, so prompts must end aligned; an over-long prompt loses its
-    # beginning, never the generation prompt at its end.
-    tokenizer.padding_side = tokenizer.truncation_side = "left"
-    outputs: list[str] = []
-    try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
-            enc = tokenizer(
-                prompts[start : start + batch_size],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=max_prompt_length,
-                add_special_tokens=False,
-            ).to(device)
-            generated = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )  # (B, T_prompt + new)
-            new_tokens = generated[:, enc["input_ids"].shape[1] :]
-            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = sides
-    return outputs
-
-
 def exact_match_accuracy(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict], cfg: DictConfig
 ) -> dict[str, Any] | None:
@@ -259,13 +230,14 @@ def exact_match_accuracy(
     checkable = [(r, c) for r in records if (c := checkable_answer(r)) is not None]
     if not checkable:
         return None
-    predictions = generate_answers(
+    predictions = greedy_replies(
         model,
         tokenizer,
         [r for r, _ in checkable],
-        int(cfg.eval.batch_size),
-        int(cfg.eval.max_new_tokens),
-        int(cfg.eval.max_sequence_length),
+        batch_size=int(cfg.eval.batch_size),
+        max_new_tokens=int(cfg.eval.max_new_tokens),
+        max_prompt_length=int(cfg.eval.max_sequence_length),
+        progress=True,
     )
     per_task: dict[str, list[bool]] = defaultdict(list)
     examples = []
@@ -295,7 +267,7 @@ def run_lm_eval(
     Returns ``{"tasks": {task: {metric: value}}, ...}``, ``{"skipped": reason}`` when lm-eval is not
     installed, or None when no task is configured.
     """
-    tasks = list(cfg.eval.get("lm_eval_tasks") or [])
+    tasks = list(cfg.eval.lm_eval_tasks)
     if not tasks:
         return None
     if importlib.util.find_spec("lm_eval") is None:
@@ -305,10 +277,10 @@ def run_lm_eval(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    include = cfg.eval.get("lm_eval_include_path")
+    include = cfg.eval.lm_eval_include_path
     manager = TaskManager(
         include_path=str(include) if include else None,
-        include_defaults=bool(cfg.eval.get("lm_eval_include_defaults", True)),
+        include_defaults=bool(cfg.eval.lm_eval_include_defaults),
     )
     lm = HFLM(
         pretrained=model,
@@ -316,8 +288,8 @@ def run_lm_eval(
         batch_size=int(cfg.eval.batch_size),
         device=str(_device_of(model)),
     )
-    limit = cfg.eval.get("lm_eval_limit")
-    fewshot = cfg.eval.get("lm_eval_num_fewshot")
+    limit = cfg.eval.lm_eval_limit
+    fewshot = cfg.eval.lm_eval_num_fewshot
     out = simple_evaluate(
         model=lm,
         tasks=tasks,
@@ -342,16 +314,14 @@ def load_eval_records(cfg: DictConfig) -> list[dict]:
     """The held-out records of ``eval.data_path`` (any data-layer format), the first ``eval.max_samples``."""
     path = Path(str(cfg.eval.data_path))
     if not path.is_file():
-        raise FileNotFoundError(f"eval.data_path={path} does not exist")
+        raise MissingPathError(f"eval.data_path={path} does not exist")
     records, skipped = load_local_file(path, str(cfg.eval.dataset_name), strict=bool(cfg.eval.strict))
     if skipped:
         log.warning("eval.data_path=%s: %d rows skipped, first: %s", path, len(skipped), skipped[0])
-    if cfg.eval.get("max_samples") is not None:
-        if int(cfg.eval.max_samples) < 1:
-            raise ValueError(f"eval.max_samples={cfg.eval.max_samples} must be >= 1, or null for all records")
+    if cfg.eval.max_samples is not None:
         records = records[: int(cfg.eval.max_samples)]
     if not records:
-        raise ValueError(
+        raise DataError(
             f"eval.data_path={path} holds no usable records (conversations with an assistant turn); "
             f"{len(skipped)} rows skipped"
         )
@@ -391,7 +361,8 @@ def results_markdown(results: dict[str, Any]) -> str:
 
 def run(cfg: DictConfig) -> None:
     """Stage 4: load base (+ adapter), check the adapter matters, compute and write the metrics."""
-    run_dir = init_run(cfg, "evaluate", model_path=str(cfg.model_path), adapter_path=cfg.get("adapter_path"))
+    validate(cfg)
+    run_dir = init_run(cfg, "evaluate", model_path=str(cfg.model_path), adapter_path=cfg.adapter_path)
     started = time.perf_counter()
     set_seed(int(cfg.seed))
     model, tokenizer, model_info = load_model(cfg)
@@ -400,13 +371,13 @@ def run(cfg: DictConfig) -> None:
         records, tokenizer, int(cfg.eval.max_sequence_length), str(cfg.eval.truncation)
     )
     if not samples:
-        raise ValueError("no held-out sample left after encoding; check eval.max_sequence_length")
+        raise DataError("no held-out sample left after encoding; check eval.max_sequence_length")
     dataset = to_hf_dataset(samples)
     collator = SFTDataCollator(tokenizer.pad_token_id)
 
     if model_info["adapter_path"]:
         probe = collator([dataset[i] for i in range(min(int(cfg.eval.adapter_check_samples), len(dataset)))])
-        change = adapter_output_change(model, probe)
+        change = adapter_output_change(model, probe, int(cfg.eval.nll_chunk_tokens))
         model_info["adapter_max_logit_change"] = change
         if change <= float(cfg.eval.adapter_check_atol):
             raise AdapterError(
@@ -428,7 +399,7 @@ def run(cfg: DictConfig) -> None:
             "num_records": len(records),
             "encode_stats": encode_stats.as_dict(),
         },
-        "heldout": heldout_loss(model, dataset, collator, batch_size),
+        "heldout": heldout_loss(model, dataset, collator, batch_size, int(cfg.eval.nll_chunk_tokens)),
         "exact_match": exact_match_accuracy(model, tokenizer, records, cfg),
         "lm_eval": run_lm_eval(model, tokenizer, cfg),
         "config": OmegaConf.to_container(cfg.eval, resolve=True),
@@ -445,6 +416,3 @@ def run(cfg: DictConfig) -> None:
         results["heldout"]["perplexity"],
         f", exact match {em['accuracy']:.3f} on {em['num_samples']}" if em else "",
     )
-
-
-evaluate = run

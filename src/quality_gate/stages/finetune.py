@@ -1,13 +1,15 @@
-"""Stage 3: fine-tune the target model on the selected subset (or the full data, as the baseline).
+"""Stage 3 (finetune): fine-tune the target model on the selection (or the full data, the baseline).
 
-``python src/main.py --config-name stage_3_finetune dataset.data_path=<selected_data.jsonl>``
+``quality-gate finetune dataset.data_path=<selected_data.jsonl>`` (seed: ``python src/main.py
+--config-name stage_3_finetune ...``; several GPUs: ``torchrun --nproc_per_node=N src/main.py
+--config-name finetune ...``)
 
 * ``dataset.mode: subset`` reads ``dataset.data_path`` (Stage 2's ``selected_data.jsonl`` or any
   data-layer format); ``full`` reads the data layer's sources (``dataset.local`` / ``dataset.hf``).
 * ``training.peft_mode: lora`` (seed LoraConfig: r=128, alpha=256 on q/k/v/o/gate/up/down_proj) or
   ``full``. Loss on assistant tokens only, through the target tokenizer's chat template.
 * One process: plain training. Several (torchrun / accelerate): FSDP on CUDA, DDP with gloo on CPU
-  (:func:`quality_gate.training.fsdp_training_kwargs`).
+  (:func:`quality_gate.training.process_layout_kwargs`).
 * Outputs in the run dir: ``checkpoint-<step>/`` (resumable: adapter or model, optimizer, scheduler,
   RNG state), ``checkpoint-final/`` (adapter_config.json + adapter_model.safetensors + tokenizer, or
   the full model), ``train_metrics.json``, ``config.yaml``, ``manifest.json``.
@@ -17,7 +19,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -25,13 +26,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.training_args import ParallelMode
 
+from quality_gate.config import validate
 from quality_gate.data import (
     SFTDataCollator,
     encode_records,
@@ -41,29 +42,18 @@ from quality_gate.data import (
     records_fingerprint,
     to_hf_dataset,
 )
+from quality_gate.data.encode import IGNORE_INDEX
+from quality_gate.data.sources import SKIPPED_ROWS_FILE
+from quality_gate.errors import DataError, MissingPathError
 from quality_gate.io import atomic_write_json, atomic_write_jsonl
 from quality_gate.models import load_target, sha256_of
 from quality_gate.runs import init_run, is_main_process, run_dir_of, update_manifest, world_size
-from quality_gate.training import (
-    FSDP_CONFIG,  # the seed's place for the per-family FSDP table; it lives in training.py
-    NonFiniteLossCallback,
-    check_trains_some_steps,
-    fsdp_training_kwargs,
-    last_checkpoint,
-    validate_batch_size_configuration,
-)
+from quality_gate.training import NonFiniteLossCallback, last_checkpoint, training_arguments
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FSDP_CONFIG", "finetune", "get_model_and_tokenizer", "get_peft_config", "run", "train"]
-
-PEFT_MODES = ("lora", "full")
-DATASET_MODES = ("subset", "full")
 FINAL_DIR = "checkpoint-final"
 METRICS_FILE = "train_metrics.json"
-SKIPPED_ROWS_FILE = "skipped_rows.jsonl"  # same name as the data layer's report in full mode
-# The seed's targets: every attention and MLP projection of Qwen / Llama / Mistral decoder layers.
-LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def get_model_and_tokenizer(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -71,40 +61,33 @@ def get_model_and_tokenizer(cfg: DictConfig) -> tuple[PreTrainedModel, PreTraine
     spec = cfg.training.model
     model, tokenizer = load_target(
         str(spec.name),
-        dtype=str(spec.get("dtype", "auto")),
-        trust_remote_code=bool(spec.get("trust_remote_code", False)),
-        attn_implementation=spec.get("attn_implementation"),
+        dtype=str(spec.dtype),
+        trust_remote_code=bool(spec.trust_remote_code),
+        attn_implementation=spec.attn_implementation,
     )
-    ensure_chat_template(tokenizer, cfg.dataset.get("chat_template"))
+    ensure_chat_template(tokenizer, cfg.dataset.chat_template)
     return model, tokenizer
 
 
 def get_peft_config(cfg: DictConfig) -> LoraConfig:
     """LoRA on the attention and MLP projections (seed: r=128, alpha=256)."""
-    lora = cfg.training.get("lora") or {}
+    lora = cfg.training.lora
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
-        r=int(lora.get("r", 128)),
-        lora_alpha=int(lora.get("alpha", 256)),
-        lora_dropout=float(lora.get("dropout", 0.0)),
-        target_modules=list(lora.get("target_modules") or LORA_TARGET_MODULES),
+        r=int(lora.r),
+        lora_alpha=int(lora.alpha),
+        lora_dropout=float(lora.dropout),
+        target_modules=list(lora.target_modules),
     )
 
 
 def _subset_file(cfg: DictConfig) -> Path:
-    """``dataset.data_path`` checked to be a non-empty file (subset mode)."""
-    path = cfg.dataset.get("data_path")
-    if not path:
-        raise ValueError(
-            "dataset.data_path is not set: pass the Stage 2 output, e.g. "
-            "dataset.data_path=outputs/stage_2_selection/<date>/<time>/selected_data.jsonl "
-            "(or dataset.mode=full to train on the dataset.local / dataset.hf sources)"
-        )
-    file = Path(str(path))
+    """``dataset.data_path`` checked to be a non-empty file (subset mode; the schema checks it is set)."""
+    file = Path(str(cfg.dataset.data_path))
     if not file.is_file():
-        raise FileNotFoundError(f"dataset.data_path={file} does not exist or is not a file")
+        raise MissingPathError(f"dataset.data_path={file} does not exist or is not a file")
     if file.stat().st_size == 0:
-        raise ValueError(f"dataset.data_path={file} is empty: did Stage 2 select no records?")
+        raise DataError(f"dataset.data_path={file} is empty: did the selection keep no records?")
     return file
 
 
@@ -120,14 +103,12 @@ def load_training_records(cfg: DictConfig, run_dir: Path) -> tuple[list[dict], d
         source: dict[str, Any] = {"mode": "full", "dataset_from": str(ds.dataset_from)}
     else:
         file = _subset_file(cfg)
-        records, skipped = load_local_file(
-            file, str(ds.get("dataset_name") or "selected"), strict=bool(ds.strict)
-        )
+        records, skipped = load_local_file(file, str(ds.dataset_name), strict=bool(ds.strict))
         if is_main_process():
             atomic_write_jsonl(run_dir / SKIPPED_ROWS_FILE, [row.as_dict() for row in skipped])
         if not records:
             first = f"; first: {skipped[0]}" if skipped else ""
-            raise ValueError(
+            raise DataError(
                 f"no usable records in dataset.data_path={file}: {len(skipped)} rows skipped, none with "
                 "`messages` (or ShareGPT `conversations`, Alpaca `instruction`/`output`, "
                 f"`question`/`answer`) and an assistant turn{first}; see {run_dir / SKIPPED_ROWS_FILE}"
@@ -156,7 +137,7 @@ def build_train_dataset(
         records, tokenizer, int(cfg.dataset.max_sequence_length), str(cfg.dataset.truncation)
     )
     if not samples:
-        raise ValueError(
+        raise DataError(
             "no training samples left after encoding; check dataset.max_sequence_length and "
             "dataset.truncation (drop skips every sample longer than the limit)"
         )
@@ -166,75 +147,10 @@ def build_train_dataset(
         "encode_stats": stats.as_dict(),
         "num_samples": len(dataset),
         "num_tokens": sum(len(ids) for ids in dataset["input_ids"]),
-        "num_target_tokens": sum(sum(1 for x in labels if x != -100) for labels in dataset["labels"]),
+        "num_target_tokens": sum(sum(1 for x in labels if x != IGNORE_INDEX) for labels in dataset["labels"]),
     }
     log.info("Stage 3 data: %d samples, %d tokens (%s)", info["num_samples"], info["num_tokens"], source)
     return dataset, info
-
-
-def _report_to(cfg: DictConfig) -> list[str]:
-    """``training.report_to`` with loggers whose package is missing dropped (with a warning)."""
-    wanted = cfg.training.get("report_to") or []
-    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
-    packages = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-    kept = []
-    for name in wanted:
-        if name in packages and importlib.util.find_spec(packages[name]) is None:
-            log.warning("training.report_to includes %s but it is not installed; not logging to it", name)
-            continue
-        kept.append(str(name))
-    return kept
-
-
-def training_arguments(cfg: DictConfig, run_dir: Path, model: torch.nn.Module) -> TrainingArguments:
-    t = cfg.training
-    accumulation = validate_batch_size_configuration(
-        int(t.batch_size), int(t.per_device_batch_size), world_size()
-    )
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    return TrainingArguments(
-        output_dir=str(run_dir),
-        per_device_train_batch_size=int(t.per_device_batch_size),
-        gradient_accumulation_steps=accumulation,
-        num_train_epochs=float(t.epochs),
-        max_steps=int(t.max_steps),
-        learning_rate=float(t.learning_rate),
-        lr_scheduler_type=str(t.lr_scheduler_type),
-        warmup_steps=int(t.warmup_steps),
-        weight_decay=float(t.weight_decay),
-        max_grad_norm=float(t.max_grad_norm),
-        logging_steps=int(t.logging_steps),
-        logging_first_step=True,
-        # The default replaces NaN/inf step losses by the running mean before logging, which would
-        # hide exactly what NonFiniteLossCallback has to see.
-        logging_nan_inf_filter=False,
-        save_strategy="steps",
-        save_steps=int(t.save_steps),
-        save_total_limit=t.get("save_total_limit"),
-        report_to=_report_to(cfg),
-        activation_checkpointing=bool(t.gradient_checkpointing),
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        remove_unused_columns=False,
-        seed=int(cfg.seed),
-        data_seed=int(cfg.seed),
-        dataloader_num_workers=int(t.get("dataloader_num_workers", 0)),
-        disable_tqdm=not is_main_process(),
-        **fsdp_training_kwargs(model, world_size(), device_type),
-    )
-
-
-def _validate(cfg: DictConfig) -> None:
-    if cfg.training.peft_mode not in PEFT_MODES:
-        raise ValueError(
-            f"training.peft_mode={cfg.training.peft_mode!r} is not supported; use one of {list(PEFT_MODES)}"
-        )
-    if cfg.dataset.mode not in DATASET_MODES:
-        raise ValueError(
-            f"dataset.mode={cfg.dataset.mode!r} is not supported; use one of {list(DATASET_MODES)}"
-        )
-    check_trains_some_steps(cfg.training)
-    if cfg.dataset.mode == "subset":
-        _subset_file(cfg)
 
 
 def save_final(trainer: Trainer, run_dir: Path) -> Path:
@@ -300,6 +216,7 @@ def _loss_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 def fine_tune(cfg: DictConfig) -> Trainer | None:
     """Stage 3 body; returns the Trainer (its model is the trained one), or None for a finished run."""
+    validate(cfg)
     run_dir = run_dir_of(cfg)
     if (run_dir / FINAL_DIR).is_dir():
         log.info(
@@ -309,7 +226,8 @@ def fine_tune(cfg: DictConfig) -> Trainer | None:
             FINAL_DIR,
         )
         return None
-    _validate(cfg)
+    if cfg.dataset.mode == "subset":
+        _subset_file(cfg)
     resume_from = last_checkpoint(run_dir)
     if resume_from:
         _warn_on_changed_config(cfg, run_dir)
@@ -326,7 +244,17 @@ def fine_tune(cfg: DictConfig) -> Trainer | None:
 
     trainer = Trainer(
         model=model,
-        args=training_arguments(cfg, run_dir, model),
+        args=training_arguments(
+            cfg.training,
+            run_dir,
+            seed=int(cfg.seed),
+            model=model,
+            shard=True,
+            save_steps=int(cfg.training.save_steps),
+            weight_decay=float(cfg.training.weight_decay),
+            max_grad_norm=float(cfg.training.max_grad_norm),
+            save_total_limit=cfg.training.save_total_limit,
+        ),
         train_dataset=train_dataset,
         data_collator=SFTDataCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
@@ -369,7 +297,3 @@ def fine_tune(cfg: DictConfig) -> Trainer | None:
 def run(cfg: DictConfig) -> None:
     """Stage 3: fine-tune ``training.model.name`` on the selected (or full) data; resumable."""
     fine_tune(cfg)
-
-
-train = run
-finetune = run

@@ -1,7 +1,7 @@
-"""Stage 1: warm up the quality gates with the backbone frozen.
+"""Stage 1 (warmup): train the quality gates with the backbone frozen.
 
-    python src/main.py --config-name stage_1_warmup [key=value ...]
-    torchrun --nproc_per_node=2 src/main.py --config-name stage_1_warmup   # DDP (gloo on CPU)
+    quality-gate warmup [key=value ...]          # seed: python src/main.py --config-name stage_1_warmup
+    torchrun --nproc_per_node=2 src/main.py --config-name warmup   # DDP (gloo on CPU)
 
 Loss per micro-batch (docs/method.md)::
 
@@ -32,8 +32,9 @@ from peft import LoraConfig, TaskType, get_peft_model
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_seed
 
+from quality_gate.config import validate
 from quality_gate.data import (
     SFTDataCollator,
     encode_records,
@@ -41,20 +42,21 @@ from quality_gate.data import (
     load_records,
     to_hf_dataset,
 )
-from quality_gate.gate import find_quality_gates, freeze_backbone, gate_state_dict, record_gates
+from quality_gate.errors import DataError
+from quality_gate.gate import (
+    GATE_PARAM_KEY,
+    find_quality_gates,
+    freeze_backbone,
+    gate_state_dict,
+    record_gates,
+)
 from quality_gate.io import atomic_torch_save, atomic_write_json
-from quality_gate.loss import QUALITY_LOSS_MODES, quality_loss
+from quality_gate.loss import quality_loss
 from quality_gate.models import FULL_RANK_WEIGHTS_FILE, GATE_BASE_FILE, load_selector
 from quality_gate.runs import init_run, is_main_process, update_manifest, world_size
-from quality_gate.training import (
-    NonFiniteLossCallback,
-    check_trains_some_steps,
-    validate_batch_size_configuration,
-)
+from quality_gate.training import NonFiniteLossCallback, training_arguments
 
 log = logging.getLogger(__name__)
-
-PEFT_MODES = ("full_rank", "lora")
 
 
 class QualityGateTrainer(Trainer):
@@ -68,11 +70,6 @@ class QualityGateTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, quality_loss_weight: float, quality_loss_mode: str, **kwargs: Any) -> None:
-        if quality_loss_mode not in QUALITY_LOSS_MODES:
-            raise ValueError(
-                f"training.quality_loss_mode={quality_loss_mode!r} is not supported; "
-                f"use one of {list(QUALITY_LOSS_MODES)}"
-            )
         super().__init__(*args, **kwargs)
         self.quality_loss_weight = float(quality_loss_weight)
         self.quality_loss_mode = quality_loss_mode
@@ -114,26 +111,26 @@ def get_model_and_tokenizer(cfg: DictConfig) -> tuple[PreTrainedModel, PreTraine
     sel = cfg.selector_model
     model, tokenizer = load_selector(
         str(sel.path),
-        dtype=str(sel.get("dtype", "auto")),
-        trust_remote_code=bool(sel.get("trust_remote_code", False)),
-        attn_implementation=sel.get("attn_implementation"),
+        dtype=str(sel.dtype),
+        trust_remote_code=bool(sel.trust_remote_code),
+        attn_implementation=sel.attn_implementation,
         gate_init_mean=float(cfg.quality_gate.init_mean),
         gate_init_std=float(cfg.quality_gate.init_std),
     )
-    ensure_chat_template(tokenizer, cfg.dataset.get("chat_template"))
+    ensure_chat_template(tokenizer, cfg.dataset.chat_template)
     freeze_backbone(model)
     return model, tokenizer
 
 
 def get_peft_config(cfg: DictConfig) -> LoraConfig:
     """LoRA on the gate Linear only (seed: r=16, alpha=64, dropout 0)."""
-    lora = cfg.training.get("lora") or {}
+    lora = cfg.training.lora
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
-        r=int(lora.get("r", 16)),
-        lora_alpha=int(lora.get("alpha", 64)),
-        lora_dropout=float(lora.get("dropout", 0.0)),
-        target_modules=["quality_gate.gate"],
+        r=int(lora.r),
+        lora_alpha=int(lora.alpha),
+        lora_dropout=float(lora.dropout),
+        target_modules=[GATE_PARAM_KEY],
     )
 
 
@@ -149,45 +146,12 @@ def build_train_dataset(
     if skipped:
         log.warning("%d records dropped while encoding; first: %s", len(skipped), skipped[0])
     if not samples:
-        raise ValueError(
+        raise DataError(
             "no training samples left after encoding; check dataset.* (paths, subset_ratio, "
             "max_sequence_length, truncation)"
         )
     log.info("Stage 1 data: %d samples (%s)", len(samples), stats.as_dict())
     return to_hf_dataset(samples), stats.as_dict()
-
-
-def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
-    t = cfg.training
-    accumulation = validate_batch_size_configuration(
-        int(t.batch_size), int(t.per_device_batch_size), world_size()
-    )
-    return TrainingArguments(
-        output_dir=str(run_dir),
-        per_device_train_batch_size=int(t.per_device_batch_size),
-        gradient_accumulation_steps=accumulation,
-        num_train_epochs=float(t.epochs),
-        max_steps=int(t.max_steps),
-        learning_rate=float(t.learning_rate),
-        lr_scheduler_type=str(t.lr_scheduler_type),
-        warmup_steps=int(t.warmup_steps),
-        weight_decay=0.0,  # decay would pull the gates towards 0.5, against the quality loss
-        logging_steps=int(t.logging_steps),
-        logging_first_step=True,
-        logging_nan_inf_filter=False,  # a NaN loss must reach the log, where NonFiniteLossCallback stops
-        save_strategy="no",  # the gate weights are saved by this stage, not as Trainer checkpoints
-        report_to=list(t.get("report_to") or []),
-        activation_checkpointing=bool(t.gradient_checkpointing),
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        remove_unused_columns=False,
-        seed=int(cfg.seed),
-        use_cpu=not torch.cuda.is_available(),  # without it a CPU torchrun would not run DDP
-        ddp_backend="gloo" if world_size() > 1 and not torch.cuda.is_available() else None,
-        ddp_find_unused_parameters=False,
-        dataloader_num_workers=int(t.get("dataloader_num_workers", 0)),
-        dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=not is_main_process(),
-    )
 
 
 @torch.no_grad()
@@ -265,25 +229,9 @@ def save_stage1_weights(model: nn.Module, cfg: DictConfig, run_dir: Path) -> Pat
     return path
 
 
-def _validate(cfg: DictConfig) -> None:
-    t = cfg.training
-    check_trains_some_steps(cfg.training)
-    if t.peft_mode not in PEFT_MODES:
-        raise ValueError(
-            f"training.peft_mode={t.peft_mode!r} is not supported; use one of {list(PEFT_MODES)}"
-        )
-    if t.quality_loss_mode not in QUALITY_LOSS_MODES:
-        raise ValueError(
-            f"training.quality_loss_mode={t.quality_loss_mode!r} is not supported; "
-            f"use one of {list(QUALITY_LOSS_MODES)}"
-        )
-    if float(t.quality_loss_weight) < 0:
-        raise ValueError(f"training.quality_loss_weight must be >= 0, got {t.quality_loss_weight}")
-
-
 def run(cfg: DictConfig) -> None:
     """Stage 1: load the selector, train its gates (backbone frozen), save the gate weights."""
-    _validate(cfg)
+    validate(cfg)
     run_dir = init_run(cfg, "warmup", selector_model=str(cfg.selector_model.path))
     started = time.perf_counter()
     set_seed(int(cfg.seed))
@@ -302,7 +250,10 @@ def run(cfg: DictConfig) -> None:
 
     trainer = QualityGateTrainer(
         model=model,
-        args=training_arguments(cfg, run_dir),
+        # No weight decay: it would pull the gates towards 0.5, against the quality loss.
+        args=training_arguments(
+            cfg.training, run_dir, seed=int(cfg.seed), model=model, shard=False, save_steps=None
+        ),
         train_dataset=train_dataset,
         data_collator=collator,
         callbacks=[NonFiniteLossCallback()],
@@ -342,6 +293,3 @@ def run(cfg: DictConfig) -> None:
         gates_before["token_std"],
         gates_after["token_std"],
     )
-
-
-warmup = run

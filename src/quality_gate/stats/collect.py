@@ -35,77 +35,11 @@ import dataclasses
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from quality_gate.data.encode import IGNORE_INDEX
 from quality_gate.gate import record_gates
-
-IGNORE_INDEX = -100
-
-
-def _head_params(lm_head: nn.Module | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weight ``(V, H)`` and optional bias ``(V,)`` of an LM head (module or bare weight).
-
-    A tied head shares its weight with the input embedding; reading ``.weight`` covers both.
-    """
-    if isinstance(lm_head, torch.Tensor):
-        return lm_head, None
-    weight = getattr(lm_head, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"lm_head must be a weight tensor or a module with .weight, got {type(lm_head)}")
-    bias = getattr(lm_head, "bias", None)
-    return weight, bias if isinstance(bias, torch.Tensor) else None
-
-
-def chunked_token_nll(
-    hidden: torch.Tensor,
-    lm_head: nn.Module | torch.Tensor,
-    targets: torch.Tensor,
-    mask: torch.Tensor,
-    chunk_tokens: int = 1024,
-) -> torch.Tensor:
-    """Per-token negative log-likelihood without materialising the full-vocabulary logits.
-
-    Args:
-        hidden: ``(B, T, H)`` final hidden states; ``hidden[b, t]`` predicts ``targets[b, t]``.
-        lm_head: the output projection (``nn.Linear``, tied or not, with or without bias) or its
-            ``(V, H)`` weight.
-        targets: ``(B, T)`` token ids to score (already shifted by the caller).
-        mask: ``(B, T)`` bool, positions to score.
-        chunk_tokens: scored positions per LM-head call; peak extra memory is about
-            ``chunk_tokens x V x 4`` bytes.
-
-    Returns:
-        ``(B, T)`` float32 NLL; 0 where ``mask`` is False.
-    """
-    if chunk_tokens < 1:
-        raise ValueError(
-            f"chunk_tokens must be >= 1 (config key data_process.nll_chunk_tokens), got {chunk_tokens}"
-        )
-    weight, bias = _head_params(lm_head)
-    mask = mask.bool()
-    flat_hidden = hidden[mask]  # (N, H): only scored positions reach the head
-    flat_targets = targets[mask].long()  # (N,)
-    nll = torch.empty(flat_targets.shape[0], dtype=torch.float32, device=hidden.device)
-    for start in range(0, flat_targets.shape[0], chunk_tokens):
-        stop = start + chunk_tokens
-        logits = F.linear(flat_hidden[start:stop], weight, bias).float()  # (C, V)
-        target_logit = logits.gather(1, flat_targets[start:stop, None]).squeeze(1)  # (C,)
-        # In-place log-sum-exp: one (C, V) float32 buffer is the peak, instead of the two or three
-        # that log_softmax / cross_entropy would allocate.
-        row_max = logits.amax(dim=1, keepdim=True)  # (C, 1)
-        lse = logits.sub_(row_max).exp_().sum(dim=1).log_() + row_max.squeeze(1)  # (C,)
-        nll[start:stop] = lse - target_logit
-        del logits
-    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)  # (B, T)
-    out[mask] = nll
-    return out
-
-
-def scored_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(B, S)`` attention mask -> ``(B, S - 1)`` bool: position t is scored when t and t+1 are real."""
-    am = attention_mask.bool()
-    return am[:, :-1] & am[:, 1:]
+from quality_gate.nll import chunked_token_nll, scored_positions
 
 
 def compute_token_perplexity(

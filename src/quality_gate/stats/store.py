@@ -38,15 +38,12 @@ from typing import Any
 
 import torch
 
+from quality_gate.errors import RouterDataError
 from quality_gate.io import atomic_torch_save, atomic_write_json, atomic_write_text
 
 FORMAT = "quality-gate/router-data/v1"
 INDEX_SUFFIX = "_router_data.pt"
 SHARD_KEYS = ("sample_ids", "lengths", "gates", "perplexities", "assistant_mask", "valid", "invalid_reason")
-
-
-class RouterDataError(RuntimeError):
-    """Router data that is missing, incomplete, or from another fingerprint."""
 
 
 # --------------------------------------------------------------------------------------------- #

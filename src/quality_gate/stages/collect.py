@@ -1,7 +1,8 @@
-"""Stage 2: collect every sample's gate values and per-token perplexities (forward only).
+"""Stage 2 (collect): every sample's gate values and per-token perplexities, one forward pass.
 
-``python src/main.py --config-name stage_2_selection model_checkpoint_path=<stage 1 run dir>``
-(or ``torchrun --nproc_per_node=N src/main.py ...`` / ``accelerate launch src/main.py ...``).
+``quality-gate collect model_checkpoint_path=<warmup run dir>`` (seed: ``python src/main.py
+--config-name stage_2_selection ...``; several GPUs: ``torchrun --nproc_per_node=N src/main.py
+--config-name collect ...`` or ``accelerate launch src/main.py --config-name collect ...``).
 
 Recipe: load the gated selector and its Stage 1 weights -> load and encode every dataset -> cut
 each dataset into shards of ``data_process.shard_size`` samples -> fingerprint the setup (a rerun
@@ -35,31 +36,28 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from quality_gate.data import encode_records, load_records, pad_batch, token_budget_batches
+from quality_gate.config import validate
+from quality_gate.data import (
+    encode_records,
+    ensure_chat_template,
+    load_records,
+    pad_batch,
+    token_budget_batches,
+)
 from quality_gate.data.sources import SKIPPED_ROWS_FILE
+from quality_gate.errors import DataError
 from quality_gate.io import atomic_write_json, atomic_write_jsonl
 from quality_gate.models import apply_stage1_weights, default_device, is_converted_dir, load_selector
 from quality_gate.runs import init_run, is_main_process, rank, update_manifest, world_size
-from quality_gate.stats.collect import collect_batch, compute_token_perplexity, concat_batch_stats
+from quality_gate.stats.collect import collect_batch, concat_batch_stats
 from quality_gate.stats.store import (
     FORMAT,
     check_or_write_fingerprint,
-    get_sample_router_info,
-    load_router_data,
     shard_is_complete,
     shard_path,
     write_index,
     write_shard,
 )
-
-__all__ = [
-    "compute_token_perplexity",
-    "get_model_and_tokenizer",
-    "get_sample_router_info",
-    "load_router_data",
-    "run",
-    "select",
-]
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +66,6 @@ log = logging.getLogger(__name__)
 _BARRIER_TIMEOUT = dt.timedelta(hours=12)
 # Records the encoder dropped (too long under truncation=drop, or no assistant token left).
 DROPPED_SAMPLES_FILE = "dropped_samples.jsonl"
-_POSITIVE_KEYS = ("batch_size", "max_tokens_per_batch", "shard_size", "nll_chunk_tokens")
-
-
-def _validate(cfg: DictConfig) -> None:
-    for key in _POSITIVE_KEYS:
-        value = cfg.data_process.get(key)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"data_process.{key}={value!r}: expected a positive integer")
 
 
 @dataclasses.dataclass
@@ -99,12 +89,15 @@ def _load_model(cfg: DictConfig, device: str) -> tuple[Any, Any, dict[str, Any]]
     torch.manual_seed(int(cfg.seed))
     model, tokenizer = load_selector(
         str(sel.path),
-        dtype=str(sel.get("dtype", "auto")),
+        dtype=str(sel.dtype),
         device=device,
-        trust_remote_code=bool(sel.get("trust_remote_code", False)),
-        attn_implementation=sel.get("attn_implementation"),
+        trust_remote_code=bool(sel.trust_remote_code),
+        attn_implementation=sel.attn_implementation,
+        gate_init_mean=float(cfg.quality_gate.init_mean),
+        gate_init_std=float(cfg.quality_gate.init_std),
     )
-    if cfg.get("model_checkpoint_path"):
+    ensure_chat_template(tokenizer, cfg.dataset.chat_template)
+    if cfg.model_checkpoint_path:
         weights = apply_stage1_weights(model, str(cfg.model_checkpoint_path))
     else:
         log.warning(
@@ -114,7 +107,11 @@ def _load_model(cfg: DictConfig, device: str) -> tuple[Any, Any, dict[str, Any]]
         )
         weights = {"kind": "none", "path": None, "sha256": None}
     if weights["kind"] == "none" and not is_converted_dir(str(sel.path)):
-        weights["gate_init_seed"] = int(cfg.seed)
+        weights["gate_init"] = {
+            "seed": int(cfg.seed),
+            "mean": float(cfg.quality_gate.init_mean),
+            "std": float(cfg.quality_gate.init_std),
+        }
     model.eval().requires_grad_(False)
     return model, tokenizer, weights
 
@@ -198,14 +195,15 @@ def _fingerprint_fields(
         else str(cfg.selector_model.path),
         "stage1_weights_kind": weights.get("kind"),
         "stage1_weights_sha256": weights.get("sha256"),
-        "gate_init_seed": weights.get("gate_init_seed"),
+        "gate_init": weights.get("gate_init"),
+        "trust_remote_code": bool(cfg.selector_model.trust_remote_code),
         "tokenizer_name": getattr(tokenizer, "name_or_path", None),
         "tokenizer_vocab_sha256": _hash_text(vocab),
         "chat_template_sha256": _hash_text(getattr(tokenizer, "chat_template", None)),
         "max_sequence_length": int(cfg.dataset.max_sequence_length),
         "truncation": str(cfg.dataset.truncation),
         "dtype": str(dtype).removeprefix("torch."),
-        "collect_ifd": bool(cfg.get("collect_ifd", False)),
+        "collect_ifd": bool(cfg.collect_ifd),
         "shard_size": int(cfg.data_process.shard_size),
         "samples_sha256": data_hash.hexdigest()[:16],
     }
@@ -234,7 +232,7 @@ def _score_shard(
             batch["attention_mask"].to(device, non_blocking=True),
             batch["labels"].to(device, non_blocking=True),
             chunk_tokens=int(dp.nll_chunk_tokens),
-            collect_ifd=bool(cfg.get("collect_ifd", False)),
+            collect_ifd=bool(cfg.collect_ifd),
         )
         parts.append((list(batch_rows), stats))
         real = int(batch["attention_mask"].sum())
@@ -335,7 +333,7 @@ def _finalise(
             paths,
             fingerprint,
             int(cfg.dataset.max_sequence_length),
-            extra={"collect_ifd": bool(cfg.get("collect_ifd", False))},
+            extra={"collect_ifd": bool(cfg.collect_ifd)},
         )
         for p in paths:
             shard = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
@@ -396,18 +394,16 @@ def _finalise(
 
 
 def run(cfg: DictConfig) -> None:
-    """Stage 2 entry point (``cfg.stage == "selection"``); see the module docstring."""
-    _validate(cfg)
-    run_dir = init_run(cfg, "selection")
+    """Stage 2: score every sample of the configured datasets; see the module docstring."""
+    validate(cfg)
+    run_dir = init_run(cfg, "collect")
     started = time.perf_counter()
     device, own_group = _init_distributed()
     try:
         model, tokenizer, weights = _load_model(cfg, device)
         datasets = _encode_datasets(cfg, tokenizer, run_dir)
         if not datasets:
-            raise ValueError(
-                "no samples to score: check dataset.* (paths, subset_ratio, max_sequence_length)"
-            )
+            raise DataError("no samples to score: check dataset.* (paths, subset_ratio, max_sequence_length)")
         jobs = _plan_shards(datasets, int(cfg.data_process.shard_size))
         router_dir = run_dir / "router_data"
         dtype = next(model.parameters()).dtype
@@ -447,7 +443,3 @@ def run(cfg: DictConfig) -> None:
     finally:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
-
-
-select = run
-"""The seed's name for :func:`run`."""
