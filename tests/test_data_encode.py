@@ -175,3 +175,22 @@ def test_the_tiny_selector_tokenizer_and_synthetic_data(tiny_records) -> None:
         with path.open() as fh:
             records = [json.loads(next(fh)) for _ in range(50)]
         _assert_exact_masks(tokenizer, records)
+
+
+def test_backend_tokenization_equals_the_tokenizer_call(chatml_tokenizer, tiny_records):
+    """The encoder calls the Rust tokenizer directly; ids and offsets equal tokenizer(texts, ...) even when
+    the tokenizer.json carries truncation and padding defaults."""
+    tok = chatml_tokenizer
+    tok.backend_tokenizer.enable_truncation(max_length=5)
+    tok.backend_tokenizer.enable_padding(length=64)
+    texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in tiny_records]
+    expected = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    tok.backend_tokenizer.enable_truncation(max_length=5)
+    tok.backend_tokenizer.enable_padding(length=64)
+    from quality_gate.data.encode import _render_and_tokenize
+
+    got = list(_render_and_tokenize(tiny_records, tok))
+    assert [ids for _, ids, _ in got] == expected["input_ids"]
+    assert [[tuple(o) for o in offs] for _, _, offs in got] == [
+        [tuple(o) for o in offs] for offs in expected["offset_mapping"]
+    ]

@@ -17,6 +17,7 @@ from quality_gate.data import (
     load_hf_dataset,
     load_local_file,
     load_records,
+    normalize_record,
     records_fingerprint,
 )
 from quality_gate.data.sources import SKIPPED_ROWS_FILE
@@ -165,13 +166,21 @@ def test_zero_valid_rows_is_an_error(tmp_path: Path) -> None:
     assert len((tmp_path / SKIPPED_ROWS_FILE).read_text().splitlines()) == 2
 
 
-def test_duplicate_ids_are_an_error_naming_them(tmp_path: Path) -> None:
+def test_a_duplicate_id_costs_that_row_only_and_names_both_places(tmp_path: Path) -> None:
+    """Issue 11.8: a repeated id no longer aborts the dataset: the first record is kept, the later row
+    is a skipped row naming its file and line and where the id was first seen; strict makes it an error."""
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text(json.dumps({**_good(0), "id": "same"}) + "\n" + json.dumps(_good(1)) + "\n")
-    b.write_text(json.dumps({**_good(2), "id": "same"}) + "\n")
+    b.write_text(json.dumps(_good(3)) + "\n" + json.dumps({**_good(2), "id": "same"}) + "\n")
     cfg = _cfg(tmp_path, [{"path": str(a), "dataset_name": "a"}, {"path": str(b), "dataset_name": "b"}])
-    with pytest.raises(ValueError, match=r"1 duplicate record ids, e.g. \['same'\]"):
-        load_records(cfg, seed=0)
+    records = load_records(cfg, seed=0, report_dir=tmp_path)
+    assert [r["id"] for r in records] == ["same", "a_1", "b_0"]
+    assert records[0]["messages"] == normalize_record(_good(0), "a", 0)["messages"]
+    (row,) = [json.loads(line) for line in (tmp_path / SKIPPED_ROWS_FILE).read_text().splitlines()]
+    assert row["file"] == str(b) and row["line"] == 2 and row["dataset"] == "b"
+    assert f"first seen at {a}:1" in row["reason"]
+    with pytest.raises(BadRecord, match=rf"{b.name}:2 .*duplicate id 'same'"):
+        load_records({**cfg, "strict": True}, seed=0)
 
 
 def test_subset_ratio_is_seeded_per_dataset_and_shuffle_is_seeded(tmp_path: Path) -> None:
@@ -252,3 +261,32 @@ def test_every_row_of_the_shared_files_loads_or_is_reported(
     assert all(s.reason for s in skipped)
     if name.startswith("vicuna"):
         assert all("missing or empty messages" in s.reason for s in skipped)
+
+
+def test_a_byte_order_mark_loses_no_row(tmp_path: Path) -> None:
+    """Issue 11.2: files written by Windows editors start with a UTF-8 BOM; every row is still read."""
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + (json.dumps(_good(0)) + "\n" + json.dumps(_good(1)) + "\n").encode())
+    records, skipped = load_local_file(jsonl, "bom", strict=True)  # strict: a lost row would raise
+    assert [r["id"] for r in records] == ["bom_0", "bom_1"] and skipped == []
+    as_json = tmp_path / "bom.json"
+    as_json.write_bytes(b"\xef\xbb\xbf" + json.dumps([_good(0), _good(1)]).encode())
+    records, skipped = load_local_file(as_json, "bomj", strict=True)
+    assert len(records) == 2 and skipped == []
+
+
+@pytest.mark.parametrize(
+    "name", ["../../tmp/escape", "/etc/passwd", "a/b", "..", ".hidden", "tab\tname", "nul\x00", " padded"]
+)
+def test_dataset_names_that_would_escape_or_hide_are_refused(tmp_path: Path, name: str) -> None:
+    """Issue 11.1: a dataset name becomes a file name (shards, index, records); it may not be a path."""
+    from quality_gate.config import make_config
+    from quality_gate.errors import ConfigError
+
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps(_good(0)) + "\n")
+    entry = [{"path": str(path), "dataset_name": name}]
+    with pytest.raises(ConfigError, match=r"dataset_name=.*cannot be used as a file or directory name"):
+        make_config("collect", {"dataset.local.datasets": entry})
+    with pytest.raises(ConfigError, match="cannot be used as a file or directory name"):
+        load_records(_cfg(tmp_path, entry), seed=0)  # the data layer checks too (library callers)

@@ -20,6 +20,7 @@ traceback.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -53,6 +54,11 @@ def run_stage(cfg: object) -> object:
 
     validate(cfg)  # type: ignore[arg-type]
     module = importlib.import_module(STAGES[stage_of(cfg)][0])  # type: ignore[arg-type]
+    # The imported libraries (torch, transformers: ~10^6 objects) live until exit: move them out of the
+    # collector's sight, so full collections during the run, and the one at interpreter exit (~0.7 s
+    # with transformers loaded), do not walk them again.
+    if not os.environ.get("QG_NO_FREEZE"):
+        gc.freeze()
     return module.run(cfg)
 
 
@@ -87,7 +93,11 @@ def hydra_app(config_name: str | None, argv: Sequence[str] | None = None) -> Non
     main: Callable[[], None] = hydra.main(
         config_path=CONFIG_PATH, config_name=config_name, version_base=None
     )(_task)
-    main()
+    try:
+        main()
+    finally:
+        if not os.environ.get("QG_NO_FREEZE"):
+            gc.freeze()  # see run_stage: what the run allocated need not be walked again at exit
 
 
 def _config_name_in(args: Sequence[str]) -> str | None:

@@ -256,6 +256,30 @@ class DataProcess:
     nll_chunk_tokens: int = opt(
         1024, "positions per LM-head call; peak logits memory ~ nll_chunk_tokens x vocab x 4 bytes", ge=1
     )
+    embedding_dim: int = opt(
+        256,
+        "store one embedding per sample (last hidden state, mean over assistant tokens, random projection to "
+        "this many dims, float16) for diversity selection; 0: none",
+        ge=0,
+    )
+    prefetch: bool = opt(True, "encode the next shard in a background thread while the current one is scored")
+    num_parts: int = opt(
+        1,
+        "split the shards into this many parts, scored by independent jobs (a Slurm array, any scheduler) "
+        "with "
+        "part_index; no rendezvous between them",
+        ge=1,
+    )
+    part_index: int | None = opt(
+        None,
+        "which part this job scores (0 .. num_parts-1); null: all of them (one job, or torchrun ranks)",
+        ge=0,
+    )
+    finalize_only: bool = opt(
+        False,
+        "score nothing: check that every part finished with the same fingerprint, then write the indexes "
+        "(the finishing step of a job array); an error lists what is missing",
+    )
 
 
 @dataclass
@@ -283,6 +307,19 @@ class CollectConfig:
     output_dir: str | None = opt(
         None, "run dir; null: outputs/<run_name>/<date>/<time>-<overrides>; an existing one resumes"
     )
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        dp = cfg.data_process
+        if dp.part_index is not None and dp.part_index >= dp.num_parts:
+            raise ConfigError(
+                f"data_process.part_index={dp.part_index} must be < data_process.num_parts={dp.num_parts}"
+            )
+        if (dp.num_parts > 1 or dp.part_index is not None) and not cfg.output_dir:
+            raise ConfigError(
+                "data_process.num_parts / part_index: set output_dir to the run dir all parts share "
+                "(each job would otherwise make its own run dir)"
+            )
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -156,3 +156,48 @@ def update_manifest(run_dir: Path, **fields: Any) -> None:
     manifest = json.loads(path.read_text()) if path.exists() else {}
     manifest.update(fields)
     atomic_write_json(path, manifest)
+
+
+class PhaseTimer:
+    """Wall seconds per named phase of a stage (``with timer("encode"): ...``); ``as_dict()`` for metrics.
+
+    The process start (interpreter, imports) is counted too: ``since_process_start_s`` is the time
+    from the interpreter's start to the first phase, the fixed cost a user pays before any work.
+    """
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self.phases: dict[str, float] = {}
+        self.before_first_phase_s: float | None = None
+
+    @staticmethod
+    def process_age_s() -> float | None:
+        """Seconds since this process started (Linux ``/proc``), else None."""
+        try:
+            ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+            uptime = float(Path("/proc/uptime").read_text().split()[0])
+            return uptime - ticks / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __call__(self, name: str) -> Any:
+        import contextlib
+
+        if self.before_first_phase_s is None:
+            self.before_first_phase_s = self.process_age_s()
+
+        @contextlib.contextmanager
+        def phase() -> Any:
+            start = self._clock()
+            try:
+                yield
+            finally:
+                self.phases[name] = round(self.phases.get(name, 0.0) + self._clock() - start, 3)
+
+        return phase()
+
+    def as_dict(self) -> dict[str, Any]:
+        age = self.before_first_phase_s
+        return {**self.phases, "process_start_to_first_phase_s": None if age is None else round(age, 2)}

@@ -205,9 +205,17 @@ def _render_and_tokenize(
     records: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase
 ) -> Iterable[tuple[str, list[int], list[tuple[int, int]]]]:
     texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records]
-    # The template already wrote every special token (BOS included where the family uses one).
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return zip(texts, enc["input_ids"], enc["offset_mapping"], strict=True)
+    # The template already wrote every special token (BOS included where the family uses one). The
+    # Rust tokenizer is called directly: the same ids and offsets as tokenizer(texts, ...), without the
+    # Python-side BatchEncoding conversion, which costs as much as the tokenization itself.
+    backend = tokenizer.backend_tokenizer
+    # As tokenizer(...) does without truncation / padding: a tokenizer.json may carry defaults for both.
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    return ((text, e.ids, e.offsets) for text, e in zip(texts, encodings, strict=True))
 
 
 def encode_record(

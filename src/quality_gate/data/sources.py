@@ -21,6 +21,7 @@ from typing import Any
 from quality_gate.data.records import BadRecord, normalize_record
 from quality_gate.errors import ConfigError, DataError, MissingPathError
 from quality_gate.io import atomic_write_jsonl
+from quality_gate.names import check_name
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def _jsonl_rows(path: Path) -> Iterator[_RawRow]:
     with path.open("rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
             try:
-                text = raw.decode("utf-8")
+                # utf-8-sig on the first line: editors on Windows start files with a byte-order mark.
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 yield line_no - 1, line_no, None, f"not UTF-8 ({err.reason} at byte {err.start})"
                 continue
@@ -76,7 +78,7 @@ def _list_rows(rows: Iterable[Any]) -> Iterator[_RawRow]:
 
 def _read_json_list(path: Path) -> list[Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a leading byte-order mark is allowed
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(
             f"{path}: not a valid UTF-8 JSON file ({err}); a .json dataset must be a list of rows"
@@ -86,26 +88,41 @@ def _read_json_list(path: Path) -> list[Any]:
     return data
 
 
-def _normalize_rows(
-    rows: Iterable[_RawRow], file: str, dataset_name: str, strict: bool
-) -> tuple[list[dict[str, Any]], list[SkippedRow]]:
-    records: list[dict[str, Any]] = []
-    skipped: list[SkippedRow] = []
+@dataclass
+class _Loaded:
+    """Records of one source, the rows skipped, and where each record came from (file, line, row)."""
+
+    records: list[dict[str, Any]]
+    skipped: list[SkippedRow]
+    where: list[tuple[str, int | None, int]]
+
+
+def _where(file: str, line: int | None, index: int) -> str:
+    return f"{file}:{line}" if line is not None else f"{file} row {index}"
+
+
+def _bad(file: str, line: int | None, index: int, dataset: str, reason: str, strict: bool) -> SkippedRow:
+    if line is None:
+        reason = f"row {index}: {reason}"
+    bad = SkippedRow(file=file, line=line, dataset=dataset, reason=reason)
+    if strict:
+        raise BadRecord(f"dataset.strict=true and a bad row was found: {bad}")
+    return bad
+
+
+def _normalize_rows(rows: Iterable[_RawRow], file: str, dataset_name: str, strict: bool) -> _Loaded:
+    out = _Loaded([], [], [])
     for index, line, row, parse_error in rows:
         reason = parse_error
         if reason is None:
             try:
-                records.append(normalize_record(row, dataset_name, index))
+                out.records.append(normalize_record(row, dataset_name, index))
+                out.where.append((file, line, index))
                 continue
             except BadRecord as err:
                 reason = err.reason
-        if line is None:
-            reason = f"row {index}: {reason}"
-        bad = SkippedRow(file=file, line=line, dataset=dataset_name, reason=reason)
-        if strict:
-            raise BadRecord(f"dataset.strict=true and a bad row was found: {bad}")
-        skipped.append(bad)
-    return records, skipped
+        out.skipped.append(_bad(file, line, index, dataset_name, reason, strict))
+    return out
 
 
 def load_local_file(
@@ -113,10 +130,15 @@ def load_local_file(
 ) -> tuple[list[dict[str, Any]], list[SkippedRow]]:
     """Records of one local ``.jsonl`` / ``.json`` (list of rows) / ``.parquet`` file, and the skipped rows.
 
-    Broken JSON and non-UTF-8 lines of a .jsonl file are skipped and reported, never fatal; with
-    ``strict`` the first bad row raises ``BadRecord`` naming file, line and reason.
+    Broken JSON and non-UTF-8 lines of a .jsonl file are skipped and reported, never fatal; a repeated
+    ``id`` is skipped and reported with the line where it was first seen; with ``strict`` the first bad
+    row raises ``BadRecord`` naming file, line and reason.
     """
-    path = Path(path)
+    loaded = _dedupe([_load_local(Path(path), dataset_name, strict)], strict)
+    return loaded.records, loaded.skipped
+
+
+def _load_local(path: Path, dataset_name: str, strict: bool) -> _Loaded:
     if not path.is_file():
         raise MissingPathError(
             f"dataset file {path} does not exist (relative paths are relative to {Path.cwd()})"
@@ -135,9 +157,36 @@ def load_local_file(
     return _normalize_rows(rows, str(path), dataset_name, strict)
 
 
+def _dedupe(sources: list[_Loaded], strict: bool) -> _Loaded:
+    """Keep the first record of every id (across all sources); later ones become reported skips."""
+    out = _Loaded([], [], [])
+    first: dict[str, tuple[str, int | None, int]] = {}
+    for src in sources:
+        out.skipped.extend(src.skipped)
+        for record, where in zip(src.records, src.where, strict=True):
+            rid = record["id"]
+            if rid in first:
+                reason = (
+                    f"duplicate id {rid!r}, first seen at {_where(*first[rid])}; ids must be unique across "
+                    "all datasets read together (the same file read twice, or rows sharing an `id` field)"
+                )
+                out.skipped.append(_bad(*where, record["dataset"], reason, strict))
+                continue
+            first[rid] = where
+            out.records.append(record)
+            out.where.append(where)
+    return out
+
+
 def load_hf_dataset(
     name: str, dataset_name: str, split: str, *, strict: bool = False, trust_remote_code: bool = False
 ) -> tuple[list[dict[str, Any]], list[SkippedRow]]:
+    """Records of one ``datasets.load_dataset`` split, and the skipped rows (repeated ids included)."""
+    loaded = _dedupe([_load_hf(name, dataset_name, split, strict, trust_remote_code)], strict)
+    return loaded.records, loaded.skipped
+
+
+def _load_hf(name: str, dataset_name: str, split: str, strict: bool, trust_remote_code: bool) -> _Loaded:
     """Records of one ``datasets.load_dataset`` split, and the skipped rows.
 
     ``name`` is a Hub id, or a local data file (.json/.jsonl/.parquet/.csv) or folder, which is read
@@ -195,68 +244,88 @@ def _entries(dataset_cfg: Mapping[str, Any]) -> tuple[str, list[Mapping[str, Any
     return source, entries
 
 
-def load_records(
-    dataset_cfg: Mapping[str, Any], *, seed: int, report_dir: Path | None = None
-) -> list[dict[str, Any]]:
-    """All records of the ``dataset`` config block (see docs/design.md), subset, shuffled, checked.
+def read_records(
+    dataset_cfg: Mapping[str, Any], *, seed: int
+) -> tuple[list[dict[str, Any]], list[SkippedRow]]:
+    """All records of the ``dataset`` config block, subset and shuffled, and every skipped row.
 
-    Skipped rows are logged and written to ``report_dir/skipped_rows.jsonl`` (an empty file when
-    none). Raises ``ValueError`` when no valid row is left or when ids repeat, ``BadRecord`` on the
-    first bad row with ``dataset.strict=true``.
+    Nothing is written (see :func:`load_records`). Bad rows and repeated ids are skipped rows (the
+    first record of an id is kept); raises :class:`DataError` when no valid row is left, ``BadRecord``
+    on the first bad row with ``dataset.strict=true``.
     """
+    records, skipped = _read(dataset_cfg, seed)
+    if not records:
+        _no_records(dataset_cfg, skipped, None)
+    return records, skipped
+
+
+def _no_records(dataset_cfg: Mapping[str, Any], skipped: list[SkippedRow], report_dir: Path | None) -> None:
+    source = dataset_cfg.get("dataset_from")
+    if not skipped:
+        detail = "the sources are empty"
+    elif report_dir is not None:
+        detail = f"first: {skipped[0]}; all in {Path(report_dir) / SKIPPED_ROWS_FILE}"
+    else:
+        detail = f"first: {skipped[0]}"
+    raise DataError(f"no valid rows in dataset.{source}.datasets ({len(skipped)} skipped); {detail}")
+
+
+def _read(dataset_cfg: Mapping[str, Any], seed: int) -> tuple[list[dict[str, Any]], list[SkippedRow]]:
     source, entries = _entries(dataset_cfg)
     ratio = float(dataset_cfg.get("subset_ratio", 1.0))
     if not 0.0 < ratio <= 1.0:
         raise ConfigError(f"dataset.subset_ratio={ratio}: expected a fraction in (0, 1]")
     strict = bool(dataset_cfg.get("strict", False))
-    records: list[dict[str, Any]] = []
-    skipped: list[SkippedRow] = []
-    for entry in entries:
+    loaded: list[_Loaded] = []
+    names: list[str] = []
+    for i, entry in enumerate(entries):
         if source == "local":
             name = str(entry.get("dataset_name") or Path(str(entry["path"])).stem)
-            rows, bad = load_local_file(str(entry["path"]), name, strict=strict)
+            check_name(name, f"dataset.local.datasets[{i}].dataset_name")
+            loaded.append(_load_local(Path(str(entry["path"])), name, strict))
         else:
             name = str(entry.get("dataset_name") or str(entry["name"]).rstrip("/").split("/")[-1])
-            rows, bad = load_hf_dataset(
-                str(entry["name"]),
-                name,
-                str(entry.get("split") or "train"),
-                strict=strict,
-                trust_remote_code=bool(entry.get("trust_remote_code", False)),
+            check_name(name, f"dataset.hf.datasets[{i}].dataset_name")
+            loaded.append(
+                _load_hf(str(entry["name"]), name, str(entry.get("split") or "train"), strict, False)
             )
+        names.append(name)
+    unique = _dedupe(loaded, strict)
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for record in unique.records:
+        by_name.setdefault(record["dataset"], []).append(record)
+    records: list[dict[str, Any]] = []
+    for name in dict.fromkeys(names):
+        rows = by_name.get(name, [])
         kept = _subset(rows, ratio, seed, name)
+        bad = sum(row.dataset == name for row in unique.skipped)
         log.info(
             "dataset %s: %d valid rows, %d skipped, %d kept (subset_ratio=%g)",
             name,
             len(rows),
-            len(bad),
+            bad,
             len(kept),
             ratio,
         )
         records.extend(kept)
-        skipped.extend(bad)
-    _report_skipped(skipped, report_dir)
-    if not records:
-        if not skipped:
-            detail = "the sources are empty"
-        elif report_dir is not None:
-            detail = f"first: {skipped[0]}; all in {Path(report_dir) / SKIPPED_ROWS_FILE}"
-        else:
-            detail = f"first: {skipped[0]}"
-        raise DataError(f"no valid rows in dataset.{source}.datasets ({len(skipped)} skipped); {detail}")
-    duplicates = [i for i, n in Counter(r["id"] for r in records).items() if n > 1]
-    if duplicates:
-        raise DataError(
-            f"{len(duplicates)} duplicate record ids, e.g. {duplicates[:SHOW_FIRST]}: ids must be unique "
-            "across all datasets read together; the same file read twice, or rows sharing an `id` field: "
-            "fix or drop those fields (without one, the id becomes <dataset_name>_<row>)"
-        )
     if dataset_cfg.get("shuffle", False):
         random.Random(seed).shuffle(records)
+    return records, unique.skipped
+
+
+def load_records(
+    dataset_cfg: Mapping[str, Any], *, seed: int, report_dir: Path | None = None
+) -> list[dict[str, Any]]:
+    """:func:`read_records`, with the skipped rows logged and written to ``report_dir/skipped_rows.jsonl``
+    (an empty file when none)."""
+    records, skipped = _read(dataset_cfg, seed)
+    report_skipped(skipped, report_dir)
+    if not records:
+        _no_records(dataset_cfg, skipped, report_dir)
     return records
 
 
-def _report_skipped(skipped: list[SkippedRow], report_dir: Path | None) -> None:
+def report_skipped(skipped: list[SkippedRow], report_dir: Path | None) -> None:
     """Log a per-dataset count and the first rows; write every skipped row to ``skipped_rows.jsonl``."""
     if skipped:
         per_dataset = Counter(s.dataset for s in skipped)

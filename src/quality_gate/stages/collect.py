@@ -2,19 +2,25 @@
 
 ``quality-gate collect model_checkpoint_path=<warmup run dir>`` (seed: ``python src/main.py
 --config-name stage_2_selection ...``; several GPUs: ``torchrun --nproc_per_node=N src/main.py
---config-name collect ...`` or ``accelerate launch src/main.py --config-name collect ...``).
+--config-name collect ...`` or ``accelerate launch src/main.py --config-name collect ...``; a job
+array: ``data_process.num_parts=N data_process.part_index=i output_dir=<shared dir>``).
 
-Recipe: load the gated selector and its Stage 1 weights -> load and encode every dataset -> cut
-each dataset into shards of ``data_process.shard_size`` samples -> fingerprint the setup (a rerun
-with other settings refuses to mix) -> score the shards not finished yet (token-budget batches,
-one backbone forward each), each written atomically with a completion marker -> rank 0 writes each
-dataset's index (``router_data/<dataset>_router_data.pt``), the scored records
-(``router_data/<dataset>_records.jsonl``) and ``stage2_metrics.json``.
+Recipe: load the gated selector and its Stage 1 weights -> read every dataset's records -> cut each
+dataset into shards of ``data_process.shard_size`` records -> fingerprint the setup (a rerun with
+other settings refuses to mix, before anything is written) -> for the shards of this job (part) and
+rank that are not finished and intact: encode the shard's records (the next shard is encoded in a
+background thread while this one is scored), score them in token-budget batches (one backbone
+forward each), write the shard atomically with a marker holding its size and sha256 -> once every
+shard is finished (here, or by the other parts), rank 0 writes each dataset's index
+(``router_data/<dataset>_router_data.pt``), the scored records (``router_data/<dataset>_records.jsonl``),
+``dropped_samples.jsonl`` and ``stage2_metrics.json``.
 
-Resume: rerun with the same run dir (``hydra.run.dir=<dir>`` or ``output_dir=<dir>``); finished
-shards are skipped, and since a shard's batches depend only on its samples and the config, the
-result equals an uninterrupted run. Data parallel: shards go to ranks by a deterministic greedy
-balance of their token counts; every sample belongs to exactly one shard.
+Resume: rerun with the same ``output_dir``; finished shards are skipped, damaged ones (size or
+checksum differ from their marker) are named and rescored. A shard's content depends only on its
+records and the config, so the result equals an uninterrupted run. Work is split by shards: between
+parts (independent jobs, no rendezvous) and then between the ranks of one launch, each by a
+deterministic greedy balance of the shards' estimated tokens; every record belongs to exactly one
+shard, no rank or part ever writes another's shard, and only rank 0 of a launch writes the indexes.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import logging
 import resource
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +47,22 @@ from quality_gate.config import validate
 from quality_gate.data import (
     encode_records,
     ensure_chat_template,
-    load_records,
     pad_batch,
+    records_fingerprint,
     token_budget_batches,
 )
-from quality_gate.data.sources import SKIPPED_ROWS_FILE
-from quality_gate.errors import DataError
+from quality_gate.data.sources import SKIPPED_ROWS_FILE, read_records, report_skipped
+from quality_gate.errors import RouterDataError
 from quality_gate.io import atomic_write_json, atomic_write_jsonl
 from quality_gate.models import apply_stage1_weights, default_device, is_converted_dir, load_selector
-from quality_gate.runs import init_run, is_main_process, rank, update_manifest, world_size
-from quality_gate.stats.collect import collect_batch, concat_batch_stats
+from quality_gate.runs import PhaseTimer, init_run, is_main_process, rank, update_manifest, world_size
+from quality_gate.stats.collect import collect_batch, concat_batch_stats, embedding_projection
 from quality_gate.stats.store import (
     FORMAT,
     check_or_write_fingerprint,
-    shard_is_complete,
+    remove_shard,
     shard_path,
+    shard_problem,
     write_index,
     write_shard,
 )
@@ -66,26 +74,30 @@ log = logging.getLogger(__name__)
 _BARRIER_TIMEOUT = dt.timedelta(hours=12)
 # Records the encoder dropped (too long under truncation=drop, or no assistant token left).
 DROPPED_SAMPLES_FILE = "dropped_samples.jsonl"
+METRICS_FILE = "stage2_metrics.json"
 
 
 @dataclasses.dataclass
 class ShardJob:
-    """One shard to score: ``rows`` index the dataset's encoded samples."""
+    """One shard to score: ``rows`` index the dataset's records; ``est_tokens`` balances the work."""
 
     dataset: str
     index: int
-    rows: list[int]
-    tokens: int
+    rows: range
+    est_tokens: int
 
 
+# --------------------------------------------------------------------------------------------- #
+# Setup
+# --------------------------------------------------------------------------------------------- #
 def _hash_text(text: str | None) -> str | None:
     return None if text is None else hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _load_model(cfg: DictConfig, device: str) -> tuple[Any, Any, dict[str, Any]]:
     sel = cfg.selector_model
-    # A plain (unconverted) selector gets freshly initialised gates: seed them, so that every rank
-    # and every resumed run scores with the same gates.
+    # A plain (unconverted) selector gets freshly initialised gates: seed them, so that every rank,
+    # every part and every resumed run scores with the same gates.
     torch.manual_seed(int(cfg.seed))
     model, tokenizer = load_selector(
         str(sel.path),
@@ -138,45 +150,39 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _encode_datasets(cfg: DictConfig, tokenizer: Any, run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Per dataset (in first-seen order): its records by id, encoded samples and encode stats."""
-    records = load_records(cfg.dataset, seed=int(cfg.seed), report_dir=run_dir if is_main_process() else None)
-    by_dataset: dict[str, list[dict[str, Any]]] = {}
+def _by_dataset(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Records grouped by dataset, in first-seen order."""
+    out: dict[str, list[dict[str, Any]]] = {}
     for record in records:
-        by_dataset.setdefault(record["dataset"], []).append(record)
-    out = {}
-    for name, rows in by_dataset.items():
-        samples, stats, skipped = encode_records(
-            rows, tokenizer, int(cfg.dataset.max_sequence_length), str(cfg.dataset.truncation)
-        )
-        out[name] = {
-            "records": {r["id"]: r for r in rows},
-            "samples": samples,
-            "encode_stats": stats,
-            "skipped": skipped,
-        }
-        log.info("dataset %s: %d records, %d samples encoded", name, len(rows), len(samples))
+        out.setdefault(record["dataset"], []).append(record)
     return out
 
 
-def _plan_shards(datasets: dict[str, dict[str, Any]], shard_size: int) -> list[ShardJob]:
+def _estimated_tokens(record: dict[str, Any]) -> int:
+    """A cheap token estimate (characters / 4 plus the template's few tokens per turn) for balancing."""
+    return sum(len(m["content"]) // 4 + 4 for m in record["messages"])
+
+
+def plan_shards(datasets: dict[str, list[dict[str, Any]]], shard_size: int) -> list[ShardJob]:
+    """Every dataset cut into contiguous shards of ``shard_size`` records."""
     jobs = []
-    for name, data in datasets.items():
-        samples = data["samples"]
-        for k, start in enumerate(range(0, len(samples), shard_size)):
-            rows = list(range(start, min(start + shard_size, len(samples))))
-            jobs.append(ShardJob(name, k, rows, sum(len(samples[r].input_ids) for r in rows)))
+    for name, records in datasets.items():
+        for k, start in enumerate(range(0, len(records), shard_size)):
+            rows = range(start, min(start + shard_size, len(records)))
+            jobs.append(ShardJob(name, k, rows, sum(_estimated_tokens(records[r]) for r in rows)))
     return jobs
 
 
-def assign_shards(jobs: list[ShardJob], num_ranks: int) -> list[list[ShardJob]]:
-    """Deterministic greedy balance: largest shard first, to the least-loaded rank (lowest on ties)."""
-    loads = [0] * num_ranks
-    out: list[list[ShardJob]] = [[] for _ in range(num_ranks)]
-    for job in sorted(jobs, key=lambda j: (-j.tokens, j.dataset, j.index)):
-        r = min(range(num_ranks), key=lambda i: (loads[i], i))
-        loads[r] += job.tokens
-        out[r].append(job)
+def assign_shards(jobs: list[ShardJob], num_workers: int) -> list[list[ShardJob]]:
+    """Deterministic greedy balance: largest shard first, to the least-loaded worker (lowest on ties)."""
+    loads = [0] * num_workers
+    out: list[list[ShardJob]] = [[] for _ in range(num_workers)]
+    for job in sorted(jobs, key=lambda j: (-j.est_tokens, j.dataset, j.index)):
+        w = min(range(num_workers), key=lambda i: (loads[i], i))
+        loads[w] += job.est_tokens
+        out[w].append(job)
+    for part in out:
+        part.sort(key=lambda j: (j.dataset, j.index))
     return out
 
 
@@ -184,15 +190,11 @@ def _fingerprint_fields(
     cfg: DictConfig, tokenizer: Any, weights: dict[str, Any], dtype: torch.dtype, datasets: dict[str, Any]
 ) -> dict[str, Any]:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    data_hash = hashlib.sha256()
-    for name, data in datasets.items():
-        for s in data["samples"]:
-            data_hash.update(f"{name}\0{s.id}\0{len(s.input_ids)}\n".encode())
+    selector = Path(str(cfg.selector_model.path))
     return {
         "format": FORMAT,
-        "selector_model_path": str(Path(str(cfg.selector_model.path)).resolve())
-        if Path(str(cfg.selector_model.path)).exists()
-        else str(cfg.selector_model.path),
+        # Absolute when local, so that selection (run from anywhere) finds the tokenizer for its report.
+        "selector_model_path": str(selector.resolve()) if selector.exists() else str(selector),
         "stage1_weights_kind": weights.get("kind"),
         "stage1_weights_sha256": weights.get("sha256"),
         "gate_init": weights.get("gate_init"),
@@ -204,45 +206,101 @@ def _fingerprint_fields(
         "truncation": str(cfg.dataset.truncation),
         "dtype": str(dtype).removeprefix("torch."),
         "collect_ifd": bool(cfg.collect_ifd),
+        "embedding_dim": int(cfg.data_process.embedding_dim),
         "shard_size": int(cfg.data_process.shard_size),
-        "samples_sha256": data_hash.hexdigest()[:16],
+        "records": {
+            name: {"n": len(rows), "sha256": records_fingerprint(rows)} for name, rows in datasets.items()
+        },
     }
 
 
-def _score_shard(
-    model: Any, job: ShardJob, samples: list[Any], cfg: DictConfig, pad_token_id: int, device: str, bar: tqdm
-) -> tuple[dict[str, Any], dict[str, float]]:
-    """Score one shard; returns its store fields and counters (tokens, padded slots, samples)."""
-    dp = cfg.data_process
-    shard_samples = [samples[r] for r in job.rows]
-    batches = token_budget_batches(
-        [len(s.input_ids) for s in shard_samples],
-        int(dp.max_tokens_per_batch),
-        int(dp.batch_size),
-        bool(cfg.dataset.sort_by_length),
+# --------------------------------------------------------------------------------------------- #
+# Scoring
+# --------------------------------------------------------------------------------------------- #
+@dataclasses.dataclass
+class EncodedShard:
+    job: ShardJob
+    samples: list[Any]
+    encode_stats: dict[str, int]
+    dropped: list[dict[str, Any]]
+
+
+def _encode_shard(
+    job: ShardJob, records: list[dict[str, Any]], tokenizer: Any, cfg: DictConfig
+) -> EncodedShard:
+    rows = [records[r] for r in job.rows]
+    samples, stats, skipped = encode_records(
+        rows,
+        tokenizer,
+        int(cfg.dataset.max_sequence_length),
+        str(cfg.dataset.truncation),
+        desc=f"encode {job.dataset}/{job.index}",
     )
-    parts = []
-    counters = {"tokens": 0.0, "padded_slots": 0.0, "samples": 0.0}
-    for batch_rows in batches:
-        batch = pad_batch([shard_samples[i] for i in batch_rows], pad_token_id)
-        ids = batch["input_ids"].to(device, non_blocking=True)
-        stats = collect_batch(
-            model,
-            ids,
-            batch["attention_mask"].to(device, non_blocking=True),
-            batch["labels"].to(device, non_blocking=True),
-            chunk_tokens=int(dp.nll_chunk_tokens),
-            collect_ifd=bool(cfg.collect_ifd),
+    dropped = [
+        {"dataset": job.dataset, "id": s.file.removeprefix("id="), "reason": s.reason} for s in skipped
+    ]
+    return EncodedShard(job, samples, stats.as_dict(), dropped)
+
+
+class Scorer:
+    """Scores shards with one model on one device (the forward of :func:`collect_batch` per batch)."""
+
+    def __init__(self, model: Any, cfg: DictConfig, pad_token_id: int, device: str) -> None:
+        self.model, self.cfg, self.pad_token_id, self.device = model, cfg, pad_token_id, device
+        dim = int(cfg.data_process.embedding_dim)
+        hidden = int(model.config.get_text_config().hidden_size)
+        self.embed = dim > 0
+        self.projection = embedding_projection(hidden, dim, device) if self.embed else None
+
+    def score(self, enc: EncodedShard, bar: tqdm) -> tuple[dict[str, Any], dict[str, float]]:
+        """Score one encoded shard; returns its store fields and counters (tokens, padded slots, samples)."""
+        dp, samples = self.cfg.data_process, enc.samples
+        batches = token_budget_batches(
+            [len(s.input_ids) for s in samples],
+            int(dp.max_tokens_per_batch),
+            int(dp.batch_size),
+            bool(self.cfg.dataset.sort_by_length),
         )
-        parts.append((list(batch_rows), stats))
-        real = int(batch["attention_mask"].sum())
-        counters["tokens"] += real
-        counters["padded_slots"] += ids.numel()
-        counters["samples"] += len(batch_rows)
-        bar.update(real)
-    shard = concat_batch_stats(parts, len(shard_samples))
-    shard["sample_ids"] = [s.id for s in shard_samples]
-    return shard, counters
+        parts = []
+        counters = {"tokens": 0.0, "padded_slots": 0.0, "samples": 0.0}
+        for batch_rows in batches:
+            batch = pad_batch([samples[i] for i in batch_rows], self.pad_token_id)
+            ids = batch["input_ids"].to(self.device, non_blocking=True)
+            stats = collect_batch(
+                self.model,
+                ids,
+                batch["attention_mask"].to(self.device, non_blocking=True),
+                batch["labels"].to(self.device, non_blocking=True),
+                chunk_tokens=int(dp.nll_chunk_tokens),
+                collect_ifd=bool(self.cfg.collect_ifd),
+                embed=self.embed,
+                projection=self.projection,
+            )
+            parts.append((list(batch_rows), stats))
+            counters["tokens"] += int(batch["attention_mask"].sum())
+            counters["padded_slots"] += ids.numel()
+            counters["samples"] += len(batch_rows)
+            bar.update(len(batch_rows))
+        shard = concat_batch_stats(parts, len(samples)) if samples else _empty_shard(self.embed)
+        shard["sample_ids"] = [s.id for s in samples]
+        shard["encode_stats"] = enc.encode_stats
+        shard["dropped"] = enc.dropped
+        return shard, counters
+
+
+def _empty_shard(embed: bool) -> dict[str, Any]:
+    """The fields of a shard none of whose records survived encoding."""
+    shard: dict[str, Any] = {
+        "lengths": torch.zeros(0, dtype=torch.int64),
+        "gates": torch.zeros(0, 0, dtype=torch.float16),
+        "perplexities": torch.zeros(0),
+        "assistant_mask": torch.zeros(0, dtype=torch.bool),
+        "valid": torch.zeros(0, dtype=torch.bool),
+        "invalid_reason": [],
+    }
+    if embed:
+        shard["embeddings"] = torch.zeros(0, 0, dtype=torch.float16)
+    return shard
 
 
 def _peak_memory(device: str) -> dict[str, float | None]:
@@ -255,20 +313,34 @@ def _peak_memory(device: str) -> dict[str, float | None]:
     }
 
 
+def _pending(jobs: list[ShardJob], router_dir: Path, fingerprint: str) -> list[ShardJob]:
+    """The shards of ``jobs`` not finished and intact; a damaged one is named and removed, to be rescored."""
+    pending = []
+    for job in jobs:
+        path = shard_path(router_dir, job.dataset, job.index)
+        problem = shard_problem(path, fingerprint)
+        if problem is None:
+            continue
+        if problem != "missing":
+            log.warning("shard %s is %s: scoring it again", path, problem)
+            remove_shard(path)
+        pending.append(job)
+    return pending
+
+
 def _score_assigned(
-    model: Any,
+    scorer: Scorer,
     jobs: list[ShardJob],
-    datasets: dict[str, Any],
+    datasets: dict[str, list[dict[str, Any]]],
+    tokenizer: Any,
     cfg: DictConfig,
     router_dir: Path,
     fingerprint: str,
-    pad_token_id: int,
-    device: str,
 ) -> dict[str, Any]:
-    """Score this rank's unfinished shards; returns this rank's counters."""
-    pending = [j for j in jobs if not shard_is_complete(shard_path(router_dir, j.dataset, j.index))]
+    """Encode and score this rank's unfinished shards; returns this rank's counters."""
+    pending = _pending(jobs, router_dir, fingerprint)
     log.info(
-        "rank %d: %d shards assigned, %d already complete, %d to score",
+        "rank %d: %d shards assigned, %d already finished, %d to score",
         rank(),
         len(jobs),
         len(jobs) - len(pending),
@@ -277,31 +349,37 @@ def _score_assigned(
     totals = {"tokens": 0.0, "padded_slots": 0.0, "samples": 0.0}
     start = time.perf_counter()
     bar = tqdm(
-        total=sum(j.tokens for j in pending),
-        unit="tok",
-        unit_scale=True,
+        total=sum(len(j.rows) for j in pending),
+        unit="sample",
         desc=f"stage 2 rank {rank()}",
         disable=not is_main_process(),
         dynamic_ncols=True,
     )
-    with bar:
-        for job in pending:
-            shard, counters = _score_shard(
-                model, job, datasets[job.dataset]["samples"], cfg, pad_token_id, device, bar
-            )
+
+    def encode(job: ShardJob) -> EncodedShard:
+        return _encode_shard(job, datasets[job.dataset], tokenizer, cfg)
+
+    prefetch = bool(cfg.data_process.prefetch)
+    # One worker thread encodes the next shard while this one is scored (the forward releases the GIL).
+    with bar, ThreadPoolExecutor(max_workers=1) as pool:
+        ahead: Future[EncodedShard] | None = None
+        for k, job in enumerate(pending):
+            encoded = ahead.result() if ahead is not None else encode(job)
+            ahead = pool.submit(encode, pending[k + 1]) if prefetch and k + 1 < len(pending) else None
+            shard, counters = scorer.score(encoded, bar)
             write_shard(shard_path(router_dir, job.dataset, job.index), shard, fingerprint)
             for key, value in counters.items():
                 totals[key] += value
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(
-                samples_per_s=f"{totals['samples'] / elapsed:.1f}", shard=f"{job.dataset}/{job.index}"
+                tokens_per_s=f"{totals['tokens'] / elapsed:.0f}", shard=f"{job.dataset}/{job.index}"
             )
     return {
         **totals,
         "seconds": time.perf_counter() - start,
         "shards_scored": len(pending),
         "shards_skipped": len(jobs) - len(pending),
-        **_peak_memory(device),
+        **_peak_memory(scorer.device),
     }
 
 
@@ -313,21 +391,38 @@ def _gather(obj: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+# --------------------------------------------------------------------------------------------- #
+# Finishing: indexes, records, metrics
+# --------------------------------------------------------------------------------------------- #
+def unfinished_shards(jobs: list[ShardJob], router_dir: Path, fingerprint: str, num_parts: int) -> list[str]:
+    """``"<shard path> (part i): <problem>"`` for every shard that is not finished and intact."""
+    part_of = {(j.dataset, j.index): p for p, part in enumerate(assign_shards(jobs, num_parts)) for j in part}
+    out = []
+    for job in jobs:
+        path = shard_path(router_dir, job.dataset, job.index)
+        problem = shard_problem(path, fingerprint)
+        if problem is not None:
+            out.append(f"{path} (part {part_of[(job.dataset, job.index)]}): {problem}")
+    return out
+
+
 def _finalise(
     run_dir: Path,
     router_dir: Path,
     jobs: list[ShardJob],
-    datasets: dict[str, Any],
+    datasets: dict[str, list[dict[str, Any]]],
     cfg: DictConfig,
     fingerprint: str,
     per_rank: list[dict[str, Any]],
     wall_s: float,
 ) -> dict[str, Any]:
-    """Rank 0: check every shard, write the indexes, the scored records and the metrics."""
+    """Rank 0: check every shard, write the indexes, the scored records, the dropped ones and the metrics."""
     invalid: list[dict[str, str]] = []
-    for name, data in datasets.items():
+    dropped: list[dict[str, Any]] = []
+    per_dataset: dict[str, dict[str, Any]] = {}
+    for name, records in datasets.items():
         paths = [shard_path(router_dir, j.dataset, j.index) for j in jobs if j.dataset == name]
-        write_index(
+        index_path = write_index(
             router_dir,
             name,
             paths,
@@ -335,19 +430,28 @@ def _finalise(
             int(cfg.dataset.max_sequence_length),
             extra={"collect_ifd": bool(cfg.collect_ifd)},
         )
+        encode = Counter()
         for p in paths:
             shard = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            encode.update(shard["encode_stats"])
+            dropped.extend(shard["dropped"])
             invalid += [
                 {"dataset": name, "id": sid, "reason": reason}
                 for sid, reason in zip(shard["sample_ids"], shard["invalid_reason"])
                 if reason
             ]
-        atomic_write_jsonl(
-            router_dir / f"{name}_records.jsonl", [data["records"][s.id] for s in data["samples"]]
-        )
-    dropped = [row.as_dict() for d in datasets.values() for row in d["skipped"]]
+        by_id = {r["id"]: r for r in records}
+        kept_ids = torch.load(index_path, map_location="cpu", weights_only=True)["sample_ids"]
+        atomic_write_jsonl(router_dir / f"{name}_records.jsonl", [by_id[i] for i in kept_ids])
+        per_dataset[name] = {
+            "records": len(records),
+            "samples": len(kept_ids),
+            "encode": dict(encode),
+            "dropped_by_encoder": len(records) - len(kept_ids),
+            "truncated": int(encode.get("truncated", 0)),
+        }
     atomic_write_jsonl(run_dir / DROPPED_SAMPLES_FILE, dropped)
-    skipped_file = run_dir / SKIPPED_ROWS_FILE  # written by load_records: bad rows, one per line
+    skipped_file = run_dir / SKIPPED_ROWS_FILE
     skipped_rows = (
         [json.loads(line) for line in skipped_file.read_text().splitlines() if line.strip()]
         if skipped_file.exists()
@@ -358,7 +462,7 @@ def _finalise(
     scored_samples = sum(r["samples"] for r in per_rank)
     busy = max((r["seconds"] for r in per_rank), default=0.0)
     metrics = {
-        "samples": sum(len(d["samples"]) for d in datasets.values()),
+        "samples": sum(d["samples"] for d in per_dataset.values()),
         "samples_scored_this_run": int(scored_samples),
         "tokens_scored_this_run": int(tokens),
         "padding_fraction": round(1 - tokens / slots, 4) if slots else 0.0,
@@ -366,57 +470,65 @@ def _finalise(
         "samples_per_s": round(scored_samples / busy, 2) if busy else None,
         "wall_time_s": round(wall_s, 2),
         "world_size": world_size(),
+        "num_parts": int(cfg.data_process.num_parts),
         "shards_total": len(jobs),
         "shards_scored_this_run": sum(r["shards_scored"] for r in per_rank),
         "shards_resumed": sum(r["shards_skipped"] for r in per_rank),
         "peak_rss_gb_per_rank": [r["peak_rss_gb"] for r in per_rank],
         "peak_cuda_allocated_gb_per_rank": [r["peak_cuda_allocated_gb"] for r in per_rank],
-        "datasets": {
-            name: {
-                "samples": len(d["samples"]),
-                "encode": d["encode_stats"].as_dict(),
-                "dropped_by_encoder": len(d["skipped"]),
-                "truncated": sum(bool(s.truncated) for s in d["samples"]),
-            }
-            for name, d in datasets.items()
-        },
+        "datasets": per_dataset,
         "skipped_rows": len(skipped_rows),
         "skipped_rows_by_dataset": dict(Counter(r.get("dataset") for r in skipped_rows)),
         "invalid_samples": len(invalid),
         "invalid": invalid,
     }
-    atomic_write_json(run_dir / "stage2_metrics.json", metrics)
     if invalid:
-        log.warning(
-            "%d samples have no usable statistics (valid=False); see stage2_metrics.json", len(invalid)
-        )
+        log.warning("%d samples have no usable statistics (valid=False); see %s", len(invalid), METRICS_FILE)
     return metrics
 
 
+# --------------------------------------------------------------------------------------------- #
+# The stage
+# --------------------------------------------------------------------------------------------- #
 def run(cfg: DictConfig) -> None:
     """Stage 2: score every sample of the configured datasets; see the module docstring."""
     validate(cfg)
-    run_dir = init_run(cfg, "collect")
+    dp = cfg.data_process
+    timer = PhaseTimer()
+    with timer("init"):
+        run_dir = init_run(cfg, "collect")
     started = time.perf_counter()
     device, own_group = _init_distributed()
     try:
-        model, tokenizer, weights = _load_model(cfg, device)
-        datasets = _encode_datasets(cfg, tokenizer, run_dir)
-        if not datasets:
-            raise DataError("no samples to score: check dataset.* (paths, subset_ratio, max_sequence_length)")
-        jobs = _plan_shards(datasets, int(cfg.data_process.shard_size))
+        with timer("load_model"):
+            model, tokenizer, weights = _load_model(cfg, device)
+        with timer("read"):
+            records, skipped = read_records(cfg.dataset, seed=int(cfg.seed))
+            datasets = _by_dataset(records)
+        jobs = plan_shards(datasets, int(dp.shard_size))
         router_dir = run_dir / "router_data"
-        dtype = next(model.parameters()).dtype
-        fields = _fingerprint_fields(cfg, tokenizer, weights, dtype, datasets)
+        fields = _fingerprint_fields(cfg, tokenizer, weights, next(model.parameters()).dtype, datasets)
         if is_main_process():
+            # Refuse a run dir of another setup before writing anything into it.
             check_or_write_fingerprint(router_dir, fields)
+            report_skipped(skipped, run_dir)
         _barrier()
-        # Every rank checks too: the stored file now exists, so this only verifies.
-        fingerprint = check_or_write_fingerprint(router_dir, fields)
-        mine = assign_shards(jobs, world_size())[rank()]
-        counters = _score_assigned(
-            model, mine, datasets, cfg, router_dir, fingerprint, int(tokenizer.pad_token_id), device
-        )
+        fingerprint = check_or_write_fingerprint(router_dir, fields)  # every rank verifies
+        part = list(range(int(dp.num_parts))) if dp.part_index is None else [int(dp.part_index)]
+        parts = assign_shards(jobs, int(dp.num_parts))
+        mine = assign_shards([j for p in part for j in parts[p]], world_size())[rank()]
+        if dp.finalize_only:
+            mine = []
+        with timer("encode_and_score"):
+            counters = _score_assigned(
+                Scorer(model, cfg, int(tokenizer.pad_token_id), device),
+                mine,
+                datasets,
+                tokenizer,
+                cfg,
+                router_dir,
+                fingerprint,
+            )
         del model
         gc.collect()
         if device.startswith("cuda"):
@@ -424,21 +536,48 @@ def run(cfg: DictConfig) -> None:
         per_rank = _gather(counters)
         _barrier()
         if is_main_process():
-            metrics = _finalise(
-                run_dir, router_dir, jobs, datasets, cfg, fingerprint, per_rank, time.perf_counter() - started
-            )
-            update_manifest(
-                run_dir,
-                stage1_weights=weights,
-                router_fingerprint=fingerprint,
-                stage2_samples=metrics["samples"],
-            )
-            log.info(
-                "stage 2 done: %d samples, %.0f tokens/s, router data in %s",
-                metrics["samples"],
-                metrics["tokens_per_s"] or 0.0,
-                router_dir,
-            )
+            missing = unfinished_shards(jobs, router_dir, fingerprint, int(dp.num_parts))
+            if missing:
+                what = "; ".join(missing[:5]) + (f"; ... ({len(missing)} in all)" if len(missing) > 5 else "")
+                if dp.finalize_only:
+                    raise RouterDataError(
+                        f"{len(missing)} of {len(jobs)} shards are not finished, so the indexes cannot be "
+                        f"written: {what}. Run (or rerun) those parts, then finalize again."
+                    )
+                log.info(
+                    "part %s done; %d of %d shards still pending in other parts (%s). The last part to "
+                    "finish writes the indexes; or run data_process.finalize_only=true afterwards.",
+                    dp.part_index,
+                    len(missing),
+                    len(jobs),
+                    what,
+                )
+            else:
+                with timer("finalise"):
+                    metrics = _finalise(
+                        run_dir,
+                        router_dir,
+                        jobs,
+                        datasets,
+                        cfg,
+                        fingerprint,
+                        per_rank,
+                        time.perf_counter() - started,
+                    )
+                metrics["phases_s"] = timer.as_dict()
+                atomic_write_json(run_dir / METRICS_FILE, metrics)
+                update_manifest(
+                    run_dir,
+                    stage1_weights=weights,
+                    router_fingerprint=fingerprint,
+                    stage2_samples=metrics["samples"],
+                )
+                log.info(
+                    "stage 2 done: %d samples, %.0f tokens/s, router data in %s",
+                    metrics["samples"],
+                    metrics["tokens_per_s"] or 0.0,
+                    router_dir,
+                )
         _barrier()
     finally:
         if own_group and dist.is_initialized():

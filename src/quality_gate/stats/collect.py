@@ -77,7 +77,7 @@ class BatchStats:
 
     ``gates`` (sum T_i, L) float16, ``perplexities`` (sum T_i,) float32, ``assistant_mask``
     (sum T_i,) bool, ``lengths`` (B,) int64, ``valid`` (B,) bool, ``invalid_reason`` B strings,
-    ``ifd_loss_cond`` / ``ifd_loss_uncond`` (B,) float32 or None.
+    ``ifd_loss_cond`` / ``ifd_loss_uncond`` (B,) float32 or None, ``embeddings`` (B, D) float16 or None.
     """
 
     lengths: torch.Tensor
@@ -88,6 +88,34 @@ class BatchStats:
     invalid_reason: list[str]
     ifd_loss_cond: torch.Tensor | None = None
     ifd_loss_uncond: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+
+
+def embedding_projection(hidden_size: int, dim: int, device: torch.device | str) -> torch.Tensor | None:
+    """A fixed ``(H, D)`` random projection (seed 0, ``N(0, 1/D)``), or None when ``D >= H`` (no projection).
+
+    Random projections keep cosine similarities approximately (Johnson-Lindenstrauss), and being
+    seeded they are the same in every run, rank and job of a Stage 2 run.
+    """
+    if dim <= 0 or dim >= hidden_size:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(hidden_size, dim, generator=gen) / dim**0.5).to(device)
+
+
+def _sample_embeddings(
+    hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, proj: torch.Tensor | None
+) -> torch.Tensor:
+    """``(B, D)`` float16: the mean final hidden state over each sample's assistant (labelled) tokens,
+    over all its tokens when it has none, projected by ``proj`` ``(H, D)``."""
+    weight = (labels != IGNORE_INDEX).float()  # (B, S)
+    weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, mask.float())  # (B, S)
+    pooled = torch.einsum("bsh,bs->bh", hidden.float(), weight) / weight.sum(1, keepdim=True).clamp_min(
+        1
+    )  # (B, H)
+    if proj is not None:
+        pooled = pooled @ proj  # (B, D)
+    return pooled.to(torch.float16)
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -135,6 +163,8 @@ def collect_batch(
     *,
     chunk_tokens: int = 1024,
     collect_ifd: bool = False,
+    embed: bool = False,
+    projection: torch.Tensor | None = None,
 ) -> BatchStats:
     """Run one right-padded batch through the gated model and pack its statistics.
 
@@ -145,6 +175,7 @@ def collect_batch(
         labels: ``(B, S)``, ``-100`` outside assistant content (from the data layer's encoder).
         chunk_tokens: scored positions per LM-head call (``data_process.nll_chunk_tokens``).
         collect_ifd: also compute the conditioned / unconditioned response losses.
+        embed: also return one embedding per sample (:func:`embedding_projection` gives ``projection``).
 
     Returns:
         :class:`BatchStats` on the CPU. A sample with no scored position or no assistant token, or
@@ -171,6 +202,7 @@ def collect_batch(
     num_bad = _segment_sum(bad_position, segment, batch)  # (B,)
     num_assistant = _segment_sum(assistant, segment, batch)  # (B,)
 
+    embeddings = _sample_embeddings(hidden, labels, attention_mask, projection).cpu() if embed else None
     cond = uncond = None
     if collect_ifd:
         label_pos = pos & target_has_label  # (B, S-1)
@@ -199,6 +231,7 @@ def collect_batch(
         invalid_reason=reasons,
         ifd_loss_cond=None if cond is None else cond.float().cpu(),
         ifd_loss_uncond=None if uncond is None else uncond.float().cpu(),
+        embeddings=embeddings,
     )
 
 
@@ -231,6 +264,8 @@ def concat_batch_stats(parts: list[tuple[list[int], BatchStats]], num_samples: i
         "valid": torch.stack([s.valid[j] for s, j, _, _ in entries]),
         "invalid_reason": [s.invalid_reason[j] for s, j, _, _ in entries],
     }
+    if entries and entries[0][0].embeddings is not None:
+        shard["embeddings"] = torch.stack([s.embeddings[j] for s, j, _, _ in entries])  # type: ignore[index]
     if entries and entries[0][0].ifd_loss_cond is not None:
         shard["ifd_loss_cond"] = torch.stack([s.ifd_loss_cond[j] for s, j, _, _ in entries])  # type: ignore[index]
         shard["ifd_loss_uncond"] = torch.stack([s.ifd_loss_uncond[j] for s, j, _, _ in entries])  # type: ignore[index]

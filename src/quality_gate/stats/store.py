@@ -5,7 +5,8 @@ Layout of one Stage 2 run (``<run>/router_data/``)::
     fingerprint.json                       what produced the statistics (model, weights, tokenizer, ...)
     <dataset>_router_data.pt               the index of one dataset (the seed's file name)
     <dataset>/shard-00000.pt               a shard: the statistics of a slice of the samples
-    <dataset>/shard-00000.pt.done          completion marker, written after the shard itself
+    <dataset>/shard-00000.pt.done          completion marker, written after the shard itself: JSON with the
+                                           fingerprint, the shard's size in bytes and its sha256
 
 A shard is a ``torch.save`` dict of tensors and plain lists (so ``weights_only=True`` reads it)::
 
@@ -18,12 +19,21 @@ A shard is a ``torch.save`` dict of tensors and plain lists (so ``weights_only=T
     invalid_reason  list[str]           "" for valid samples
     ifd_loss_cond   float32 [n]         optional: mean response NLL given the instruction
     ifd_loss_uncond float32 [n]         optional: mean response NLL without the instruction
+    embeddings      float16 [n, D]      optional: the selector's last hidden state, mean over the assistant
+                                        tokens, randomly projected to D <= 256 dims (diversity selection)
+    encode_stats    dict                counts of the shard's records (kept, truncated, dropped)
+    dropped         list[dict]          records of the shard the encoder dropped: id, reason
 
 Position pairing: position t of a sample pairs the gate values computed at token t with the
 perplexity of predicting token t+1 (the gate at t shapes exactly that prediction). A sample of
 ``n`` tokens therefore has ``T_i = n - 1`` positions; the last token predicts nothing.
 
-Bytes per stored position: 2 x L (gates) + 4 (perplexity) + 1 (mask) <= 2 x L + 8.
+Bytes per stored position: 2 x L (gates) + 4 (perplexity) + 1 (mask) <= 2 x L + 8; per sample
+2 x D more for the embedding.
+
+Integrity: a shard counts as finished only when its marker exists and the file still has the size
+and sha256 the marker recorded (:func:`shard_problem`). Stage 2 rescores a damaged shard on rerun;
+selection refuses to read one and names it.
 """
 
 from __future__ import annotations
@@ -39,9 +49,9 @@ from typing import Any
 import torch
 
 from quality_gate.errors import RouterDataError
-from quality_gate.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from quality_gate.io import atomic_torch_save, atomic_write_json
 
-FORMAT = "quality-gate/router-data/v1"
+FORMAT = "quality-gate/router-data/v2"
 INDEX_SUFFIX = "_router_data.pt"
 SHARD_KEYS = ("sample_ids", "lengths", "gates", "perplexities", "assistant_mask", "valid", "invalid_reason")
 
@@ -88,12 +98,51 @@ def shard_path(router_dir: Path, dataset_name: str, index: int) -> Path:
     return Path(router_dir) / dataset_name / f"shard-{index:05d}.pt"
 
 
+def marker_path(path: Path) -> Path:
+    return Path(str(path) + ".done")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_problem(path: Path, fingerprint: str | None = None, verify_checksum: bool = True) -> str | None:
+    """None when the shard at ``path`` is finished and intact; else why it is not, in a few words.
+
+    Finished: the marker exists, is this format's JSON, carries ``fingerprint`` (when given), and the
+    shard file has the recorded size and (with ``verify_checksum``) sha256.
+    """
+    path, marker = Path(path), marker_path(Path(path))
+    if not marker.exists():
+        return "not finished (no completion marker)" if path.exists() else "missing"
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        recorded_size, recorded_sha = int(record["bytes"]), str(record["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its completion marker is unreadable (written by another version, or damaged)"
+    if fingerprint is not None and record.get("fingerprint") != fingerprint:
+        return f"written under fingerprint {record.get('fingerprint')}, not {fingerprint}"
+    if not path.exists():
+        return "missing although its completion marker exists"
+    size = path.stat().st_size
+    if size != recorded_size:
+        return f"damaged: {size} bytes, {recorded_size} recorded when it was written (truncated copy?)"
+    if verify_checksum and file_sha256(path) != recorded_sha:
+        return "damaged: its sha256 differs from the one recorded when it was written"
+    return None
+
+
 def shard_is_complete(path: Path) -> bool:
-    return Path(str(path) + ".done").exists() and Path(path).exists()
+    """The shard is finished and intact (see :func:`shard_problem`)."""
+    return shard_problem(path) is None
 
 
 def write_shard(path: Path, shard: dict[str, Any], fingerprint: str) -> None:
-    """Write one shard atomically, then its completion marker (last)."""
+    """Write one shard atomically, then its completion marker (size and sha256 of the file, last)."""
     missing = [k for k in SHARD_KEYS if k not in shard]
     if missing:
         raise ValueError(f"shard is missing keys {missing}")
@@ -106,8 +155,21 @@ def write_shard(path: Path, shard: dict[str, Any], fingerprint: str) -> None:
         )
     if shard["lengths"].shape[0] != n or shard["valid"].shape[0] != n:
         raise ValueError("shard per-sample arrays must have one entry per sample id")
+    path = Path(path)
     atomic_torch_save({**shard, "fingerprint": fingerprint, "format": FORMAT}, path)
-    atomic_write_text(Path(str(path) + ".done"), fingerprint + "\n")
+    marker = {
+        "fingerprint": fingerprint,
+        "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+        "samples": n,
+    }
+    atomic_write_json(marker_path(path), marker)
+
+
+def remove_shard(path: Path) -> None:
+    """Delete a shard and its marker (marker first: a crash in between leaves an unfinished shard)."""
+    marker_path(path).unlink(missing_ok=True)
+    Path(path).unlink(missing_ok=True)
 
 
 def write_index(
@@ -131,20 +193,18 @@ def write_index(
     num_layers = None
     has_ifd = True
     for p in shard_paths:
-        if not shard_is_complete(p):
+        problem = shard_problem(p, fingerprint)
+        if problem is not None:
             raise RouterDataError(
-                f"shard {p} is not complete; rerun Stage 2 in the same run dir to finish it"
+                f"shard {p} is {problem}; rerun Stage 2 in the same run dir to (re)score it"
             )
-        s = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        if s.get("fingerprint") != fingerprint:
-            raise RouterDataError(
-                f"shard {p} was written under fingerprint {s.get('fingerprint')}, not {fingerprint}"
-            )
+        s = _torch_load(p)
         sample_ids.extend(s["sample_ids"])
         lengths.append(s["lengths"].clone())
         valid.append(s["valid"].clone())
         counts.append(len(s["sample_ids"]))
-        num_layers = int(s["gates"].shape[1]) if num_layers is None else num_layers
+        if len(s["sample_ids"]) and num_layers is None:
+            num_layers = int(s["gates"].shape[1])
         has_ifd = has_ifd and "ifd_loss_cond" in s
     if len(set(sample_ids)) != len(sample_ids):
         raise RouterDataError(f"dataset {dataset_name}: duplicate sample ids across shards")
@@ -186,6 +246,7 @@ class RouterShard:
     invalid_reason: list[str]
     ifd_loss_cond: torch.Tensor | None = None
     ifd_loss_uncond: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None  # (n, D) float16
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -194,8 +255,20 @@ class RouterShard:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 
 
+def _torch_load(path: Path) -> dict[str, Any]:
+    """``torch.load`` of a shard or index (weights only, memory-mapped); a file torch cannot read is a
+    :class:`RouterDataError` naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise RouterDataError(
+            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it is damaged or "
+            "not router data. Rerun Stage 2 with output_dir=<its run dir>: damaged shards are rescored."
+        ) from None
+
+
 def _load_shard(path: Path) -> RouterShard:
-    s = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    s = _torch_load(path)
     lengths = s["lengths"].to(torch.int64)
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     torch.cumsum(lengths, 0, out=offsets[1:])
@@ -210,6 +283,7 @@ def _load_shard(path: Path) -> RouterShard:
         invalid_reason=list(s["invalid_reason"]),
         ifd_loss_cond=s.get("ifd_loss_cond"),
         ifd_loss_uncond=s.get("ifd_loss_uncond"),
+        embeddings=s.get("embeddings"),
     )
 
 
@@ -227,7 +301,7 @@ def load_index(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise RouterDataError(f"router data index {path} does not exist")
-    index = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    index = _torch_load(path)
     if index.get("format") != FORMAT:
         raise RouterDataError(
             f"{path} is not Quality-Gate router data ({FORMAT}); format={index.get('format')!r}"
@@ -235,14 +309,19 @@ def load_index(path: str | Path) -> dict[str, Any]:
     return index
 
 
-def iter_shards(index_path: str | Path) -> Iterator[RouterShard]:
-    """Stream the shards of one dataset, in sample order, memory-mapped."""
+def iter_shards(index_path: str | Path, verify_checksum: bool = True) -> Iterator[RouterShard]:
+    """Stream the shards of one dataset, in sample order, memory-mapped; each is checked against its
+    marker first (size, sha256, fingerprint) and a damaged one is a :class:`RouterDataError` naming it."""
     index_path = Path(index_path)
     index = load_index(index_path)
     for rel in index["shards"]:
         p = index_path.parent / rel
-        if not shard_is_complete(p):
-            raise RouterDataError(f"shard {p} listed in {index_path} is missing or incomplete")
+        problem = shard_problem(p, index.get("fingerprint"), verify_checksum)
+        if problem is not None:
+            raise RouterDataError(
+                f"shard {p} of {index_path.name} is {problem}. Rerun Stage 2 with output_dir=<its run dir>: "
+                "it rescores missing and damaged shards and rewrites the index."
+            )
         yield _load_shard(p)
 
 
