@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint format demo assets bench clean
+.PHONY: install test test-fast lint format demo assets bench clean wheel-test
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q tests -m "not slow and not dist"
+
+# Build the wheel, install it non-editable into a fresh virtualenv, run `quality-gate warmup` from /tmp.
+wheel-test: install
+	bash scripts/check_wheel.sh $(PY) "$(TORCH)"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -154,6 +154,15 @@ def _usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``quality-gate <command> [key=value ...]``."""
+    try:
+        _main(argv)
+    except BrokenPipeError:
+        # `quality-gate select --help | head`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
+
+
+def _main(argv: Sequence[str] | None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())

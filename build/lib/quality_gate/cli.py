@@ -1,0 +1,187 @@
+"""The command line: ``quality-gate <stage> key=value ...`` (also ``python -m quality_gate``).
+
+::
+
+    quality-gate warmup   training.epochs=1                      # Stage 1
+    quality-gate collect  model_checkpoint_path=<warmup run dir>  # Stage 2
+    quality-gate select   root_dir=<collect run dir> selection_percentage=0.05
+    quality-gate finetune dataset.data_path=<run dir>/selected_data.jsonl
+    quality-gate evaluate adapter_path=<finetune run dir>/checkpoint-final
+    quality-gate experiment                                      # the whole pipeline per selector (make demo)
+    quality-gate convert --model <base> --save-path <dir>        # Stage 0
+    quality-gate <stage> --help                                  # every key with its default and meaning
+
+Each stage word is a config of ``quality_gate/configs/`` composed by Hydra, so everything Hydra
+accepts works (``--cfg job``, ``-m`` sweeps, ``hydra.run.dir=...``). ``python src/main.py
+--config-name <config>`` runs the same configs (the seed's command). Errors in the input or the
+config (:class:`~quality_gate.errors.UserError`) print one line and exit 1; anything else keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from quality_gate.compat import CONFIG_STAGES
+
+CONFIG_PATH = "pkg://quality_gate.configs"
+
+#: stage -> (module whose ``run(cfg)`` runs it, one line for the help)
+STAGES: dict[str, tuple[str, str]] = {
+    "warmup": ("quality_gate.stages.warmup", "Stage 1: train the quality gates, backbone frozen"),
+    "collect": ("quality_gate.stages.collect", "Stage 2: one forward pass, store gates and perplexities"),
+    "select": ("quality_gate.stages.select", "score (method.md or a baseline) and keep the top k %"),
+    "finetune": (
+        "quality_gate.stages.finetune",
+        "Stage 3: LoRA / full fine-tune of the target on a selection",
+    ),
+    "evaluate": ("quality_gate.stages.evaluate", "Stage 4: held-out loss, exact match, lm-eval tasks"),
+    "experiment": ("quality_gate.experiment", "all stages per selector: does selection help?"),
+}
+OTHER_COMMANDS = {"convert": "Stage 0: write a gated selector dir from a base model"}
+
+log = logging.getLogger("quality_gate")
+
+
+def run_stage(cfg: object) -> object:
+    """Validate ``cfg`` against its stage's schema and call that stage's ``run(cfg)``."""
+    from quality_gate.config import stage_of, validate
+
+    validate(cfg)  # type: ignore[arg-type]
+    module = importlib.import_module(STAGES[stage_of(cfg)][0])  # type: ignore[arg-type]
+    # The imported libraries (torch, transformers: ~10^6 objects) live until exit: move them out of the
+    # collector's sight, so full collections during the run, and the one at interpreter exit (~0.7 s
+    # with transformers loaded), do not walk them again.
+    if not os.environ.get("QG_NO_FREEZE"):
+        gc.freeze()
+    return module.run(cfg)
+
+
+def _task(cfg: object) -> None:
+    """Hydra's task function: run the stage; user errors become one line and exit code 1."""
+    from quality_gate.errors import UserError
+
+    try:
+        run_stage(cfg)
+    except UserError as e:
+        if os.environ.get("QG_TRACEBACK"):
+            raise
+        stage = getattr(cfg, "get", lambda *_: None)("stage")
+        log.error("%s failed: %s", stage, e)
+        raise SystemExit(f"error: {e}") from None
+
+
+def hydra_app(config_name: str | None, argv: Sequence[str] | None = None) -> None:
+    """Run Hydra on the packaged configs (``--config-name`` in ``argv`` picks another config)."""
+    import hydra
+
+    from quality_gate.config import register_configs
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in args or "-h" in args:
+        name = _config_name_in(args) or config_name
+        print(stage_help(name or "warmup", f"{sys.argv[0]} --config-name {name}"))
+        return
+    args = [("--help" if a == "--hydra-help" else a) for a in args]
+    register_configs()
+    sys.argv = [sys.argv[0], *args]
+    main: Callable[[], None] = hydra.main(
+        config_path=CONFIG_PATH, config_name=config_name, version_base=None
+    )(_task)
+    try:
+        main()
+    finally:
+        if not os.environ.get("QG_NO_FREEZE"):
+            gc.freeze()  # see run_stage: what the run allocated need not be walked again at exit
+
+
+def _config_name_in(args: Sequence[str]) -> str | None:
+    for i, a in enumerate(args):
+        if a in ("--config-name", "-cn") and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--config-name="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def stage_help(config_name: str, command: str) -> str:
+    """Usage and the table of every key of a config: key, default, meaning (from the schema)."""
+    from quality_gate.config import ASSETS_NOTE, SCHEMAS, help_rows
+
+    stage = CONFIG_STAGES.get(config_name)
+    if stage is None:
+        return f"unknown config {config_name!r}; known: {', '.join(sorted(CONFIG_STAGES))}"
+    schema = SCHEMAS[stage]
+    rows = help_rows(schema)
+    width = min(max(len(k) for k, _, _ in rows), 40)
+    lines = [
+        f"usage: {command} [key=value ...]",
+        "",
+        (schema.__doc__ or "").strip(),
+        "",
+        "keys (default) meaning:",
+    ]
+    for key, default, text in rows:
+        if key == "stage":
+            continue
+        lines.append(f"  {key:<{width}}  ({default}) {text}")
+    lines += [
+        "",
+        "Lists and dicts use Hydra's syntax, e.g.",
+        "  'dataset.local.datasets=[{path: a.jsonl, dataset_name: a}]'",
+        ASSETS_NOTE,
+        "--cfg job prints the composed config; --hydra-help shows Hydra's own flags.",
+    ]
+    return "\n".join(lines)
+
+
+def _usage() -> str:
+    lines = [
+        "usage: quality-gate <command> [key=value ...]   (quality-gate <command> --help for its keys)",
+        "",
+    ]
+    lines += [f"  {name:<11} {text}" for name, (_, text) in STAGES.items()]
+    lines += [f"  {name:<11} {text}" for name, text in OTHER_COMMANDS.items()]
+    aliases = sorted(name for name, stage in CONFIG_STAGES.items() if name not in STAGES)
+    lines += ["", f"the seed's config names work as commands too: {', '.join(aliases)}"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``quality-gate <command> [key=value ...]``."""
+    try:
+        _main(argv)
+    except BrokenPipeError:
+        # `quality-gate select --help | head`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
+
+
+def _main(argv: Sequence[str] | None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    if args[0] in ("-V", "--version"):
+        from quality_gate import __version__
+
+        print(f"quality-gate {__version__}")
+        return
+    command, rest = args[0], args[1:]
+    if command == "convert":
+        from quality_gate.convert import main as convert_main
+
+        convert_main(rest, prog="quality-gate convert")
+        return
+    if command not in CONFIG_STAGES:
+        raise SystemExit(f"error: unknown command {command!r}\n\n{_usage()}")
+    if "--help" in rest or "-h" in rest:
+        print(stage_help(command, f"quality-gate {command}"))
+        return
+    sys.argv[0] = "quality-gate"
+    hydra_app(command, rest)

@@ -1,0 +1,77 @@
+"""The seed's names, gathered in one place: thin aliases of the current ones.
+
+The original stages document (``stages_module_doc.zh.md``) names its configs, scripts, ``stage:``
+values and functions differently from the stage names used everywhere else here (warmup, collect,
+select, finetune, evaluate). Everything the seed's users type or import keeps working through this
+module; nothing else in the package uses the old names.
+
+=====================================  ===============================================
+seed                                    here
+=====================================  ===============================================
+``--config-name stage_1_warmup``        ``quality-gate warmup`` (run dirs: ``outputs/stage_1_warmup/``)
+``--config-name stage_2_selection``     ``quality-gate collect`` (run dirs: ``outputs/stage_2_selection/``)
+``scripts/batch_selection.py``          ``quality-gate select root_dir=...``
+``scripts/continue_selection.py``       ``quality-gate select router_data_dir=...``
+``--config-name stage_3_finetune``      ``quality-gate finetune`` (run dirs: ``outputs/stage_3_finetune/``)
+``--config-name stage_4_evaluate``      ``quality-gate evaluate`` (run dirs: ``outputs/stage_4_evaluate/``)
+``stage: selection`` (in a config)      ``stage: collect``
+``warmup(cfg)``                         :func:`quality_gate.stages.warmup.run`
+``selection.select(cfg)`` (Stage 2)     :func:`quality_gate.stages.collect.run`
+``finetune.train(cfg)`` / ``finetune``  :func:`quality_gate.stages.finetune.run`
+``evaluate(cfg)``                       :func:`quality_gate.stages.evaluate.run`
+``load_router_data``                    :func:`quality_gate.stats.store.load_router_data`
+``get_sample_router_info``              :func:`quality_gate.stats.store.get_sample_router_info`
+``compute_token_perplexity``            :func:`quality_gate.stats.collect.compute_token_perplexity`
+``FSDP_CONFIG``                         :data:`quality_gate.training.FSDP_CONFIG`
+``validate_batch_size_configuration``   :func:`quality_gate.training.validate_batch_size_configuration`
+=====================================  ===============================================
+
+The function aliases are imported on first use (PEP 562), so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: ``stage:`` values of the seed's configs -> the stage they mean.
+STAGE_ALIASES: dict[str, str] = {"selection": "collect"}
+
+#: config name (``--config-name`` or ``quality-gate <name>``) -> the stage it runs.
+CONFIG_STAGES: dict[str, str] = {
+    "warmup": "warmup",
+    "collect": "collect",
+    "select": "select",
+    "finetune": "finetune",
+    "evaluate": "evaluate",
+    "experiment": "experiment",
+    # The seed's config and script names:
+    "stage_1_warmup": "warmup",
+    "stage_2_selection": "collect",
+    "batch_selection": "select",
+    "continue_selection": "select",
+    "stage_3_finetune": "finetune",
+    "stage_4_evaluate": "evaluate",
+}
+
+_FUNCTIONS: dict[str, tuple[str, str]] = {
+    "warmup": ("quality_gate.stages.warmup", "run"),
+    "select": ("quality_gate.stages.collect", "run"),  # the seed's Stage 2 entry: selection.select(cfg)
+    "train": ("quality_gate.stages.finetune", "run"),
+    "finetune": ("quality_gate.stages.finetune", "run"),
+    "evaluate": ("quality_gate.stages.evaluate", "run"),
+    "load_router_data": ("quality_gate.stats.store", "load_router_data"),
+    "get_sample_router_info": ("quality_gate.stats.store", "get_sample_router_info"),
+    "compute_token_perplexity": ("quality_gate.stats.collect", "compute_token_perplexity"),
+    "FSDP_CONFIG": ("quality_gate.training", "FSDP_CONFIG"),
+    "validate_batch_size_configuration": ("quality_gate.training", "validate_batch_size_configuration"),
+}
+
+__all__ = ["CONFIG_STAGES", "STAGE_ALIASES", *_FUNCTIONS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FUNCTIONS:
+        module, attr = _FUNCTIONS[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

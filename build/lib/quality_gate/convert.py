@@ -1,0 +1,107 @@
+"""Stage 0: turn a base causal LM (Qwen2/2.5, Qwen3, Llama, Mistral) into a gated selector directory.
+
+    quality-gate convert --model Qwen/Qwen3-1.7B --save-path converted_models/quality_gate_Qwen3-1.7B
+    python scripts/convert_qwen_to_quality_gate.py --model ... --save-path ...   # the seed's command
+
+The directory holds the unchanged base model files plus ``quality_gate.safetensors`` (one
+``Linear(hidden, 1)`` per decoder layer, ``~Normal(init_mean, init_std)``) and
+``quality_gate_config.json``. It loads with :func:`quality_gate.models.load_selector` and needs no
+``trust_remote_code``. Stages 1 and 2 also convert a plain base model on load; converting once
+fixes the gate init in a file, so every later run starts from the same gates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_dtype(model: str, trust_remote_code: bool) -> str:
+    """The dtype name stored in the checkpoint's config, float32 when it names none we support."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return name if name in ("bfloat16", "float16", "float32") else "float32"
+
+
+def convert(
+    model: str,
+    save_path: str | Path,
+    *,
+    init_mean: float = 0.0,
+    init_std: float = 0.02,
+    dtype: str = "auto",
+    seed: int = 0,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Load ``model``, attach gates (seeded init), write the converted dir; returns it.
+
+    Conversion is a copy plus new gate tensors: it runs on the CPU and, with ``dtype="auto"``, keeps
+    the checkpoint's own dtype (the stages' "auto" would pick float32 on a CPU).
+    """
+    import torch
+
+    from quality_gate.models import load_selector, save_converted
+
+    torch.manual_seed(seed)
+    if dtype == "auto":
+        dtype = checkpoint_dtype(model, trust_remote_code)
+    selector, tokenizer = load_selector(
+        model,
+        dtype=dtype,
+        device="cpu",
+        trust_remote_code=trust_remote_code,
+        gate_init_mean=init_mean,
+        gate_init_std=init_std,
+    )
+    return save_converted(selector, tokenizer, save_path)
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="base model: HF id or local path")
+    parser.add_argument("--save-path", required=True, help="output directory of the converted selector")
+    parser.add_argument("--init-mean", type=float, default=0.0, help="mean of the gate weight init")
+    parser.add_argument("--init-std", type=float, default=0.02, help="std of the gate weight init")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="dtype of the saved weights (auto: the checkpoint's own dtype)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the gate init")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow custom modelling code of --model"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    """Command line of Stage 0; user errors print one line and exit 1."""
+    from quality_gate.errors import UserError
+
+    args = parse_args(argv, prog)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = convert(
+            args.model,
+            args.save_path,
+            init_mean=args.init_mean,
+            init_std=args.init_std,
+            dtype=args.dtype,
+            seed=args.seed,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+    log.info("wrote %s:", out)
+    for path in sorted(out.iterdir()):
+        log.info("  %-32s %14s bytes", path.name, f"{path.stat().st_size:,d}")

@@ -1,0 +1,343 @@
+"""Loading models: the gated selector (Stages 1 and 2) and the plain target (Stages 3 and 4).
+
+A *converted* selector directory holds the base model exactly as ``save_pretrained`` writes it (no
+wrappers, so it loads with plain ``transformers`` and never needs ``trust_remote_code``) plus:
+
+- ``quality_gate.safetensors``: the gate weights, keys ``model.layers.<i>.mlp.quality_gate.gate.weight``;
+- ``quality_gate_config.json``: format, number of layers, hidden size, gate init, base model.
+
+:func:`load_selector` also accepts any plain base model (path or HF id) and converts it on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from quality_gate.errors import ConfigError, DataError, MissingPathError
+from quality_gate.gate import (
+    GATE_PARAM_KEY,
+    attach_quality_gates,
+    find_quality_gates,
+    gate_state_dict,
+)
+from quality_gate.io import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+GATE_WEIGHTS_FILE = "quality_gate.safetensors"
+GATE_CONFIG_FILE = "quality_gate_config.json"
+FULL_RANK_WEIGHTS_FILE = "full_rank_weights.pt"
+# Stage 1 LoRA mode: the gate weights the adapter was trained on, saved beside the adapter.
+GATE_BASE_FILE = "quality_gate_base.safetensors"
+FORMAT_VERSION = "quality-gate/v1"
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def default_device() -> str:
+    """``cuda:<LOCAL_RANK>`` when CUDA is available (one GPU per rank under torchrun), else ``cpu``."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str, device: str | torch.device | None = None) -> torch.dtype:
+    """Map a config dtype to a torch dtype.
+
+    ``auto`` is bfloat16 on a CUDA device that supports it and float32 otherwise (CPU, or an old
+    GPU, where float16 training of the gates would need loss scaling).
+    """
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    if dtype != "auto":
+        raise ConfigError(f"dtype={dtype!r} is not supported; use one of ['auto', *{sorted(_DTYPES)}]")
+    device = torch.device(device if device is not None else default_device())
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"tokenizer of {path} has neither a pad nor an eos token; add a pad token")
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("tokenizer has no pad token; using eos %r as pad", tokenizer.eos_token)
+    return tokenizer
+
+
+def _load_causal_lm(
+    path: str,
+    *,
+    dtype: str,
+    device: str | None,
+    trust_remote_code: bool,
+    attn_implementation: str | None,
+) -> PreTrainedModel:
+    device = device or default_device()
+    kwargs: dict[str, Any] = {
+        "dtype": resolve_dtype(dtype, device),
+        "trust_remote_code": trust_remote_code,
+        # Load straight onto the device: a large checkpoint never sits in host memory as a whole.
+        "device_map": device,
+    }
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def _sync_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def is_converted_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory written by :func:`save_converted`."""
+    return (Path(path) / GATE_CONFIG_FILE).is_file()
+
+
+def _load_gate_tensors(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Copy ``state`` into the model's gate parameters; every gate key must match exactly."""
+    params = {name: p for name, p in model.named_parameters() if GATE_PARAM_KEY in name}
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ConfigError(
+            f"gate weights in {source} do not match the model: missing {missing[:4]}"
+            f"{'...' if len(missing) > 4 else ''} ({len(missing)}), unexpected {unexpected[:4]}"
+            f"{'...' if len(unexpected) > 4 else ''} ({len(unexpected)}). Check that selector_model.path "
+            "is the model the gates were trained on."
+        )
+    with torch.no_grad():
+        for name, value in state.items():
+            if value.shape != params[name].shape:
+                raise ConfigError(
+                    f"gate weight {name} in {source} has shape {tuple(value.shape)}, the model expects "
+                    f"{tuple(params[name].shape)}; check selector_model.path"
+                )
+            params[name].copy_(value)
+
+
+def load_selector(
+    path: str,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    gate_init_mean: float = 0.0,
+    gate_init_std: float = 0.02,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the gated selector model and its tokenizer.
+
+    ``path`` is a converted directory (gates loaded from ``quality_gate.safetensors``) or any plain
+    base model path / HF id (gates attached with ``Normal(gate_init_mean, gate_init_std)``).
+    ``device=None`` picks :func:`default_device`.
+    """
+    model = _load_causal_lm(
+        path,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+    )
+    tokenizer = _load_tokenizer(path, trust_remote_code)
+    _sync_pad_token(model, tokenizer)
+    if is_converted_dir(path):
+        gate_config = json.loads((Path(path) / GATE_CONFIG_FILE).read_text())
+        attach_quality_gates(model, gate_config.get("init_mean", 0.0), gate_config.get("init_std", 0.02))
+        _load_gate_tensors(model, load_file(str(Path(path) / GATE_WEIGHTS_FILE)), str(path))
+        log.info("loaded converted selector from %s", path)
+    else:
+        attach_quality_gates(model, gate_init_mean, gate_init_std)
+        log.info("converted %s on load: new gates ~ Normal(%g, %g)", path, gate_init_mean, gate_init_std)
+    return model, tokenizer
+
+
+def save_converted(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike
+) -> Path:
+    """Write a converted selector directory (see the module docstring); returns it.
+
+    The base model is saved without the wrappers, so its files are those of the original
+    architecture. ``quality_gate_config.json`` is written last: a directory interrupted half-way is
+    not mistaken for a converted one.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wrappers = find_quality_gates(model)
+    if not wrappers:
+        raise ValueError("model has no quality gates; call attach_quality_gates(model) first")
+    gates = {name: t.contiguous() for name, t in gate_state_dict(model).items()}
+    parents = {w: _parent_of(model, w) for w in wrappers}
+    try:
+        for wrapper, (parent, attr) in parents.items():
+            setattr(parent, attr, wrapper.base_layer)
+        model.save_pretrained(out_dir)
+    finally:
+        for wrapper, (parent, attr) in parents.items():
+            setattr(parent, attr, wrapper)
+    tokenizer.save_pretrained(out_dir)
+    with atomic_path(out_dir / GATE_WEIGHTS_FILE) as tmp:
+        save_file(gates, str(tmp), metadata={"format": FORMAT_VERSION})
+    first_gate = wrappers[0].quality_gate
+    atomic_write_json(
+        out_dir / GATE_CONFIG_FILE,
+        {
+            "format": FORMAT_VERSION,
+            "model_type": getattr(model.config, "model_type", None),
+            "base_model": getattr(model, "name_or_path", None),
+            "num_layers": len(wrappers),
+            "hidden_size": first_gate.gate.in_features,
+            "init_mean": first_gate.init_mean,
+            "init_std": first_gate.init_std,
+            "gate_param_key": GATE_PARAM_KEY,
+            "weights_file": GATE_WEIGHTS_FILE,
+        },
+    )
+    log.info("saved converted selector (%d gates) to %s", len(wrappers), out_dir)
+    return out_dir
+
+
+def _parent_of(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
+    for module in model.modules():
+        for attr, child in module.named_children():
+            if child is target:
+                return module, attr
+    raise ValueError("module not found in model")
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _resolve_stage1_checkpoint(checkpoint_path: str) -> tuple[str, Path]:
+    """``(kind, path)``: ``("full_rank", <file.pt>)`` or ``("lora", <adapter dir>)``."""
+    path = Path(checkpoint_path)
+    if path.is_file():
+        return "full_rank", path
+    if (path / "adapter_config.json").is_file():
+        return "lora", path
+    if (path / FULL_RANK_WEIGHTS_FILE).is_file():
+        return "full_rank", path / FULL_RANK_WEIGHTS_FILE
+    if (path / "checkpoint-final" / "adapter_config.json").is_file():
+        return "lora", path / "checkpoint-final"
+    raise MissingPathError(
+        f"model_checkpoint_path={checkpoint_path!r} is not a Stage 1 output: expected a "
+        f"{FULL_RANK_WEIGHTS_FILE} file, a LoRA checkpoint dir (adapter_config.json), or a Stage 1 "
+        f"run dir containing one of them"
+    )
+
+
+def _merge_lora_adapter(model: nn.Module, adapter_dir: Path) -> None:
+    """Load a LoRA adapter on ``quality_gate.gate`` with peft and merge it into the gate weights.
+
+    peft's ``merge_and_unload`` cannot be used: it treats every module with a ``base_layer``
+    attribute as one of its own layers, and so also "unloads" our QualityGatedMLP wrappers. Each
+    LoRA layer is merged and replaced by its base Linear here instead.
+    """
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base_file = Path(adapter_dir) / GATE_BASE_FILE
+    if base_file.is_file():
+        base = load_file(str(base_file))
+        gates = find_quality_gates(model)
+        if len(base) != len(gates):
+            raise ConfigError(f"{base_file} holds {len(base)} gates, the model has {len(gates)}")
+        with torch.no_grad():
+            for m in gates:
+                m.quality_gate.gate.weight.copy_(base[f"layers.{m.layer_idx}.weight"])
+    else:
+        log.warning(
+            "%s has no %s: the adapter is merged into the gates as initialised now (seed and "
+            "quality_gate.init_* must match Stage 1)",
+            adapter_dir,
+            GATE_BASE_FILE,
+        )
+    PeftModel.from_pretrained(model, str(adapter_dir))  # injects the LoRA layers into `model` in place
+    lora_layers = {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    if not lora_layers:
+        raise ConfigError(f"the LoRA checkpoint {adapter_dir} adds no layer to the model")
+    foreign = [name for name in lora_layers if not name.endswith(GATE_PARAM_KEY)]
+    if foreign:
+        raise ConfigError(
+            f"the LoRA checkpoint {adapter_dir} also targets {foreign[:3]}; a Stage 1 adapter may only "
+            f"target `{GATE_PARAM_KEY}`"
+        )
+    for layer in lora_layers.values():
+        layer.merge()
+        parent, attr = _parent_of(model, layer)
+        setattr(parent, attr, layer.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+
+
+def apply_stage1_weights(model: PreTrainedModel, checkpoint_path: str) -> dict[str, Any]:
+    """Load Stage 1 gate weights into a gated ``model`` (in place).
+
+    ``checkpoint_path`` is a Stage 1 run dir, a ``full_rank_weights.pt`` (every gate key must match)
+    or a LoRA checkpoint dir (the adapter on ``quality_gate.gate`` is merged into the gate weights).
+    Returns ``{"kind", "path", "sha256", "num_gate_tensors"}`` for the manifest.
+    """
+    if not find_quality_gates(model):
+        raise ValueError("model has no quality gates; load it with load_selector() first")
+    kind, path = _resolve_stage1_checkpoint(checkpoint_path)
+    if kind == "full_rank":
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or "model_state_dict" not in payload:
+            raise DataError(f"{path} has no 'model_state_dict'; is it a Stage 1 {FULL_RANK_WEIGHTS_FILE}?")
+        state = payload["model_state_dict"]
+        _load_gate_tensors(model, state, str(path))
+        weights_file = path
+        count = len(state)
+    else:
+        _merge_lora_adapter(model, path)
+        weights_file = next(
+            (
+                path / name
+                for name in ("adapter_model.safetensors", "adapter_model.bin")
+                if (path / name).exists()
+            ),
+            path / "adapter_config.json",
+        )
+        count = len(find_quality_gates(model))
+    info = {"kind": kind, "path": str(path), "sha256": sha256_of(weights_file), "num_gate_tensors": count}
+    log.info("applied Stage 1 %s weights from %s", kind, path)
+    return info
+
+
+def load_target(
+    name_or_path: str,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a plain causal LM (no gates) and its tokenizer, for Stages 3 and 4."""
+    model = _load_causal_lm(
+        name_or_path,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+    )
+    tokenizer = _load_tokenizer(name_or_path, trust_remote_code)
+    _sync_pad_token(model, tokenizer)
+    return model, tokenizer

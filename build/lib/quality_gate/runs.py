@@ -1,0 +1,203 @@
+"""Run directories and the manifest.
+
+Every stage writes into ``outputs/<run_name>/YYYY-MM-DD/HH-MM-SS-<key overrides>/`` (Hydra's run dir,
+see ``configs/_run_dir.yaml``; ``run_name`` is the stage name) and starts with :func:`init_run`, which
+saves the resolved config (``config.yaml``) and a ``manifest.json`` (git commit, package versions,
+models, dataset fingerprints, seed). All ranks of a ``torchrun`` launch share one run dir (the
+``qg_now`` resolver of :mod:`quality_gate.config` takes the launcher's start time).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from quality_gate.compat import STAGE_ALIASES
+from quality_gate.errors import ConfigError
+from quality_gate.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "hydra-core",
+    "safetensors",
+    "tokenizers",
+    "quality-gate",
+)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The run directory: ``cfg.output_dir`` when set, else Hydra's run dir, else the cwd."""
+    out = cfg.get("output_dir")
+    if out:
+        return Path(out)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except (ImportError, ValueError):
+        return Path.cwd()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent,
+        timeout=10,
+    ).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def init_run(cfg: DictConfig, stage: str, **manifest_fields: Any) -> Path:
+    """Create the run dir; on rank 0 write ``config.yaml`` (resolved) and ``manifest.json``.
+
+    Rerunning into an existing run dir (resume) keeps what is there: a different config is saved as
+    ``config.<time>.yaml`` beside the original, and the manifest gains an entry under ``reruns``
+    instead of being replaced, so a refused or failed rerun never rewrites the provenance of the
+    outputs already in the dir.
+    """
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        now = dt.datetime.now()
+        entry = {
+            "started_at": now.isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "git_commit": git_commit(),
+        }
+        manifest_path = run_dir / "manifest.json"
+        if manifest_path.exists():
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            if STAGE_ALIASES.get(manifest.get("stage"), manifest.get("stage")) not in (None, stage):
+                raise ConfigError(
+                    f"output_dir={run_dir} is a {manifest.get('stage')} run dir; a {stage} run cannot "
+                    "write into it. Choose a new output_dir (or leave it unset)."
+                )
+            manifest.setdefault("reruns", []).append(entry)
+        else:
+            manifest = {
+                "stage": stage,
+                **entry,
+                "python": platform.python_version(),
+                "packages": package_versions(),
+                "seed": cfg.get("seed"),
+                "world_size": world_size(),
+                **manifest_fields,
+            }
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+        config_path = run_dir / "config.yaml"
+        if not config_path.exists():
+            atomic_write_text(config_path, text)
+        elif config_path.read_text(encoding="utf-8") != text:
+            other = run_dir / f"config.{now:%Y-%m-%d_%H-%M-%S}.yaml"
+            atomic_write_text(other, text)
+            log.warning("%s holds a run with another config; this one is saved as %s", run_dir, other.name)
+        atomic_write_json(manifest_path, manifest)
+    log.info("run dir: %s", run_dir)
+    return run_dir
+
+
+def update_manifest(run_dir: Path, **fields: Any) -> None:
+    """Merge ``fields`` into ``manifest.json`` (rank 0 only)."""
+    if not is_main_process():
+        return
+    path = Path(run_dir) / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {}
+    manifest.update(fields)
+    atomic_write_json(path, manifest)
+
+
+class PhaseTimer:
+    """Wall seconds per named phase of a stage (``with timer("encode"): ...``); ``as_dict()`` for metrics.
+
+    The process start (interpreter, imports) is counted too: ``since_process_start_s`` is the time
+    from the interpreter's start to the first phase, the fixed cost a user pays before any work.
+    """
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self.phases: dict[str, float] = {}
+        self.before_first_phase_s: float | None = None
+
+    @staticmethod
+    def process_age_s() -> float | None:
+        """Seconds since this process started (Linux ``/proc``), else None."""
+        try:
+            ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+            uptime = float(Path("/proc/uptime").read_text().split()[0])
+            return uptime - ticks / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __call__(self, name: str) -> Any:
+        import contextlib
+
+        if self.before_first_phase_s is None:
+            self.before_first_phase_s = self.process_age_s()
+
+        @contextlib.contextmanager
+        def phase() -> Any:
+            start = self._clock()
+            try:
+                yield
+            finally:
+                self.phases[name] = round(self.phases.get(name, 0.0) + self._clock() - start, 3)
+
+        return phase()
+
+    def as_dict(self) -> dict[str, Any]:
+        age = self.before_first_phase_s
+        return {**self.phases, "process_start_to_first_phase_s": None if age is None else round(age, 2)}

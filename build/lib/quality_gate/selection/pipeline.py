@@ -1,0 +1,349 @@
+"""Selection end to end: router data -> scores -> kept records, scores table, summary, report, exports.
+
+``run_selection(cfg)`` is the body of the ``select`` stage (``quality-gate select``, the seed's
+``scripts/batch_selection.py`` and ``scripts/continue_selection.py``, the experiment runner). Every
+check that can fail runs before anything is written; all outputs are first written into a staging
+folder inside the output dir and then renamed into place, so a failed run leaves the output dir as
+it was.
+
+Output dir: ``output_dir`` when set; else the input dir for ``selector=quality_gate`` (the seed's
+``<root_dir>/selected_data.jsonl``) and ``<input dir>/selection_<selector>/`` for the other
+selectors, so that several selectors can be run on one Stage 2 run without overwriting each other.
+Stage 2's own ``config.yaml`` in the input dir is never touched (the report reads it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from omegaconf import DictConfig
+
+from quality_gate.config import validate
+from quality_gate.data.records import corruption_of
+from quality_gate.errors import SelectionError
+from quality_gate.io import atomic_write_json, atomic_write_jsonl
+from quality_gate.selection.audit import corruption_audit
+from quality_gate.selection.export import export_hf_dataset, export_llamafactory
+from quality_gate.selection.scoring import (
+    ColumnStats,
+    SampleStats,
+    ScoreParams,
+    collect_sample_stats,
+    quality_scores,
+)
+from quality_gate.selection.selectors import (
+    SelectorScores,
+    available_selectors,
+    rank_order,
+    select,
+    selector_scores,
+)
+from quality_gate.stats.store import INDEX_SUFFIX, find_router_data, load_index
+
+log = logging.getLogger(__name__)
+
+RECORDS_SUFFIX = "_records.jsonl"
+QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
+# The summary lists at most this many invalid samples one by one (all are counted).
+MAX_LISTED_INVALID = 1000
+
+
+@dataclasses.dataclass
+class SelectionResult:
+    """What a selection computed; ``order`` (n_kept,) are sample indices of the kept ones, best first."""
+
+    stats: SampleStats
+    q: np.ndarray
+    columns: dict[str, ColumnStats]
+    scores: dict[str, SelectorScores]
+    selector: str
+    params: ScoreParams
+    percentage: float
+    rank: np.ndarray
+    selected: np.ndarray
+    order: np.ndarray
+    output_dir: Path
+    summary: dict[str, Any] | None = None  # selection_summary.json, once run_selection wrote it
+
+
+# --------------------------------------------------------------------------------------------- #
+# Inputs
+# --------------------------------------------------------------------------------------------- #
+def _input_dir(cfg: DictConfig) -> tuple[Path, list[Path]]:
+    """The input dir and its router data indexes (``root_dir`` recursive, ``router_data_dir`` flat)."""
+    root, flat = cfg.root_dir, cfg.router_data_dir
+    if root:
+        path = Path(root)
+        if not path.is_dir():
+            raise SelectionError(
+                f"root_dir={root} is not a directory; pass the run dir of a finished Stage 2 run"
+            )
+        found = find_router_data(path)
+        key = "root_dir"
+    else:
+        path = Path(flat)
+        if not path.is_dir():
+            raise SelectionError(f"router_data_dir={flat} is not a directory")
+        found = sorted(p for p in path.glob(f"*{INDEX_SUFFIX}") if p.is_file())
+        key = "router_data_dir"
+    if not found:
+        raise SelectionError(
+            f"{key}={path} holds no router data (*{INDEX_SUFFIX}); "
+            f"run Stage 2 first or point {key} at its run dir"
+        )
+    return path, found
+
+
+def _check_fingerprints(index_paths: list[Path]) -> str:
+    """All indexes (and the ``fingerprint.json`` beside them) must come from one Stage 2 setup."""
+    seen: dict[str, list[str]] = {}
+    for p in index_paths:
+        fp = str(load_index(p).get("fingerprint"))
+        seen.setdefault(fp, []).append(str(p))
+        fp_file = p.parent / "fingerprint.json"
+        if fp_file.exists():
+            stored = json.loads(fp_file.read_text()).get("fingerprint")
+            if stored != fp:
+                raise SelectionError(
+                    f"{p} has fingerprint {fp} but {fp_file} says {stored}; rerun Stage 2 there"
+                )
+    if len(seen) > 1:
+        lines = "\n".join(f"  {fp}: {paths}" for fp, paths in seen.items())
+        raise SelectionError(
+            "the router data under the input dir comes from different Stage 2 setups (fingerprints); "
+            f"select them separately or rerun Stage 2 with one setup:\n{lines}"
+        )
+    return next(iter(seen))
+
+
+def records_path(index_path: Path, dataset: str) -> Path:
+    return index_path.parent / f"{dataset}{RECORDS_SUFFIX}"
+
+
+def _iter_records(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SelectionError(f"{path}:{line_no} is not valid JSON ({e}); rerun Stage 2") from e
+
+
+def _read_records(stats: SampleStats, wanted: set[int]) -> tuple[dict[int, dict[str, Any]], list[str | None]]:
+    """Records of the sample indices in ``wanted``, and every sample's corruption label (N,)
+    (:func:`~quality_gate.data.records.corruption_of`; None where the record has none)."""
+    row_of = {(d, i): k for k, (d, i) in enumerate(zip(stats.datasets, stats.ids))}
+    records: dict[int, dict[str, Any]] = {}
+    kinds: list[str | None] = [None] * len(stats)
+    for dataset, index_path in stats.index_paths.items():
+        for record in _iter_records(records_path(index_path, dataset)):
+            k = row_of.get((dataset, str(record.get("id"))))
+            if k is None:
+                continue
+            kinds[k] = corruption_of(record)
+            if k in wanted:
+                records[k] = record
+    missing = [stats.ids[k] for k in wanted if k not in records]
+    if missing:
+        raise SelectionError(
+            f"{len(missing)} scored samples have no record in the *{RECORDS_SUFFIX} files "
+            f"(e.g. {missing[:3]}); "
+            "the records and the router data disagree: rerun Stage 2 in a fresh run dir"
+        )
+    return records, kinds
+
+
+def _params(cfg: DictConfig) -> ScoreParams:
+    return ScoreParams(
+        alpha=float(cfg.alpha),
+        eps=float(cfg.eps),
+        tau=float(cfg.tau),
+        token_scope=str(cfg.token_scope),
+        pairing=str(cfg.pairing),
+    )
+
+
+# --------------------------------------------------------------------------------------------- #
+# Selection
+# --------------------------------------------------------------------------------------------- #
+def compute_selection(cfg: DictConfig) -> SelectionResult:
+    """Every computation of the selection, nothing written. Raises :class:`SelectionError`."""
+    validate(cfg)
+    params, k, selector = _params(cfg), float(cfg.selection_percentage), str(cfg.selector)
+    input_dir, index_paths = _input_dir(cfg)
+    _check_fingerprints(index_paths)
+    for p in index_paths:
+        name = load_index(p)["dataset_name"]
+        if not records_path(p, name).exists():
+            raise SelectionError(
+                f"records file {records_path(p, name)} is missing; "
+                "Stage 2 writes it beside the router data: rerun it"
+            )
+    per_dataset = bool(cfg.per_dataset)
+    stats = collect_sample_stats(index_paths, params)
+    names = np.asarray(stats.datasets)
+    failed = [d for d in stats.index_paths if not stats.valid[names == d].any()]
+    if failed:
+        reasons = sorted({r for r, d in zip(stats.invalid_reason, stats.datasets) if d in failed})
+        raise SelectionError(
+            f"every sample of dataset(s) {failed} is invalid (reasons: {reasons[:5]}); fix Stage 2 for them "
+            "(e.g. token_scope=assistant needs assistant turns) or remove their router data"
+        )
+    q, columns = quality_scores(stats, params, per_dataset)
+    seed = int(cfg.seed)
+    scores = {name: selector_scores(name, stats, q, seed) for name in available_selectors(stats)}
+    if selector not in scores:
+        scores[selector] = selector_scores(selector, stats, q, seed)  # raises the reason it is not available
+    rank, selected = select(scores[selector], stats, k, per_dataset)
+    order = rank_order(scores[selector].score, np.asarray(stats.ids), selected)
+    out = cfg.output_dir
+    if out:
+        output_dir = Path(out)
+    else:
+        output_dir = input_dir if selector == "quality_gate" else input_dir / f"selection_{selector}"
+    return SelectionResult(stats, q, columns, scores, selector, params, k, rank, selected, order, output_dir)
+
+
+def _quantiles(x: np.ndarray) -> dict[str, float]:
+    x = x[np.isfinite(x)]
+    if not len(x):
+        return {}
+    return {f"p{round(p * 100)}": float(v) for p, v in zip(QUANTILES, np.quantile(x, QUANTILES))}
+
+
+def summary_of(res: SelectionResult, params: dict[str, Any]) -> dict[str, Any]:
+    """The content of ``selection_summary.json``."""
+    stats = res.stats
+    names = np.asarray(stats.datasets)
+    per_dataset = {}
+    for d in stats.index_paths:
+        m = names == d
+        valid = int(stats.valid[m].sum())
+        kept = int(res.selected[m].sum())
+        per_dataset[d] = {
+            "num_samples": int(m.sum()),
+            "valid": valid,
+            "invalid": int(m.sum()) - valid,
+            "selected": kept,
+            "kept_fraction": kept / valid if valid else 0.0,
+        }
+    invalid = [
+        {"id": i, "dataset": d, "reason": r}
+        for i, d, r, ok in zip(stats.ids, stats.datasets, stats.invalid_reason, stats.valid)
+        if not ok
+    ]
+    return {
+        "parameters": params,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "num_samples": len(stats),
+        "num_valid": int(stats.valid.sum()),
+        "num_selected": int(res.selected.sum()),
+        "budget_rule": "ceil(selection_percentage * valid samples)"
+        + (" per dataset" if params["per_dataset"] else ""),
+        "num_layers": int(stats.S.shape[1]),
+        "datasets": per_dataset,
+        "selectors_computed": sorted(res.scores),
+        "score_quantiles": {name: _quantiles(s.score) for name, s in res.scores.items()},
+        "column_statistics": {
+            g: {"a": c.a.tolist(), "b": c.b.tolist(), "mu": c.mu.tolist()} for g, c in res.columns.items()
+        },
+        "invalid_samples": {"count": len(invalid), "listed": invalid[:MAX_LISTED_INVALID]},
+        "inputs": {d: str(p) for d, p in stats.index_paths.items()},
+    }
+
+
+def scores_table(res: SelectionResult) -> pa.Table:
+    """One row per sample: id, dataset, q, S_0..S_{L-1}, length, rank, selected, valid, baselines."""
+    stats = res.stats
+    cols: dict[str, Any] = {
+        "id": pa.array(stats.ids, pa.string()),
+        "dataset": pa.array(stats.datasets, pa.string()),
+        "q": pa.array(res.q),
+    }
+    for layer in range(stats.S.shape[1]):
+        cols[f"S_{layer}"] = pa.array(stats.S[:, layer])
+    cols.update(
+        length=pa.array(stats.length),
+        scope_positions=pa.array(stats.scope_positions),
+        rank=pa.array(res.rank),
+        selected=pa.array(res.selected),
+        valid=pa.array(stats.valid),
+        invalid_reason=pa.array(stats.invalid_reason, pa.string()),
+        ppl_score=pa.array(stats.mean_nll),
+    )
+    if "ifd" in res.scores:
+        cols["ifd"] = pa.array(stats.ifd)
+    cols["random"] = pa.array(res.scores["random"].score)
+    return pa.table(cols, metadata={"selector": res.selector})
+
+
+def _install(staging: Path, output_dir: Path) -> None:
+    """Move every staged entry into ``output_dir`` (each rename is atomic)."""
+    for entry in sorted(staging.iterdir()):
+        target = output_dir / entry.name
+        if entry.is_dir() and target.exists():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+
+
+def run_selection(cfg: DictConfig) -> SelectionResult:
+    """Select and write ``selected_data.jsonl``, ``scores.parquet``, ``selection_summary.json``,
+    ``selection_report.html``, ``llamafactory/`` and ``hf_dataset/`` into the output dir."""
+    from quality_gate.selection.report import write_report
+
+    res = compute_selection(cfg)
+    top_k = int(cfg.report_top_k)
+    ranked_q = rank_order(
+        res.scores["quality_gate"].score, np.asarray(res.stats.ids), res.scores["quality_gate"].eligible
+    )
+    showcase = [int(i) for i in ranked_q[:top_k]] + [int(i) for i in ranked_q[::-1][:top_k]]
+    records, kinds = _read_records(res.stats, set(res.order.tolist()) | set(showcase))
+    kept = [records[int(i)] for i in res.order]
+    parameters = {
+        **dataclasses.asdict(res.params),
+        "selection_percentage": res.percentage,
+        "selector": res.selector,
+        "per_dataset": bool(cfg.per_dataset),
+        "seed": int(cfg.seed),
+        "input": str(cfg.root_dir or cfg.router_data_dir),
+        "tau_rule": "denominator factor max(mu_l, eps) if tau == 0 else mu_l + tau",
+    }
+    summary = summary_of(res, parameters)
+    summary["corruption_audit"] = corruption_audit(
+        res.stats, res.scores, kinds, res.percentage, bool(cfg.per_dataset)
+    )
+    res.output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".selection-staging-", dir=res.output_dir))
+    try:
+        pq.write_table(scores_table(res), staging / "scores.parquet")
+        atomic_write_jsonl(staging / "selected_data.jsonl", kept)
+        export_llamafactory(kept, staging / "llamafactory")
+        export_hf_dataset(kept, res.q[res.order], staging / "hf_dataset")
+        if cfg.report:
+            write_report(staging / "selection_report.html", res, summary, records, showcase)
+        atomic_write_json(staging / "selection_summary.json", summary)
+        _install(staging, res.output_dir)
+        res.summary = summary
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info(
+        "kept %d of %d valid samples (%s, k=%s) -> %s",
+        len(kept),
+        summary["num_valid"],
+        res.selector,
+        res.percentage,
+        res.output_dir / "selected_data.jsonl",
+    )
+    return res

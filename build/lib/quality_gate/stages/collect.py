@@ -1,0 +1,584 @@
+"""Stage 2 (collect): every sample's gate values and per-token perplexities, one forward pass.
+
+``quality-gate collect model_checkpoint_path=<warmup run dir>`` (seed: ``python src/main.py
+--config-name stage_2_selection ...``; several GPUs: ``torchrun --nproc_per_node=N src/main.py
+--config-name collect ...`` or ``accelerate launch src/main.py --config-name collect ...``; a job
+array: ``data_process.num_parts=N data_process.part_index=i output_dir=<shared dir>``).
+
+Recipe: load the gated selector and its Stage 1 weights -> read every dataset's records -> cut each
+dataset into shards of ``data_process.shard_size`` records -> fingerprint the setup (a rerun with
+other settings refuses to mix, before anything is written) -> for the shards of this job (part) and
+rank that are not finished and intact: encode the shard's records (the next shard is encoded in a
+background thread while this one is scored), score them in token-budget batches (one backbone
+forward each), write the shard atomically with a marker holding its size and sha256 -> once every
+shard is finished (here, or by the other parts), rank 0 writes each dataset's index
+(``router_data/<dataset>_router_data.pt``), the scored records (``router_data/<dataset>_records.jsonl``),
+``dropped_samples.jsonl`` and ``stage2_metrics.json``.
+
+Resume: rerun with the same ``output_dir``; finished shards are skipped, damaged ones (size or
+checksum differ from their marker) are named and rescored. A shard's content depends only on its
+records and the config, so the result equals an uninterrupted run. Work is split by shards: between
+parts (independent jobs, no rendezvous) and then between the ranks of one launch, each by a
+deterministic greedy balance of the shards' estimated tokens; every record belongs to exactly one
+shard, no rank or part ever writes another's shard, and only rank 0 of a launch writes the indexes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import gc
+import hashlib
+import json
+import logging
+import resource
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from quality_gate.config import validate
+from quality_gate.data import (
+    encode_records,
+    ensure_chat_template,
+    pad_batch,
+    records_fingerprint,
+    token_budget_batches,
+)
+from quality_gate.data.sources import SKIPPED_ROWS_FILE, read_records, report_skipped
+from quality_gate.errors import RouterDataError
+from quality_gate.io import atomic_write_json, atomic_write_jsonl
+from quality_gate.models import apply_stage1_weights, default_device, is_converted_dir, load_selector
+from quality_gate.runs import PhaseTimer, init_run, is_main_process, rank, update_manifest, world_size
+from quality_gate.stats.collect import collect_batch, concat_batch_stats, embedding_projection
+from quality_gate.stats.store import (
+    FORMAT,
+    check_or_write_fingerprint,
+    remove_shard,
+    shard_path,
+    shard_problem,
+    write_index,
+    write_shard,
+)
+
+log = logging.getLogger(__name__)
+
+# Ranks finish their shards at different times; the slowest may trail by far more than the
+# default 10-minute collective timeout on a large dataset.
+_BARRIER_TIMEOUT = dt.timedelta(hours=12)
+# Records the encoder dropped (too long under truncation=drop, or no assistant token left).
+DROPPED_SAMPLES_FILE = "dropped_samples.jsonl"
+METRICS_FILE = "stage2_metrics.json"
+
+
+@dataclasses.dataclass
+class ShardJob:
+    """One shard to score: ``rows`` index the dataset's records; ``est_tokens`` balances the work."""
+
+    dataset: str
+    index: int
+    rows: range
+    est_tokens: int
+
+
+# --------------------------------------------------------------------------------------------- #
+# Setup
+# --------------------------------------------------------------------------------------------- #
+def _hash_text(text: str | None) -> str | None:
+    return None if text is None else hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _load_model(cfg: DictConfig, device: str) -> tuple[Any, Any, dict[str, Any]]:
+    sel = cfg.selector_model
+    # A plain (unconverted) selector gets freshly initialised gates: seed them, so that every rank,
+    # every part and every resumed run scores with the same gates.
+    torch.manual_seed(int(cfg.seed))
+    model, tokenizer = load_selector(
+        str(sel.path),
+        dtype=str(sel.dtype),
+        device=device,
+        trust_remote_code=bool(sel.trust_remote_code),
+        attn_implementation=sel.attn_implementation,
+        gate_init_mean=float(cfg.quality_gate.init_mean),
+        gate_init_std=float(cfg.quality_gate.init_std),
+    )
+    ensure_chat_template(tokenizer, cfg.dataset.chat_template)
+    if cfg.model_checkpoint_path:
+        weights = apply_stage1_weights(model, str(cfg.model_checkpoint_path))
+    else:
+        log.warning(
+            "model_checkpoint_path is null: scoring with the gates of %s as they are (not warmed up); "
+            "pass the Stage 1 run dir or its full_rank_weights.pt for meaningful statistics",
+            sel.path,
+        )
+        weights = {"kind": "none", "path": None, "sha256": None}
+    if weights["kind"] == "none" and not is_converted_dir(str(sel.path)):
+        weights["gate_init"] = {
+            "seed": int(cfg.seed),
+            "mean": float(cfg.quality_gate.init_mean),
+            "std": float(cfg.quality_gate.init_std),
+        }
+    model.eval().requires_grad_(False)
+    return model, tokenizer, weights
+
+
+def get_model_and_tokenizer(cfg: DictConfig) -> tuple[Any, Any]:
+    """The gated selector (``selector_model.*``) with the Stage 1 weights applied, in eval mode."""
+    model, tokenizer, _ = _load_model(cfg, default_device())
+    return model, tokenizer
+
+
+def _init_distributed() -> tuple[str, bool]:
+    """``(device, initialised_here)``; starts the process group under torchrun / accelerate."""
+    device = default_device()
+    if world_size() == 1 or dist.is_initialized():
+        return device, False
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", timeout=_BARRIER_TIMEOUT)
+    return device, True
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _by_dataset(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Records grouped by dataset, in first-seen order."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        out.setdefault(record["dataset"], []).append(record)
+    return out
+
+
+def _estimated_tokens(record: dict[str, Any]) -> int:
+    """A cheap token estimate (characters / 4 plus the template's few tokens per turn) for balancing."""
+    return sum(len(m["content"]) // 4 + 4 for m in record["messages"])
+
+
+def plan_shards(datasets: dict[str, list[dict[str, Any]]], shard_size: int) -> list[ShardJob]:
+    """Every dataset cut into contiguous shards of ``shard_size`` records."""
+    jobs = []
+    for name, records in datasets.items():
+        for k, start in enumerate(range(0, len(records), shard_size)):
+            rows = range(start, min(start + shard_size, len(records)))
+            jobs.append(ShardJob(name, k, rows, sum(_estimated_tokens(records[r]) for r in rows)))
+    return jobs
+
+
+def assign_shards(jobs: list[ShardJob], num_workers: int) -> list[list[ShardJob]]:
+    """Deterministic greedy balance: largest shard first, to the least-loaded worker (lowest on ties)."""
+    loads = [0] * num_workers
+    out: list[list[ShardJob]] = [[] for _ in range(num_workers)]
+    for job in sorted(jobs, key=lambda j: (-j.est_tokens, j.dataset, j.index)):
+        w = min(range(num_workers), key=lambda i: (loads[i], i))
+        loads[w] += job.est_tokens
+        out[w].append(job)
+    for part in out:
+        part.sort(key=lambda j: (j.dataset, j.index))
+    return out
+
+
+def _fingerprint_fields(
+    cfg: DictConfig, tokenizer: Any, weights: dict[str, Any], dtype: torch.dtype, datasets: dict[str, Any]
+) -> dict[str, Any]:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    selector = Path(str(cfg.selector_model.path))
+    return {
+        "format": FORMAT,
+        # Absolute when local, so that selection (run from anywhere) finds the tokenizer for its report.
+        "selector_model_path": str(selector.resolve()) if selector.exists() else str(selector),
+        "stage1_weights_kind": weights.get("kind"),
+        "stage1_weights_sha256": weights.get("sha256"),
+        "gate_init": weights.get("gate_init"),
+        "trust_remote_code": bool(cfg.selector_model.trust_remote_code),
+        "tokenizer_name": getattr(tokenizer, "name_or_path", None),
+        "tokenizer_vocab_sha256": _hash_text(vocab),
+        "chat_template_sha256": _hash_text(getattr(tokenizer, "chat_template", None)),
+        "max_sequence_length": int(cfg.dataset.max_sequence_length),
+        "truncation": str(cfg.dataset.truncation),
+        "dtype": str(dtype).removeprefix("torch."),
+        "collect_ifd": bool(cfg.collect_ifd),
+        "embedding_dim": int(cfg.data_process.embedding_dim),
+        "shard_size": int(cfg.data_process.shard_size),
+        "records": {
+            name: {"n": len(rows), "sha256": records_fingerprint(rows)} for name, rows in datasets.items()
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------- #
+# Scoring
+# --------------------------------------------------------------------------------------------- #
+@dataclasses.dataclass
+class EncodedShard:
+    job: ShardJob
+    samples: list[Any]
+    encode_stats: dict[str, int]
+    dropped: list[dict[str, Any]]
+
+
+def _encode_shard(
+    job: ShardJob, records: list[dict[str, Any]], tokenizer: Any, cfg: DictConfig
+) -> EncodedShard:
+    rows = [records[r] for r in job.rows]
+    samples, stats, skipped = encode_records(
+        rows,
+        tokenizer,
+        int(cfg.dataset.max_sequence_length),
+        str(cfg.dataset.truncation),
+        desc=f"encode {job.dataset}/{job.index}",
+    )
+    dropped = [
+        {"dataset": job.dataset, "id": s.file.removeprefix("id="), "reason": s.reason} for s in skipped
+    ]
+    return EncodedShard(job, samples, stats.as_dict(), dropped)
+
+
+class Scorer:
+    """Scores shards with one model on one device (the forward of :func:`collect_batch` per batch)."""
+
+    def __init__(self, model: Any, cfg: DictConfig, pad_token_id: int, device: str) -> None:
+        self.model, self.cfg, self.pad_token_id, self.device = model, cfg, pad_token_id, device
+        dim = int(cfg.data_process.embedding_dim)
+        hidden = int(model.config.get_text_config().hidden_size)
+        self.embed = dim > 0
+        self.projection = embedding_projection(hidden, dim, device) if self.embed else None
+
+    def score(self, enc: EncodedShard, bar: tqdm) -> tuple[dict[str, Any], dict[str, float]]:
+        """Score one encoded shard; returns its store fields and counters (tokens, padded slots, samples)."""
+        dp, samples = self.cfg.data_process, enc.samples
+        batches = token_budget_batches(
+            [len(s.input_ids) for s in samples],
+            int(dp.max_tokens_per_batch),
+            int(dp.batch_size),
+            bool(self.cfg.dataset.sort_by_length),
+        )
+        parts = []
+        counters = {"tokens": 0.0, "padded_slots": 0.0, "samples": 0.0}
+        for batch_rows in batches:
+            batch = pad_batch([samples[i] for i in batch_rows], self.pad_token_id)
+            ids = batch["input_ids"].to(self.device, non_blocking=True)
+            stats = collect_batch(
+                self.model,
+                ids,
+                batch["attention_mask"].to(self.device, non_blocking=True),
+                batch["labels"].to(self.device, non_blocking=True),
+                chunk_tokens=int(dp.nll_chunk_tokens),
+                collect_ifd=bool(self.cfg.collect_ifd),
+                embed=self.embed,
+                projection=self.projection,
+            )
+            parts.append((list(batch_rows), stats))
+            counters["tokens"] += int(batch["attention_mask"].sum())
+            counters["padded_slots"] += ids.numel()
+            counters["samples"] += len(batch_rows)
+            bar.update(len(batch_rows))
+        shard = concat_batch_stats(parts, len(samples)) if samples else _empty_shard(self.embed)
+        shard["sample_ids"] = [s.id for s in samples]
+        shard["encode_stats"] = enc.encode_stats
+        shard["dropped"] = enc.dropped
+        return shard, counters
+
+
+def _empty_shard(embed: bool) -> dict[str, Any]:
+    """The fields of a shard none of whose records survived encoding."""
+    shard: dict[str, Any] = {
+        "lengths": torch.zeros(0, dtype=torch.int64),
+        "gates": torch.zeros(0, 0, dtype=torch.float16),
+        "perplexities": torch.zeros(0),
+        "assistant_mask": torch.zeros(0, dtype=torch.bool),
+        "valid": torch.zeros(0, dtype=torch.bool),
+        "invalid_reason": [],
+    }
+    if embed:
+        shard["embeddings"] = torch.zeros(0, 0, dtype=torch.float16)
+    return shard
+
+
+def _peak_memory(device: str) -> dict[str, float | None]:
+    # ru_maxrss is in KiB on Linux.
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    cuda_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
+    return {
+        "peak_rss_gb": round(rss_gb, 3),
+        "peak_cuda_allocated_gb": None if cuda_gb is None else round(cuda_gb, 3),
+    }
+
+
+def _pending(jobs: list[ShardJob], router_dir: Path, fingerprint: str) -> list[ShardJob]:
+    """The shards of ``jobs`` not finished and intact; a damaged one is named and removed, to be rescored."""
+    pending = []
+    for job in jobs:
+        path = shard_path(router_dir, job.dataset, job.index)
+        problem = shard_problem(path, fingerprint)
+        if problem is None:
+            continue
+        if problem != "missing":
+            log.warning("shard %s is %s: scoring it again", path, problem)
+            remove_shard(path)
+        pending.append(job)
+    return pending
+
+
+def _score_assigned(
+    scorer: Scorer,
+    jobs: list[ShardJob],
+    datasets: dict[str, list[dict[str, Any]]],
+    tokenizer: Any,
+    cfg: DictConfig,
+    router_dir: Path,
+    fingerprint: str,
+) -> dict[str, Any]:
+    """Encode and score this rank's unfinished shards; returns this rank's counters."""
+    pending = _pending(jobs, router_dir, fingerprint)
+    log.info(
+        "rank %d: %d shards assigned, %d already finished, %d to score",
+        rank(),
+        len(jobs),
+        len(jobs) - len(pending),
+        len(pending),
+    )
+    totals = {"tokens": 0.0, "padded_slots": 0.0, "samples": 0.0}
+    start = time.perf_counter()
+    bar = tqdm(
+        total=sum(len(j.rows) for j in pending),
+        unit="sample",
+        desc=f"stage 2 rank {rank()}",
+        disable=not is_main_process(),
+        dynamic_ncols=True,
+    )
+
+    def encode(job: ShardJob) -> EncodedShard:
+        return _encode_shard(job, datasets[job.dataset], tokenizer, cfg)
+
+    prefetch = bool(cfg.data_process.prefetch)
+    # One worker thread encodes the next shard while this one is scored (the forward releases the GIL).
+    with bar, ThreadPoolExecutor(max_workers=1) as pool:
+        ahead: Future[EncodedShard] | None = None
+        for k, job in enumerate(pending):
+            encoded = ahead.result() if ahead is not None else encode(job)
+            ahead = pool.submit(encode, pending[k + 1]) if prefetch and k + 1 < len(pending) else None
+            shard, counters = scorer.score(encoded, bar)
+            write_shard(shard_path(router_dir, job.dataset, job.index), shard, fingerprint)
+            for key, value in counters.items():
+                totals[key] += value
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(
+                tokens_per_s=f"{totals['tokens'] / elapsed:.0f}", shard=f"{job.dataset}/{job.index}"
+            )
+    return {
+        **totals,
+        "seconds": time.perf_counter() - start,
+        "shards_scored": len(pending),
+        "shards_skipped": len(jobs) - len(pending),
+        **_peak_memory(scorer.device),
+    }
+
+
+def _gather(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- #
+# Finishing: indexes, records, metrics
+# --------------------------------------------------------------------------------------------- #
+def unfinished_shards(jobs: list[ShardJob], router_dir: Path, fingerprint: str, num_parts: int) -> list[str]:
+    """``"<shard path> (part i): <problem>"`` for every shard that is not finished and intact."""
+    part_of = {(j.dataset, j.index): p for p, part in enumerate(assign_shards(jobs, num_parts)) for j in part}
+    out = []
+    for job in jobs:
+        path = shard_path(router_dir, job.dataset, job.index)
+        problem = shard_problem(path, fingerprint)
+        if problem is not None:
+            out.append(f"{path} (part {part_of[(job.dataset, job.index)]}): {problem}")
+    return out
+
+
+def _finalise(
+    run_dir: Path,
+    router_dir: Path,
+    jobs: list[ShardJob],
+    datasets: dict[str, list[dict[str, Any]]],
+    cfg: DictConfig,
+    fingerprint: str,
+    per_rank: list[dict[str, Any]],
+    wall_s: float,
+) -> dict[str, Any]:
+    """Rank 0: check every shard, write the indexes, the scored records, the dropped ones and the metrics."""
+    invalid: list[dict[str, str]] = []
+    dropped: list[dict[str, Any]] = []
+    per_dataset: dict[str, dict[str, Any]] = {}
+    for name, records in datasets.items():
+        paths = [shard_path(router_dir, j.dataset, j.index) for j in jobs if j.dataset == name]
+        index_path = write_index(
+            router_dir,
+            name,
+            paths,
+            fingerprint,
+            int(cfg.dataset.max_sequence_length),
+            extra={"collect_ifd": bool(cfg.collect_ifd)},
+        )
+        encode = Counter()
+        for p in paths:
+            shard = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            encode.update(shard["encode_stats"])
+            dropped.extend(shard["dropped"])
+            invalid += [
+                {"dataset": name, "id": sid, "reason": reason}
+                for sid, reason in zip(shard["sample_ids"], shard["invalid_reason"])
+                if reason
+            ]
+        by_id = {r["id"]: r for r in records}
+        kept_ids = torch.load(index_path, map_location="cpu", weights_only=True)["sample_ids"]
+        atomic_write_jsonl(router_dir / f"{name}_records.jsonl", [by_id[i] for i in kept_ids])
+        per_dataset[name] = {
+            "records": len(records),
+            "samples": len(kept_ids),
+            "encode": dict(encode),
+            "dropped_by_encoder": len(records) - len(kept_ids),
+            "truncated": int(encode.get("truncated", 0)),
+        }
+    atomic_write_jsonl(run_dir / DROPPED_SAMPLES_FILE, dropped)
+    skipped_file = run_dir / SKIPPED_ROWS_FILE
+    skipped_rows = (
+        [json.loads(line) for line in skipped_file.read_text().splitlines() if line.strip()]
+        if skipped_file.exists()
+        else []
+    )
+    tokens = sum(r["tokens"] for r in per_rank)
+    slots = sum(r["padded_slots"] for r in per_rank)
+    scored_samples = sum(r["samples"] for r in per_rank)
+    busy = max((r["seconds"] for r in per_rank), default=0.0)
+    metrics = {
+        "samples": sum(d["samples"] for d in per_dataset.values()),
+        "samples_scored_this_run": int(scored_samples),
+        "tokens_scored_this_run": int(tokens),
+        "padding_fraction": round(1 - tokens / slots, 4) if slots else 0.0,
+        "tokens_per_s": round(tokens / busy, 1) if busy else None,
+        "samples_per_s": round(scored_samples / busy, 2) if busy else None,
+        "wall_time_s": round(wall_s, 2),
+        "world_size": world_size(),
+        "num_parts": int(cfg.data_process.num_parts),
+        "shards_total": len(jobs),
+        "shards_scored_this_run": sum(r["shards_scored"] for r in per_rank),
+        "shards_resumed": sum(r["shards_skipped"] for r in per_rank),
+        "peak_rss_gb_per_rank": [r["peak_rss_gb"] for r in per_rank],
+        "peak_cuda_allocated_gb_per_rank": [r["peak_cuda_allocated_gb"] for r in per_rank],
+        "datasets": per_dataset,
+        "skipped_rows": len(skipped_rows),
+        "skipped_rows_by_dataset": dict(Counter(r.get("dataset") for r in skipped_rows)),
+        "invalid_samples": len(invalid),
+        "invalid": invalid,
+    }
+    if invalid:
+        log.warning("%d samples have no usable statistics (valid=False); see %s", len(invalid), METRICS_FILE)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------- #
+# The stage
+# --------------------------------------------------------------------------------------------- #
+def run(cfg: DictConfig) -> None:
+    """Stage 2: score every sample of the configured datasets; see the module docstring."""
+    validate(cfg)
+    dp = cfg.data_process
+    timer = PhaseTimer()
+    with timer("init"):
+        run_dir = init_run(cfg, "collect")
+    started = time.perf_counter()
+    device, own_group = _init_distributed()
+    try:
+        with timer("load_model"):
+            model, tokenizer, weights = _load_model(cfg, device)
+        with timer("read"):
+            records, skipped = read_records(cfg.dataset, seed=int(cfg.seed))
+            datasets = _by_dataset(records)
+        jobs = plan_shards(datasets, int(dp.shard_size))
+        router_dir = run_dir / "router_data"
+        fields = _fingerprint_fields(cfg, tokenizer, weights, next(model.parameters()).dtype, datasets)
+        if is_main_process():
+            # Refuse a run dir of another setup before writing anything into it.
+            check_or_write_fingerprint(router_dir, fields)
+            report_skipped(skipped, run_dir)
+        _barrier()
+        fingerprint = check_or_write_fingerprint(router_dir, fields)  # every rank verifies
+        part = list(range(int(dp.num_parts))) if dp.part_index is None else [int(dp.part_index)]
+        parts = assign_shards(jobs, int(dp.num_parts))
+        mine = assign_shards([j for p in part for j in parts[p]], world_size())[rank()]
+        if dp.finalize_only:
+            mine = []
+        with timer("encode_and_score"):
+            counters = _score_assigned(
+                Scorer(model, cfg, int(tokenizer.pad_token_id), device),
+                mine,
+                datasets,
+                tokenizer,
+                cfg,
+                router_dir,
+                fingerprint,
+            )
+        del model
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        per_rank = _gather(counters)
+        _barrier()
+        if is_main_process():
+            missing = unfinished_shards(jobs, router_dir, fingerprint, int(dp.num_parts))
+            if missing:
+                what = "; ".join(missing[:5]) + (f"; ... ({len(missing)} in all)" if len(missing) > 5 else "")
+                if dp.finalize_only:
+                    raise RouterDataError(
+                        f"{len(missing)} of {len(jobs)} shards are not finished, so the indexes cannot be "
+                        f"written: {what}. Run (or rerun) those parts, then finalize again."
+                    )
+                log.info(
+                    "part %s done; %d of %d shards still pending in other parts (%s). The last part to "
+                    "finish writes the indexes; or run data_process.finalize_only=true afterwards.",
+                    dp.part_index,
+                    len(missing),
+                    len(jobs),
+                    what,
+                )
+            else:
+                with timer("finalise"):
+                    metrics = _finalise(
+                        run_dir,
+                        router_dir,
+                        jobs,
+                        datasets,
+                        cfg,
+                        fingerprint,
+                        per_rank,
+                        time.perf_counter() - started,
+                    )
+                metrics["phases_s"] = timer.as_dict()
+                atomic_write_json(run_dir / METRICS_FILE, metrics)
+                update_manifest(
+                    run_dir,
+                    stage1_weights=weights,
+                    router_fingerprint=fingerprint,
+                    stage2_samples=metrics["samples"],
+                )
+                log.info(
+                    "stage 2 done: %d samples, %.0f tokens/s, router data in %s",
+                    metrics["samples"],
+                    metrics["tokens_per_s"] or 0.0,
+                    router_dir,
+                )
+        _barrier()
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,299 @@
+"""Stage 3 (finetune): fine-tune the target model on the selection (or the full data, the baseline).
+
+``quality-gate finetune dataset.data_path=<selected_data.jsonl>`` (seed: ``python src/main.py
+--config-name stage_3_finetune ...``; several GPUs: ``torchrun --nproc_per_node=N src/main.py
+--config-name finetune ...``)
+
+* ``dataset.mode: subset`` reads ``dataset.data_path`` (Stage 2's ``selected_data.jsonl`` or any
+  data-layer format); ``full`` reads the data layer's sources (``dataset.local`` / ``dataset.hf``).
+* ``training.peft_mode: lora`` (seed LoraConfig: r=128, alpha=256 on q/k/v/o/gate/up/down_proj) or
+  ``full``. Loss on assistant tokens only, through the target tokenizer's chat template.
+* One process: plain training. Several (torchrun / accelerate): FSDP on CUDA, DDP with gloo on CPU
+  (:func:`quality_gate.training.process_layout_kwargs`).
+* Outputs in the run dir: ``checkpoint-<step>/`` (resumable: adapter or model, optimizer, scheduler,
+  RNG state), ``checkpoint-final/`` (adapter_config.json + adapter_model.safetensors + tokenizer, or
+  the full model), ``train_metrics.json``, ``config.yaml``, ``manifest.json``.
+* Rerunning with ``output_dir=<run dir>`` resumes from the last checkpoint; a run whose
+  ``checkpoint-final/`` exists is reported as finished and not retrained.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from omegaconf import DictConfig, OmegaConf
+from peft import LoraConfig, TaskType, get_peft_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers.training_args import ParallelMode
+
+from quality_gate.config import validate
+from quality_gate.data import (
+    SFTDataCollator,
+    encode_records,
+    ensure_chat_template,
+    load_local_file,
+    load_records,
+    records_fingerprint,
+    to_hf_dataset,
+)
+from quality_gate.data.encode import IGNORE_INDEX
+from quality_gate.data.sources import SKIPPED_ROWS_FILE
+from quality_gate.errors import DataError, MissingPathError
+from quality_gate.io import atomic_write_json, atomic_write_jsonl
+from quality_gate.models import load_target, sha256_of
+from quality_gate.runs import init_run, is_main_process, run_dir_of, update_manifest, world_size
+from quality_gate.training import NonFiniteLossCallback, last_checkpoint, training_arguments
+
+log = logging.getLogger(__name__)
+
+FINAL_DIR = "checkpoint-final"
+METRICS_FILE = "train_metrics.json"
+
+
+def get_model_and_tokenizer(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The plain target model (``training.model.*``) and its tokenizer, with a chat template."""
+    spec = cfg.training.model
+    model, tokenizer = load_target(
+        str(spec.name),
+        dtype=str(spec.dtype),
+        trust_remote_code=bool(spec.trust_remote_code),
+        attn_implementation=spec.attn_implementation,
+    )
+    ensure_chat_template(tokenizer, cfg.dataset.chat_template)
+    return model, tokenizer
+
+
+def get_peft_config(cfg: DictConfig) -> LoraConfig:
+    """LoRA on the attention and MLP projections (seed: r=128, alpha=256)."""
+    lora = cfg.training.lora
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=int(lora.r),
+        lora_alpha=int(lora.alpha),
+        lora_dropout=float(lora.dropout),
+        target_modules=list(lora.target_modules),
+    )
+
+
+def _subset_file(cfg: DictConfig) -> Path:
+    """``dataset.data_path`` checked to be a non-empty file (subset mode; the schema checks it is set)."""
+    file = Path(str(cfg.dataset.data_path))
+    if not file.is_file():
+        raise MissingPathError(f"dataset.data_path={file} does not exist or is not a file")
+    if file.stat().st_size == 0:
+        raise DataError(f"dataset.data_path={file} is empty: did the selection keep no records?")
+    return file
+
+
+def load_training_records(cfg: DictConfig, run_dir: Path) -> tuple[list[dict], dict[str, Any]]:
+    """Records for ``dataset.mode`` and a description of their source (path and sha256 for subset).
+
+    Rows that cannot be read as a conversation are skipped and listed in ``skipped_rows.jsonl``
+    (``dataset.strict=true``: the first one is an error); no usable row at all is an error.
+    """
+    ds = cfg.dataset
+    if ds.mode == "full":
+        records = load_records(ds, seed=int(cfg.seed), report_dir=run_dir)
+        source: dict[str, Any] = {"mode": "full", "dataset_from": str(ds.dataset_from)}
+    else:
+        file = _subset_file(cfg)
+        records, skipped = load_local_file(file, str(ds.dataset_name), strict=bool(ds.strict))
+        if is_main_process():
+            atomic_write_jsonl(run_dir / SKIPPED_ROWS_FILE, [row.as_dict() for row in skipped])
+        if not records:
+            first = f"; first: {skipped[0]}" if skipped else ""
+            raise DataError(
+                f"no usable records in dataset.data_path={file}: {len(skipped)} rows skipped, none with "
+                "`messages` (or ShareGPT `conversations`, Alpaca `instruction`/`output`, "
+                f"`question`/`answer`) and an assistant turn{first}; see {run_dir / SKIPPED_ROWS_FILE}"
+            )
+        source = {
+            "mode": "subset",
+            "data_path": str(file),
+            "sha256": sha256_of(file),
+            "skipped_rows": len(skipped),
+        }
+    source["num_records"] = len(records)
+    source["records_fingerprint"] = records_fingerprint(records)
+    return records, source
+
+
+def build_train_dataset(
+    cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, run_dir: Path
+) -> tuple[Dataset, dict[str, Any]]:
+    """Records -> encoded samples (labels on assistant tokens only) -> ``datasets.Dataset``.
+
+    Returns the dataset and ``{"source", "encode_stats", "num_samples", "num_tokens",
+    "num_target_tokens"}``.
+    """
+    records, source = load_training_records(cfg, run_dir)
+    samples, stats, _skipped = encode_records(
+        records, tokenizer, int(cfg.dataset.max_sequence_length), str(cfg.dataset.truncation)
+    )
+    if not samples:
+        raise DataError(
+            "no training samples left after encoding; check dataset.max_sequence_length and "
+            "dataset.truncation (drop skips every sample longer than the limit)"
+        )
+    dataset = to_hf_dataset(samples)
+    info = {
+        "source": source,
+        "encode_stats": stats.as_dict(),
+        "num_samples": len(dataset),
+        "num_tokens": sum(len(ids) for ids in dataset["input_ids"]),
+        "num_target_tokens": sum(sum(1 for x in labels if x != IGNORE_INDEX) for labels in dataset["labels"]),
+    }
+    log.info("Stage 3 data: %d samples, %d tokens (%s)", info["num_samples"], info["num_tokens"], source)
+    return dataset, info
+
+
+def save_final(trainer: Trainer, run_dir: Path) -> Path:
+    """Write ``checkpoint-final/`` (adapter or full model, plus tokenizer) through a temporary dir.
+
+    Every rank calls this: under FSDP ``save_model`` gathers the full state dict collectively; only
+    rank 0 writes and then renames, so a crash never leaves a half-written final checkpoint.
+    """
+    final = run_dir / FINAL_DIR
+    tmp = run_dir / f".{FINAL_DIR}.tmp"
+    trainer.save_model(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+    if is_main_process():
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+def _warn_on_changed_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Warn when a resumed run's training / dataset settings differ from the ones it started with."""
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved = OmegaConf.load(saved_file)
+    before = _flatten(OmegaConf.to_container(OmegaConf.masked_copy(saved, ["training", "dataset"])))
+    now = _flatten(OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["training", "dataset"]), resolve=True))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        log.warning(
+            "resuming %s with settings that differ from its start: %s; the optimizer and scheduler state "
+            "come from the checkpoint, so the run mixes both. Start a new run unless this is intended "
+            "(e.g. a larger training.max_steps).",
+            run_dir,
+            ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed),
+        )
+
+
+def _distributed_kind(args: TrainingArguments) -> str:
+    """What the Trainer really set up (not what was asked for): fsdp, ddp or none."""
+    if args.fsdp:
+        return "fsdp"
+    return "ddp" if args.parallel_mode == ParallelMode.DISTRIBUTED else "none"
+
+
+def _loss_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    curve = [{"step": e["step"], "loss": e["loss"]} for e in history if "loss" in e and "step" in e]
+    if not curve:
+        return {"curve": []}
+    losses = [point["loss"] for point in curve]
+    return {"first": losses[0], "last": losses[-1], "min": min(losses), "curve": curve}
+
+
+def fine_tune(cfg: DictConfig) -> Trainer | None:
+    """Stage 3 body; returns the Trainer (its model is the trained one), or None for a finished run."""
+    validate(cfg)
+    run_dir = run_dir_of(cfg)
+    if (run_dir / FINAL_DIR).is_dir():
+        log.info(
+            "Stage 3 run %s is already finished (%s/ exists); nothing to train. To train again start "
+            "a new run: drop output_dir / hydra.run.dir so that a fresh run dir is made.",
+            run_dir,
+            FINAL_DIR,
+        )
+        return None
+    if cfg.dataset.mode == "subset":
+        _subset_file(cfg)
+    resume_from = last_checkpoint(run_dir)
+    if resume_from:
+        _warn_on_changed_config(cfg, run_dir)
+    run_dir = init_run(cfg, "finetune", target_model=str(cfg.training.model.name), resumed_from=resume_from)
+    started = time.perf_counter()
+    set_seed(int(cfg.seed))
+    model, tokenizer = get_model_and_tokenizer(cfg)
+    train_dataset, data_info = build_train_dataset(cfg, tokenizer, run_dir)
+    update_manifest(run_dir, dataset_source=data_info["source"])
+    if cfg.training.peft_mode == "lora":
+        model = get_peft_model(model, get_peft_config(cfg))
+        trainable, total = model.get_nb_trainable_parameters()
+        log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(
+            cfg.training,
+            run_dir,
+            seed=int(cfg.seed),
+            model=model,
+            shard=True,
+            save_steps=int(cfg.training.save_steps),
+            weight_decay=float(cfg.training.weight_decay),
+            max_grad_norm=float(cfg.training.max_grad_norm),
+            save_total_limit=cfg.training.save_total_limit,
+        ),
+        train_dataset=train_dataset,
+        data_collator=SFTDataCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[NonFiniteLossCallback()],
+    )
+    if resume_from:
+        log.info("resuming Stage 3 from %s (optimizer, scheduler and RNG state)", resume_from)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    final = save_final(trainer, run_dir)
+    if not is_main_process():
+        return trainer
+
+    metrics = {
+        "peft_mode": str(cfg.training.peft_mode),
+        "target_model": str(cfg.training.model.name),
+        **data_info,
+        "global_step": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_loss": result.training_loss,
+        "loss": _loss_summary(trainer.state.log_history),
+        "resumed_from": resume_from,
+        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 3),
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        "world_size": world_size(),
+        "distributed": _distributed_kind(trainer.args),
+    }
+    atomic_write_json(run_dir / METRICS_FILE, metrics)
+    update_manifest(run_dir, final_checkpoint=str(final), train_metrics=METRICS_FILE)
+    log.info(
+        "Stage 3 done in %.1fs: %d steps, loss %s -> %s; final checkpoint %s",
+        metrics["wall_time_s"],
+        metrics["global_step"],
+        metrics["loss"].get("first"),
+        metrics["loss"].get("last"),
+        final,
+    )
+    return trainer
+
+
+def run(cfg: DictConfig) -> None:
+    """Stage 3: fine-tune ``training.model.name`` on the selected (or full) data; resumable."""
+    fine_tune(cfg)

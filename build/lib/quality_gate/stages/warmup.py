@@ -1,0 +1,295 @@
+"""Stage 1 (warmup): train the quality gates with the backbone frozen.
+
+    quality-gate warmup [key=value ...]          # seed: python src/main.py --config-name stage_1_warmup
+    torchrun --nproc_per_node=2 src/main.py --config-name warmup   # DDP (gloo on CPU)
+
+Loss per micro-batch (docs/method.md)::
+
+    L = CE_LM(assistant tokens) + training.quality_loss_weight * quality_loss(gates, attention_mask)
+
+``training.peft_mode``: ``full_rank`` trains the gate weights themselves and writes
+``full_rank_weights.pt = {"model_state_dict": <gate params>, "tokenizer_name": str}``; ``lora`` puts
+LoRA (r=16, alpha=64) on ``quality_gate.gate`` and writes the adapter to ``checkpoint-final/``.
+Both load with :func:`quality_gate.models.apply_stage1_weights`. ``warmup_metrics.json`` records the
+losses, the gate statistics per layer before and after warmup, and the runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+from peft import LoraConfig, TaskType, get_peft_model
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_seed
+
+from quality_gate.config import validate
+from quality_gate.data import (
+    SFTDataCollator,
+    encode_records,
+    ensure_chat_template,
+    load_records,
+    to_hf_dataset,
+)
+from quality_gate.errors import DataError
+from quality_gate.gate import (
+    GATE_PARAM_KEY,
+    find_quality_gates,
+    freeze_backbone,
+    gate_state_dict,
+    record_gates,
+)
+from quality_gate.io import atomic_torch_save, atomic_write_json
+from quality_gate.loss import quality_loss
+from quality_gate.models import FULL_RANK_WEIGHTS_FILE, GATE_BASE_FILE, load_selector
+from quality_gate.runs import init_run, is_main_process, update_manifest, world_size
+from quality_gate.training import NonFiniteLossCallback, training_arguments
+
+log = logging.getLogger(__name__)
+
+
+class QualityGateTrainer(Trainer):
+    """``Trainer`` whose loss is LM cross-entropy + ``quality_loss_weight`` x the mean gate value.
+
+    ``lm_loss``, ``quality_loss`` and ``gate_mean`` (mean gate over valid tokens and layers) are
+    logged next to ``loss``, averaged over the micro-batches since the last log and over ranks.
+    """
+
+    # compute_loss returns a mean over one micro-batch; the Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, quality_loss_weight: float, quality_loss_mode: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.quality_loss_weight = float(quality_loss_weight)
+        self.quality_loss_mode = quality_loss_mode
+        self._window: dict[str, list[Tensor]] = defaultdict(list)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor | tuple[Tensor, Any]:
+        mask = inputs["attention_mask"]  # (B, T)
+        with record_gates(model) as recorder:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=mask, labels=inputs["labels"])
+            gate_probs = recorder.probs()  # (B, L, T) float32
+        lm_loss = outputs.loss
+        q_loss = quality_loss(gate_probs, mask, self.quality_loss_mode)
+        loss = lm_loss + self.quality_loss_weight * q_loss
+        if model.training:
+            self._window["lm_loss"].append(lm_loss.detach().float())
+            self._window["quality_loss"].append(q_loss.detach())
+            self._window["gate_mean"].append(quality_loss(gate_probs.detach(), mask, "token"))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Every rank calls log() at the same steps with the same number of micro-batches, so the
+        # collective reduce below is matched on all ranks.
+        if self._window and "loss" in logs:
+            for key, values in self._window.items():
+                value = torch.stack(values).mean()
+                logs[key] = self.accelerator.reduce(value, reduction="mean").item()
+            self._window.clear()
+        super().log(logs, start_time)
+
+
+def get_model_and_tokenizer(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The gated selector (``selector_model.*``) with its backbone frozen, and its tokenizer."""
+    sel = cfg.selector_model
+    model, tokenizer = load_selector(
+        str(sel.path),
+        dtype=str(sel.dtype),
+        trust_remote_code=bool(sel.trust_remote_code),
+        attn_implementation=sel.attn_implementation,
+        gate_init_mean=float(cfg.quality_gate.init_mean),
+        gate_init_std=float(cfg.quality_gate.init_std),
+    )
+    ensure_chat_template(tokenizer, cfg.dataset.chat_template)
+    freeze_backbone(model)
+    return model, tokenizer
+
+
+def get_peft_config(cfg: DictConfig) -> LoraConfig:
+    """LoRA on the gate Linear only (seed: r=16, alpha=64, dropout 0)."""
+    lora = cfg.training.lora
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=int(lora.r),
+        lora_alpha=int(lora.alpha),
+        lora_dropout=float(lora.dropout),
+        target_modules=[GATE_PARAM_KEY],
+    )
+
+
+def build_train_dataset(
+    cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, run_dir: Path
+) -> tuple[Dataset, dict[str, int]]:
+    """Records -> encoded samples (labels on assistant tokens) -> ``datasets.Dataset``, and counts."""
+    # Every rank reads the same records (seeded); only rank 0 writes the bad-row report.
+    records = load_records(cfg.dataset, seed=int(cfg.seed), report_dir=run_dir if is_main_process() else None)
+    samples, stats, skipped = encode_records(
+        records, tokenizer, int(cfg.dataset.max_sequence_length), str(cfg.dataset.truncation)
+    )
+    if skipped:
+        log.warning("%d records dropped while encoding; first: %s", len(skipped), skipped[0])
+    if not samples:
+        raise DataError(
+            "no training samples left after encoding; check dataset.* (paths, subset_ratio, "
+            "max_sequence_length, truncation)"
+        )
+    log.info("Stage 1 data: %d samples (%s)", len(samples), stats.as_dict())
+    return to_hf_dataset(samples), stats.as_dict()
+
+
+@torch.no_grad()
+def gate_statistics(
+    model: nn.Module,
+    dataset: Dataset,
+    collator: Callable[[list[dict]], dict[str, Tensor]],
+    batch_size: int,
+    max_samples: int,
+) -> dict[str, Any]:
+    """Per-layer mean and std of the gate value over the valid tokens of the first samples.
+
+    Returns ``{"mean_per_layer": [L], "std_per_layer": [L], "mean", "token_std", "num_tokens"}``;
+    ``token_std`` is the std over tokens of the layer-averaged gate, i.e. how much the gates
+    distinguish tokens.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    subset = dataset.select(range(min(max_samples, len(dataset))))
+    loader = DataLoader(subset, batch_size=batch_size, collate_fn=collator)
+    sums = sq_sums = None
+    token_means: list[Tensor] = []
+    count = 0
+    for batch in loader:
+        mask = batch["attention_mask"].to(device).bool()  # (B, T)
+        with record_gates(model) as recorder:
+            model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
+            probs = recorder.probs()  # (B, L, T)
+        valid = probs.permute(1, 0, 2)[:, mask]  # (L, N_valid)
+        sums = valid.sum(1) if sums is None else sums + valid.sum(1)
+        sq_sums = valid.pow(2).sum(1) if sq_sums is None else sq_sums + valid.pow(2).sum(1)
+        token_means.append(valid.mean(0))
+        count += valid.shape[1]
+    model.train(was_training)
+    mean = sums / count  # (L,)
+    std = (sq_sums / count - mean.pow(2)).clamp_min(0).sqrt()  # (L,)
+    per_token = torch.cat(token_means)  # (N_valid,)
+    return {
+        "mean_per_layer": [round(v, 6) for v in mean.tolist()],
+        "std_per_layer": [round(v, 6) for v in std.tolist()],
+        "mean": round(mean.mean().item(), 6),
+        "token_std": round(per_token.std().item(), 6) if per_token.numel() > 1 else 0.0,
+        "num_tokens": count,
+    }
+
+
+def save_gate_base(model: nn.Module, adapter_dir: Path) -> None:
+    """Write the (pre-LoRA) gate weights as ``quality_gate_base.safetensors``, keyed by layer index."""
+    tensors = {
+        f"layers.{m.layer_idx}.weight": m.quality_gate.gate.weight.detach().cpu().contiguous()
+        for m in find_quality_gates(model)
+    }
+    save_file(tensors, str(Path(adapter_dir) / GATE_BASE_FILE))
+
+
+def save_stage1_weights(model: nn.Module, cfg: DictConfig, run_dir: Path) -> Path:
+    """Rank 0 writes ``full_rank_weights.pt`` or the LoRA adapter ``checkpoint-final/``."""
+    if cfg.training.peft_mode == "full_rank":
+        path = run_dir / FULL_RANK_WEIGHTS_FILE
+        payload = {"model_state_dict": gate_state_dict(model), "tokenizer_name": str(cfg.selector_model.path)}
+        atomic_torch_save(payload, path)
+    else:
+        path = run_dir / "checkpoint-final"
+        # Written beside and renamed, so that a crash never leaves a half-written adapter dir.
+        tmp = run_dir / f".checkpoint-final.tmp-{os.getpid()}"
+        model.save_pretrained(tmp)
+        # The adapter holds only lora_A/lora_B; the gate weights it was trained on go beside it, so
+        # that Stage 2 rebuilds exactly these gates whatever its seed or init settings.
+        save_gate_base(model, tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    log.info("saved Stage 1 %s weights to %s", cfg.training.peft_mode, path)
+    return path
+
+
+def run(cfg: DictConfig) -> None:
+    """Stage 1: load the selector, train its gates (backbone frozen), save the gate weights."""
+    validate(cfg)
+    run_dir = init_run(cfg, "warmup", selector_model=str(cfg.selector_model.path))
+    started = time.perf_counter()
+    set_seed(int(cfg.seed))
+    model, tokenizer = get_model_and_tokenizer(cfg)
+    if cfg.training.peft_mode == "lora":
+        model = get_peft_model(model, get_peft_config(cfg))
+    train_dataset, encode_stats = build_train_dataset(cfg, tokenizer, run_dir)
+    collator = SFTDataCollator(tokenizer.pad_token_id)
+    stats_samples = int(cfg.training.gate_stats_samples)
+    batch_size = int(cfg.training.per_device_batch_size)
+    gates_before = (
+        gate_statistics(model, train_dataset, collator, batch_size, stats_samples)
+        if is_main_process()
+        else None
+    )
+
+    trainer = QualityGateTrainer(
+        model=model,
+        # No weight decay: it would pull the gates towards 0.5, against the quality loss.
+        args=training_arguments(
+            cfg.training, run_dir, seed=int(cfg.seed), model=model, shard=False, save_steps=None
+        ),
+        train_dataset=train_dataset,
+        data_collator=collator,
+        callbacks=[NonFiniteLossCallback()],
+        quality_loss_weight=float(cfg.training.quality_loss_weight),
+        quality_loss_mode=str(cfg.training.quality_loss_mode),
+    )
+    result = trainer.train()
+    if not is_main_process():
+        return
+
+    gates_after = gate_statistics(model, train_dataset, collator, batch_size, stats_samples)
+    weights_path = save_stage1_weights(model, cfg, run_dir)
+    history = [entry for entry in trainer.state.log_history if "lm_loss" in entry]
+    metrics = {
+        "peft_mode": str(cfg.training.peft_mode),
+        "quality_loss_mode": str(cfg.training.quality_loss_mode),
+        "quality_loss_weight": float(cfg.training.quality_loss_weight),
+        "num_train_samples": len(train_dataset),
+        "encode_stats": encode_stats,
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "final": history[-1] if history else None,
+        "history": history,
+        "gates_before": gates_before,
+        "gates_after": gates_after,
+        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 3),
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        "world_size": world_size(),
+    }
+    atomic_write_json(run_dir / "warmup_metrics.json", metrics)
+    update_manifest(run_dir, stage1_weights=str(weights_path), warmup_metrics="warmup_metrics.json")
+    log.info(
+        "Stage 1 done in %.1fs: gate mean %.3f -> %.3f, token std %.4f -> %.4f",
+        metrics["wall_time_s"],
+        gates_before["mean"],
+        gates_after["mean"],
+        gates_before["token_std"],
+        gates_after["token_std"],
+    )

@@ -1,0 +1,402 @@
+"""Router data on disk: ragged, sharded, memory-mapped, written atomically.
+
+Layout of one Stage 2 run (``<run>/router_data/``)::
+
+    fingerprint.json                       what produced the statistics (model, weights, tokenizer, ...)
+    <dataset>_router_data.pt               the index of one dataset (the seed's file name)
+    <dataset>/shard-00000.pt               a shard: the statistics of a slice of the samples
+    <dataset>/shard-00000.pt.done          completion marker, written after the shard itself: JSON with the
+                                           fingerprint, the shard's size in bytes and its sha256
+
+A shard is a ``torch.save`` dict of tensors and plain lists (so ``weights_only=True`` reads it)::
+
+    sample_ids      list[str]           n
+    lengths         int64 [n]           T_i: stored positions of sample i
+    gates           float16 [sum T_i, L] token-major: sample i is rows offsets[i]:offsets[i+1]
+    perplexities    float32 [sum T_i]
+    assistant_mask  bool [sum T_i]      the position predicts an assistant (label) token
+    valid           bool [n]            False: the sample has no usable statistics
+    invalid_reason  list[str]           "" for valid samples
+    ifd_loss_cond   float32 [n]         optional: mean response NLL given the instruction
+    ifd_loss_uncond float32 [n]         optional: mean response NLL without the instruction
+    embeddings      float16 [n, D]      optional: the selector's last hidden state, mean over the assistant
+                                        tokens, randomly projected to D <= 256 dims (diversity selection)
+    encode_stats    dict                counts of the shard's records (kept, truncated, dropped)
+    dropped         list[dict]          records of the shard the encoder dropped: id, reason
+
+Position pairing: position t of a sample pairs the gate values computed at token t with the
+perplexity of predicting token t+1 (the gate at t shapes exactly that prediction). A sample of
+``n`` tokens therefore has ``T_i = n - 1`` positions; the last token predicts nothing.
+
+Bytes per stored position: 2 x L (gates) + 4 (perplexity) + 1 (mask) <= 2 x L + 8; per sample
+2 x D more for the embedding.
+
+Integrity: a shard counts as finished only when its marker exists and the file still has the size
+and sha256 the marker recorded (:func:`shard_problem`). Stage 2 rescores a damaged shard on rerun;
+selection refuses to read one and names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quality_gate.errors import RouterDataError
+from quality_gate.io import atomic_torch_save, atomic_write_json
+
+FORMAT = "quality-gate/router-data/v2"
+INDEX_SUFFIX = "_router_data.pt"
+SHARD_KEYS = ("sample_ids", "lengths", "gates", "perplexities", "assistant_mask", "valid", "invalid_reason")
+
+
+# --------------------------------------------------------------------------------------------- #
+# Fingerprint
+# --------------------------------------------------------------------------------------------- #
+def fingerprint_of(fields: dict[str, Any]) -> str:
+    """A stable sha256 of the JSON form of ``fields``."""
+    blob = json.dumps(fields, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_or_write_fingerprint(router_dir: Path, fields: dict[str, Any]) -> str:
+    """Store ``fields`` in ``router_dir/fingerprint.json``, or check them against the stored ones.
+
+    Raises :class:`RouterDataError` listing the fields that differ, so that statistics of two
+    different models, weights, tokenizers or settings are never mixed in one directory.
+    """
+    router_dir = Path(router_dir)
+    path = router_dir / "fingerprint.json"
+    fp = fingerprint_of(fields)
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("fingerprint") != fp:
+            old = stored.get("fields", {})
+            diff = {k: (old.get(k), fields.get(k)) for k in sorted(set(old) | set(fields))}
+            diff = {k: v for k, v in diff.items() if v[0] != v[1]}
+            lines = "\n".join(f"  {k}: stored {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise RouterDataError(
+                f"{router_dir} holds statistics of another setup (fingerprint {stored.get('fingerprint')} "
+                f"!= {fp}); refusing to mix them. Differences:\n{lines}\n"
+                "Use a new run dir, or rerun with the settings of the stored one."
+            )
+        return fp
+    atomic_write_json(path, {"fingerprint": fp, "fields": fields})
+    return fp
+
+
+# --------------------------------------------------------------------------------------------- #
+# Writing
+# --------------------------------------------------------------------------------------------- #
+def shard_path(router_dir: Path, dataset_name: str, index: int) -> Path:
+    return Path(router_dir) / dataset_name / f"shard-{index:05d}.pt"
+
+
+def marker_path(path: Path) -> Path:
+    return Path(str(path) + ".done")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_problem(path: Path, fingerprint: str | None = None, verify_checksum: bool = True) -> str | None:
+    """None when the shard at ``path`` is finished and intact; else why it is not, in a few words.
+
+    Finished: the marker exists, is this format's JSON, carries ``fingerprint`` (when given), and the
+    shard file has the recorded size and (with ``verify_checksum``) sha256.
+    """
+    path, marker = Path(path), marker_path(Path(path))
+    if not marker.exists():
+        return "not finished (no completion marker)" if path.exists() else "missing"
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        recorded_size, recorded_sha = int(record["bytes"]), str(record["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its completion marker is unreadable (written by another version, or damaged)"
+    if fingerprint is not None and record.get("fingerprint") != fingerprint:
+        return f"written under fingerprint {record.get('fingerprint')}, not {fingerprint}"
+    if not path.exists():
+        return "missing although its completion marker exists"
+    size = path.stat().st_size
+    if size != recorded_size:
+        return f"damaged: {size} bytes, {recorded_size} recorded when it was written (truncated copy?)"
+    if verify_checksum and file_sha256(path) != recorded_sha:
+        return "damaged: its sha256 differs from the one recorded when it was written"
+    return None
+
+
+def shard_is_complete(path: Path) -> bool:
+    """The shard is finished and intact (see :func:`shard_problem`)."""
+    return shard_problem(path) is None
+
+
+def write_shard(path: Path, shard: dict[str, Any], fingerprint: str) -> None:
+    """Write one shard atomically, then its completion marker (size and sha256 of the file, last)."""
+    missing = [k for k in SHARD_KEYS if k not in shard]
+    if missing:
+        raise ValueError(f"shard is missing keys {missing}")
+    n = len(shard["sample_ids"])
+    total = int(shard["lengths"].sum())
+    if shard["gates"].shape[0] != total or shard["perplexities"].shape[0] != total:
+        raise ValueError(
+            f"shard arrays disagree: lengths sum to {total}, gates {tuple(shard['gates'].shape)}, "
+            f"perplexities {tuple(shard['perplexities'].shape)}"
+        )
+    if shard["lengths"].shape[0] != n or shard["valid"].shape[0] != n:
+        raise ValueError("shard per-sample arrays must have one entry per sample id")
+    path = Path(path)
+    atomic_torch_save({**shard, "fingerprint": fingerprint, "format": FORMAT}, path)
+    marker = {
+        "fingerprint": fingerprint,
+        "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+        "samples": n,
+    }
+    atomic_write_json(marker_path(path), marker)
+
+
+def remove_shard(path: Path) -> None:
+    """Delete a shard and its marker (marker first: a crash in between leaves an unfinished shard)."""
+    marker_path(path).unlink(missing_ok=True)
+    Path(path).unlink(missing_ok=True)
+
+
+def write_index(
+    router_dir: Path,
+    dataset_name: str,
+    shard_paths: Sequence[Path],
+    fingerprint: str,
+    max_seq_len: int,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Gather the shards of one dataset into ``<dataset>_router_data.pt`` (atomic).
+
+    The index holds ids and lengths of all samples and the relative shard paths; the big arrays
+    stay in the shards.
+    """
+    router_dir = Path(router_dir)
+    sample_ids: list[str] = []
+    lengths: list[torch.Tensor] = []
+    valid: list[torch.Tensor] = []
+    counts: list[int] = []
+    num_layers = None
+    has_ifd = True
+    for p in shard_paths:
+        problem = shard_problem(p, fingerprint)
+        if problem is not None:
+            raise RouterDataError(
+                f"shard {p} is {problem}; rerun Stage 2 in the same run dir to (re)score it"
+            )
+        s = _torch_load(p)
+        sample_ids.extend(s["sample_ids"])
+        lengths.append(s["lengths"].clone())
+        valid.append(s["valid"].clone())
+        counts.append(len(s["sample_ids"]))
+        if len(s["sample_ids"]) and num_layers is None:
+            num_layers = int(s["gates"].shape[1])
+        has_ifd = has_ifd and "ifd_loss_cond" in s
+    if len(set(sample_ids)) != len(sample_ids):
+        raise RouterDataError(f"dataset {dataset_name}: duplicate sample ids across shards")
+    index = {
+        "format": FORMAT,
+        "dataset_name": dataset_name,
+        "num_samples": len(sample_ids),
+        "num_layers": num_layers,
+        "max_seq_len": int(max_seq_len),
+        "sample_ids": sample_ids,
+        "lengths": torch.cat(lengths) if lengths else torch.zeros(0, dtype=torch.int64),
+        "valid": torch.cat(valid) if valid else torch.zeros(0, dtype=torch.bool),
+        "shards": [str(Path(p).relative_to(router_dir)) for p in shard_paths],
+        "shard_num_samples": counts,
+        "has_ifd": has_ifd,
+        "fingerprint": fingerprint,
+        "created_at": dt.datetime.now().isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+    out = router_dir / f"{dataset_name}{INDEX_SUFFIX}"
+    atomic_torch_save(index, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- #
+# Reading
+# --------------------------------------------------------------------------------------------- #
+@dataclasses.dataclass
+class RouterShard:
+    """One shard in memory (tensors memory-mapped). ``offsets`` is int64 [n+1]."""
+
+    sample_ids: list[str]
+    lengths: torch.Tensor
+    offsets: torch.Tensor
+    gates: torch.Tensor  # (sum T_i, L) float16
+    perplexities: torch.Tensor  # (sum T_i,) float32
+    assistant_mask: torch.Tensor  # (sum T_i,) bool
+    valid: torch.Tensor  # (n,) bool
+    invalid_reason: list[str]
+    ifd_loss_cond: torch.Tensor | None = None
+    ifd_loss_uncond: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None  # (n, D) float16
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def sample_slice(self, i: int) -> slice:
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    """``torch.load`` of a shard or index (weights only, memory-mapped); a file torch cannot read is a
+    :class:`RouterDataError` naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise RouterDataError(
+            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it is damaged or "
+            "not router data. Rerun Stage 2 with output_dir=<its run dir>: damaged shards are rescored."
+        ) from None
+
+
+def _load_shard(path: Path) -> RouterShard:
+    s = _torch_load(path)
+    lengths = s["lengths"].to(torch.int64)
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    return RouterShard(
+        sample_ids=list(s["sample_ids"]),
+        lengths=lengths,
+        offsets=offsets,
+        gates=s["gates"],
+        perplexities=s["perplexities"],
+        assistant_mask=s["assistant_mask"],
+        valid=s["valid"],
+        invalid_reason=list(s["invalid_reason"]),
+        ifd_loss_cond=s.get("ifd_loss_cond"),
+        ifd_loss_uncond=s.get("ifd_loss_uncond"),
+        embeddings=s.get("embeddings"),
+    )
+
+
+def find_router_data(root: str | Path) -> list[Path]:
+    """Every ``*_router_data.pt`` index under ``root`` (recursively), sorted."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.exists():
+        raise RouterDataError(f"{root} does not exist; pass the run dir of a finished Stage 2 run")
+    return sorted(p for p in root.rglob(f"*{INDEX_SUFFIX}") if p.is_file())
+
+
+def load_index(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise RouterDataError(f"router data index {path} does not exist")
+    index = _torch_load(path)
+    if index.get("format") != FORMAT:
+        raise RouterDataError(
+            f"{path} is not Quality-Gate router data ({FORMAT}); format={index.get('format')!r}"
+        )
+    return index
+
+
+def iter_shards(index_path: str | Path, verify_checksum: bool = True) -> Iterator[RouterShard]:
+    """Stream the shards of one dataset, in sample order, memory-mapped; each is checked against its
+    marker first (size, sha256, fingerprint) and a damaged one is a :class:`RouterDataError` naming it."""
+    index_path = Path(index_path)
+    index = load_index(index_path)
+    for rel in index["shards"]:
+        p = index_path.parent / rel
+        problem = shard_problem(p, index.get("fingerprint"), verify_checksum)
+        if problem is not None:
+            raise RouterDataError(
+                f"shard {p} of {index_path.name} is {problem}. Rerun Stage 2 with output_dir=<its run dir>: "
+                "it rescores missing and damaged shards and rewrites the index."
+            )
+        yield _load_shard(p)
+
+
+class RaggedView(Sequence):
+    """Per-sample, lazy access to one ragged field over all shards of a dataset."""
+
+    def __init__(self, index_path: Path, index: dict[str, Any], field: str) -> None:
+        self._dir = index_path.parent
+        self._shards: list[str] = index["shards"]
+        counts = torch.tensor([0, *index["shard_num_samples"]], dtype=torch.int64)
+        self._starts = torch.cumsum(counts, 0)
+        self._field = field
+        self._cache: dict[int, RouterShard] = {}
+
+    def _shard(self, k: int) -> RouterShard:
+        if k not in self._cache:
+            self._cache[k] = _load_shard(self._dir / self._shards[k])
+        return self._cache[k]
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(torch.searchsorted(self._starts, torch.tensor(i), right=True)) - 1
+        shard = self._shard(k)
+        rows = shard.sample_slice(i - int(self._starts[k]))
+        if self._field == "quality_gates":
+            return shard.gates[rows].T  # (L, T_i)
+        return getattr(shard, self._field)[rows]  # (T_i,)
+
+
+def load_router_data(router_data_path: str | Path) -> dict[str, Any]:
+    """Open one dataset's router data (the index file, or a run/router dir holding exactly one).
+
+    Returns the seed's keys: ``dataset_name``, ``num_samples``, ``quality_gates`` (per sample
+    ``[L, T_i]`` float16), ``perplexities`` (per sample ``[T_i]``), ``sample_ids``, ``max_seq_len``;
+    plus ``num_layers``, ``lengths``, ``valid``, ``assistant_mask`` (per sample ``[T_i]``),
+    ``fingerprint``, ``index_path``. Nothing is read into memory until a sample is accessed.
+    """
+    path = Path(router_data_path)
+    if path.is_dir():
+        found = find_router_data(path)
+        if len(found) != 1:
+            raise RouterDataError(
+                f"{path} holds {len(found)} router data files; pass one of: {[str(f) for f in found]}"
+            )
+        path = found[0]
+    index = load_index(path)
+    return {
+        **index,
+        "quality_gates": RaggedView(path, index, "quality_gates"),
+        "perplexities": RaggedView(path, index, "perplexities"),
+        "assistant_mask": RaggedView(path, index, "assistant_mask"),
+        "index_path": str(path),
+    }
+
+
+def get_sample_router_info(router_data: dict[str, Any], sample_id: str) -> dict[str, Any]:
+    """The statistics of one sample by id: ``quality_gates`` [L, T_i], ``perplexities`` [T_i], ..."""
+    if "_id_to_row" not in router_data:
+        router_data["_id_to_row"] = {sid: i for i, sid in enumerate(router_data["sample_ids"])}
+    row = router_data["_id_to_row"].get(sample_id)
+    if row is None:
+        raise KeyError(f"sample id {sample_id!r} is not in {router_data.get('dataset_name')!r}")
+    return {
+        "sample_id": sample_id,
+        "row": row,
+        "dataset_name": router_data["dataset_name"],
+        "quality_gates": router_data["quality_gates"][row],
+        "perplexities": router_data["perplexities"][row],
+        "assistant_mask": router_data["assistant_mask"][row],
+        "length": int(router_data["lengths"][row]),
+        "valid": bool(router_data["valid"][row]),
+    }

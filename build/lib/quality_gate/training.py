@@ -1,0 +1,263 @@
+"""Pieces shared by the two training stages (Stage 1 warmup, Stage 3 fine-tune).
+
+* :func:`training_arguments`: the one place ``TrainingArguments`` are built from a ``training`` config.
+* :func:`validate_batch_size_configuration`: gradient accumulation from the total batch size.
+* :class:`NonFiniteLossCallback` / :func:`check_finite_loss`: stop on a NaN/inf loss with a clear error.
+* :data:`FSDP_CONFIG` / :func:`process_layout_kwargs`: FSDP on several CUDA processes, DDP otherwise.
+* :func:`report_to`: the configured loggers that are installed.
+* :func:`last_checkpoint`: the newest ``checkpoint-<step>`` of a run dir, for resuming.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from quality_gate.errors import ConfigError, NonFiniteLossError
+from quality_gate.runs import is_main_process, world_size
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FSDP_CONFIG",
+    "NonFiniteLossCallback",
+    "NonFiniteLossError",
+    "check_finite_loss",
+    "fsdp_layer_classes",
+    "last_checkpoint",
+    "process_layout_kwargs",
+    "report_to",
+    "training_arguments",
+    "validate_batch_size_configuration",
+]
+
+
+def validate_batch_size_configuration(
+    total_batch_size: int, per_device_batch_size: int, world_size: int
+) -> int:
+    """Return the gradient accumulation steps for ``total = per_device x world_size x accumulation``.
+
+    Raises ``ValueError`` naming the three numbers when ``total`` is not a multiple of
+    ``per_device x world_size``.
+    """
+    for name, value in (
+        ("training.batch_size", total_batch_size),
+        ("training.per_device_batch_size", per_device_batch_size),
+        ("world size", world_size),
+    ):
+        if int(value) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    effective = per_device_batch_size * world_size
+    if total_batch_size % effective != 0:
+        raise ConfigError(
+            f"training.batch_size={total_batch_size} is not a multiple of "
+            f"training.per_device_batch_size={per_device_batch_size} x world size {world_size} "
+            f"= {effective}. Choose a total batch size that is a multiple of {effective}, or change "
+            "the per-device batch size."
+        )
+    return total_batch_size // effective
+
+
+def _non_finite_message(step: int, value: float) -> str:
+    return (
+        f"non-finite training loss {value} at step {step}. Try a lower training.learning_rate, a wider "
+        "model dtype (float32, or bfloat16 instead of float16), gradient clipping (training.max_grad_norm), "
+        "and check the data for empty or broken records."
+    )
+
+
+def check_finite_loss(loss: torch.Tensor, step: int) -> None:
+    """Raise :class:`NonFiniteLossError` when ``loss`` (a scalar tensor) is NaN or infinite.
+
+    Reading the value forces a device sync, so callers on GPU should call this at logging steps only
+    (the Trainer subclasses do); on CPU it costs nothing measurable.
+    """
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLossError(_non_finite_message(step, value))
+
+
+class NonFiniteLossCallback(TrainerCallback):
+    """Stop training with :class:`NonFiniteLossError` as soon as a logged loss is NaN or infinite.
+
+    The Trainer logs the mean loss since the last log, so one non-finite step poisons that mean and is
+    caught at the next logging step (``logging_steps``) without a per-step device sync.
+    """
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not logs:
+            return
+        for key in ("loss", "train_loss", "quality_loss"):
+            value = logs.get(key)
+            if value is not None and not math.isfinite(float(value)):
+                raise NonFiniteLossError(_non_finite_message(state.global_step, float(value)))
+
+
+# Decoder layer class to wrap as one FSDP unit, per ``config.model_type``. Models not listed fall back
+# to their ``_no_split_modules`` (which transformers sets to the decoder layer for these families).
+FSDP_CONFIG: dict[str, dict[str, Any]] = {
+    "qwen2": {"transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]},
+    "qwen3": {"transformer_layer_cls_to_wrap": ["Qwen3DecoderLayer"]},
+    "llama": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+    "mistral": {"transformer_layer_cls_to_wrap": ["MistralDecoderLayer"]},
+}
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (``PeftModel.get_base_model``), else ``model``."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def fsdp_layer_classes(model: nn.Module) -> list[str]:
+    """Names of the decoder layer classes to wrap: from :data:`FSDP_CONFIG`, else ``_no_split_modules``."""
+    base = _base_model(model)
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    if model_type in FSDP_CONFIG:
+        return list(FSDP_CONFIG[model_type]["transformer_layer_cls_to_wrap"])
+    no_split = list(getattr(base, "_no_split_modules", None) or [])
+    if not no_split:
+        raise ConfigError(
+            f"no FSDP wrap class known for model_type={model_type!r} and the model has no "
+            "_no_split_modules; add its decoder layer class to quality_gate.training.FSDP_CONFIG."
+        )
+    return no_split
+
+
+def process_layout_kwargs(model: nn.Module, world_size: int, device_type: str, shard: bool) -> dict[str, Any]:
+    """Extra ``TrainingArguments`` kwargs for the process layout.
+
+    * several processes on CUDA with ``shard``: FSDP2 (transformers 5.x default, ``fsdp=True`` +
+      ``fsdp_config``), full sharding (``reshard_after_forward``), one unit per decoder layer, full
+      state dict on save so checkpoints load in one process. FSDP2 shards per parameter (DTensor),
+      so LoRA's mix of frozen and trainable parameters in one unit works without FSDP1's
+      ``use_orig_params``.
+    * several processes on CUDA without ``shard`` (Stage 1 trains only the gates): DDP over NCCL.
+    * several processes on CPU: DDP with the gloo backend (NCCL needs CUDA), ``use_cpu`` set.
+    * one process: nothing (the Trainer picks the device).
+    """
+    if world_size <= 1:
+        return {}
+    if device_type == "cuda" and not shard:
+        return {"ddp_find_unused_parameters": False}
+    if device_type == "cuda":
+        return {
+            "fsdp": True,
+            "fsdp_config": {
+                "version": 2,
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "transformer_layer_cls_to_wrap": fsdp_layer_classes(model),
+                "reshard_after_forward": True,
+                "state_dict_type": "FULL_STATE_DICT",
+            },
+        }
+    # accelerate only builds a MULTI_CPU (DDP) state when told the run is CPU-only; without use_cpu the
+    # ranks train independently on their shards and never sync gradients. Every LoRA/gate parameter is
+    # used in each step, so find_unused_parameters stays off.
+    return {"use_cpu": True, "ddp_backend": "gloo", "ddp_find_unused_parameters": False}
+
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """Path of the ``checkpoint-<step>`` dir with the highest step that holds ``trainer_state.json``.
+
+    ``checkpoint-final`` (the exported model) is not a resumable checkpoint and is ignored; a
+    checkpoint without ``trainer_state.json`` was interrupted while saving and is skipped.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    best: tuple[int, Path] | None = None
+    for child in root.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir() and (child / "trainer_state.json").is_file():
+            step = int(match.group(1))
+            if best is None or step > best[0]:
+                best = (step, child)
+    return str(best[1]) if best else None
+
+
+def report_to(wanted: Any) -> list[str]:
+    """The loggers of ``training.report_to`` whose package is installed (others dropped, with a warning)."""
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted or [])
+    packages = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+    kept = []
+    for name in wanted:
+        if name in packages and importlib.util.find_spec(packages[name]) is None:
+            log.warning("training.report_to includes %s but it is not installed; not logging to it", name)
+            continue
+        kept.append(str(name))
+    return kept
+
+
+def training_arguments(
+    t: Any,
+    run_dir: Path,
+    *,
+    seed: int,
+    model: nn.Module,
+    shard: bool,
+    save_steps: int | None,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    save_total_limit: int | None = None,
+) -> TrainingArguments:
+    """``TrainingArguments`` from a stage's ``training`` config ``t`` (Stages 1 and 3).
+
+    ``shard``: FSDP on several CUDA processes (Stage 3) instead of DDP (Stage 1, gates only).
+    ``save_steps=None`` saves no Trainer checkpoints (Stage 1 saves the gates itself).
+    """
+    accumulation = validate_batch_size_configuration(
+        int(t.batch_size), int(t.per_device_batch_size), world_size()
+    )
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    saving: dict[str, Any] = (
+        {"save_strategy": "no"}
+        if save_steps is None
+        else {"save_strategy": "steps", "save_steps": int(save_steps), "save_total_limit": save_total_limit}
+    )
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=int(t.per_device_batch_size),
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=float(t.epochs),
+        max_steps=int(t.max_steps),
+        learning_rate=float(t.learning_rate),
+        lr_scheduler_type=str(t.lr_scheduler_type),
+        warmup_steps=int(t.warmup_steps),
+        weight_decay=float(weight_decay),
+        max_grad_norm=float(max_grad_norm),
+        logging_steps=int(t.logging_steps),
+        logging_first_step=True,
+        # The default replaces NaN/inf step losses by the running mean before logging, which would
+        # hide exactly what NonFiniteLossCallback has to see.
+        logging_nan_inf_filter=False,
+        report_to=report_to(t.report_to),
+        activation_checkpointing=bool(t.gradient_checkpointing),
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        remove_unused_columns=False,
+        seed=int(seed),
+        data_seed=int(seed),
+        dataloader_num_workers=int(t.dataloader_num_workers),
+        dataloader_pin_memory=device_type == "cuda",
+        disable_tqdm=not is_main_process(),
+        **saving,
+        **process_layout_kwargs(model, world_size(), device_type, shard),
+    )

@@ -1,0 +1,171 @@
+"""The command line: ``quality-gate <stage>`` and the seed's commands give the same outputs; help and
+config errors answer fast, on one line, naming the key; user errors print no traceback, bugs do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import REPO, SELECTOR, TRAIN
+
+from quality_gate.stats.store import find_router_data, iter_shards, load_index
+
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONPATH": str(REPO / "src"),
+}
+QG = [sys.executable, "-m", "quality_gate"]
+SEED_MAIN = [sys.executable, str(REPO / "src" / "main.py")]
+SMALL = ["dataset.subset_ratio=0.02", "data_process.shard_size=16", "collect_ifd=true"]
+
+
+def run(
+    cmd: list[str], cwd: Path = REPO, check: bool = True, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def router_contents(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for index_path in find_router_data(run_dir / "router_data"):
+        name = load_index(index_path)["dataset_name"]
+        for shard in iter_shards(index_path):
+            for i, sid in enumerate(shard.sample_ids):
+                rows = shard.sample_slice(i)
+                out[f"{name}/{sid}"] = {
+                    "gates": shard.gates[rows].clone(),
+                    "ppl": shard.perplexities[rows].clone(),
+                    "emb": shard.embeddings[i].clone(),
+                    "ifd": shard.ifd_loss_cond[i].clone(),
+                }
+    return out
+
+
+@pytest.fixture(scope="module")
+def collect_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """Stage 2 twice on the same data: ``quality-gate collect`` and the seed's ``stage_2_selection``."""
+    root = tmp_path_factory.mktemp("cli")
+    new, seed = root / "collect", root / "seed"
+    run([*QG, "collect", *SMALL, f"output_dir={new}"])
+    run([*SEED_MAIN, "--config-name", "stage_2_selection", *SMALL, f"output_dir={seed}"])
+    return new, seed
+
+
+@pytest.mark.slow
+def test_collect_equals_the_seed_command(collect_runs):
+    new, seed = collect_runs
+    a, b = router_contents(new), router_contents(seed)
+    assert sorted(a) == sorted(b) and len(a) == 40
+    for key in a:
+        for field in a[key]:
+            assert torch.equal(a[key][field], b[key][field]), f"{key}.{field}"
+    assert (new / "router_data" / "synthetic_records.jsonl").read_bytes() == (
+        seed / "router_data" / "synthetic_records.jsonl"
+    ).read_bytes()
+    # Same stage, one name: both manifests say collect; the seed's config only changes the run dir folder.
+    for d in (new, seed):
+        assert json.loads((d / "manifest.json").read_text())["stage"] == "collect"
+
+
+@pytest.mark.slow
+def test_select_equals_batch_and_continue_selection(collect_runs, tmp_path):
+    new, seed = collect_runs
+    args = ["selection_percentage=0.3", "report=false"]
+    run([*QG, "select", f"root_dir={new}", *args])
+    run([sys.executable, str(REPO / "scripts" / "batch_selection.py"), f"root_dir={seed}", *args])
+    flat = tmp_path / "flat"
+    run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "continue_selection.py"),
+            f"router_data_dir={seed / 'router_data'}",
+            f"output_dir={flat}",
+            *args,
+        ]
+    )
+    kept = [(d / "selected_data.jsonl").read_text() for d in (new, seed, flat)]
+    assert kept[0] == kept[1] == kept[2] and len(kept[0].splitlines()) == 12  # ceil(0.3 * 40)
+    tables = [pq.read_table(d / "scores.parquet").drop_columns(["id"]).to_pydict() for d in (new, seed, flat)]
+    assert tables[0] == tables[1] == tables[2]
+
+
+@pytest.mark.slow
+def test_warmup_equals_the_seed_command(tmp_path):
+    overrides = ["dataset.subset_ratio=0.02", "training.max_steps=2", "training.gate_stats_samples=8"]
+    run([*QG, "warmup", *overrides, f"output_dir={tmp_path / 'a'}"])
+    run([*SEED_MAIN, "--config-name", "stage_1_warmup", *overrides, f"output_dir={tmp_path / 'b'}"])
+    a, b = (torch.load(tmp_path / d / "full_rank_weights.pt", weights_only=True) for d in ("a", "b"))
+    assert a["model_state_dict"].keys() == b["model_state_dict"].keys()
+    for k, v in a["model_state_dict"].items():
+        assert torch.equal(v, b["model_state_dict"][k])
+
+
+def test_run_dirs_follow_the_config_name(tmp_path):
+    """New names write under outputs/<stage>/, the seed's config names under the seed's folders."""
+    run([*QG, "evaluate", "eval.max_samples=2", "eval.max_new_tokens=2"], cwd=tmp_path)
+    run(
+        [*SEED_MAIN, "--config-name", "stage_4_evaluate", "eval.max_samples=2", "eval.max_new_tokens=2"],
+        cwd=tmp_path,
+    )
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["evaluate", "stage_4_evaluate"]
+    (run_dir,) = (tmp_path / "outputs" / "evaluate").glob("*/*")
+    assert (run_dir / "eval_results.json").is_file() and (run_dir / "evaluate.log").is_file()
+    assert "eval.max_samples-2" in run_dir.name  # the overrides, pasteable into the next command
+
+
+def test_help_and_config_errors_answer_fast_on_one_line(tmp_path):
+    t0 = time.perf_counter()
+    out = run([*QG, "collect", "--help"], cwd=tmp_path)
+    assert time.perf_counter() - t0 < 3.0  # typically 0.2 s; generous for a loaded CI machine
+    assert "data_process.max_tokens_per_batch" in out.stdout and "(16384)" in out.stdout
+    usage = run([*QG], cwd=tmp_path)
+    assert all(stage in usage.stdout for stage in ("warmup", "collect", "select", "finetune", "evaluate"))
+    for cmd, key in (
+        ([*QG, "warmup", "training.epochs=abc"], "training.epochs"),
+        ([*QG, "collect", "dataset.truncation=middle"], "dataset.truncation"),
+        ([*QG, "select", "selection_percentage=0.5"], "root_dir"),
+        ([*QG, "finetune", "training.peft_mode=qlora"], "training.peft_mode"),
+    ):
+        t0 = time.perf_counter()
+        proc = run(cmd, cwd=tmp_path, check=False)
+        assert time.perf_counter() - t0 < 3.0, cmd
+        assert proc.returncode != 0 and key in proc.stdout + proc.stderr, cmd
+        assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch):
+    proc = run([*QG, "finetune", f"output_dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "dataset.data_path is not set" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # The entry point turns a UserError into one line and exit 1, and lets anything else (a bug) through
+    # with its traceback, whatever the built-in base class (ValueError used to be swallowed).
+    from quality_gate import cli
+    from quality_gate.config import make_config
+    from quality_gate.errors import DataError
+
+    cfg = make_config("evaluate")
+    for error in (KeyError("bug"), ValueError("a bug deep inside a library")):
+        monkeypatch.setattr(cli, "run_stage", lambda _cfg, e=error: (_ for _ in ()).throw(e))
+        with pytest.raises(type(error)):
+            cli._task(cfg)
+    monkeypatch.setattr(cli, "run_stage", lambda _cfg: (_ for _ in ()).throw(DataError("fix the data")))
+    with pytest.raises(SystemExit, match="error: fix the data"):
+        cli._task(cfg)
+
+
+@pytest.mark.parametrize("module", [SELECTOR, TRAIN])
+def test_tiny_assets_ship_inside_the_package(module):
+    assert str(module).startswith(str(REPO / "src" / "quality_gate" / "assets"))
+    assert module.exists() and (REPO / "assets").resolve() == (REPO / "src" / "quality_gate" / "assets")
