@@ -59,20 +59,26 @@ def asset(relative: str) -> str:
 # Shared groups
 # --------------------------------------------------------------------------------------------- #
 @dataclass
-class SelectorModelConfig:
+class ModelOptions:
+    """How a model is loaded (shared by the selector, the target and Stage 4's base model)."""
+
+    dtype: str = opt(
+        "auto", "auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32", choices=DTYPES
+    )
+    trust_remote_code: bool = opt(False, "run the model repo's own code; only for models that need it")
+    attn_implementation: str | None = opt(
+        None, "null: transformers' default (sdpa); or eager | sdpa | flash_attention_2"
+    )
+
+
+@dataclass
+class SelectorModelConfig(ModelOptions):
     """The model that gets the quality gates (Stages 1 and 2)."""
 
     path: str = opt(
         asset("models/tiny-qwen3-selector"),
         "converted gated selector dir (quality-gate convert), a plain base model dir or an HF id (gates "
         "attached on load); default: the embedded tiny Qwen3",
-    )
-    trust_remote_code: bool = opt(False, "run the model repo's own code; only for models that need it")
-    dtype: str = opt(
-        "auto", "auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32", choices=DTYPES
-    )
-    attn_implementation: str | None = opt(
-        None, "null: transformers' default (sdpa); or eager | sdpa | flash_attention_2"
     )
 
 
@@ -146,19 +152,12 @@ class DatasetConfig:
 
 
 @dataclass
-class TargetModelConfig:
+class TargetModelConfig(ModelOptions):
     """A plain causal LM (no gates): the model Stage 3 fine-tunes and Stage 4 evaluates."""
 
     name: str = opt(
         asset("models/tiny-qwen2-target"),
         "target model: HF id (e.g. Qwen/Qwen2.5-1.5B) or local path; default: the embedded tiny Qwen2",
-    )
-    dtype: str = opt(
-        "auto", "auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32", choices=DTYPES
-    )
-    trust_remote_code: bool = opt(False, "run the model repo's own code; only for models that need it")
-    attn_implementation: str | None = opt(
-        None, "null: transformers' default (sdpa); or eager | sdpa | flash_attention_2"
     )
 
 
@@ -473,17 +472,6 @@ class FinetuneConfig:
 # --------------------------------------------------------------------------------------------- #
 # Stage 4: evaluate
 # --------------------------------------------------------------------------------------------- #
-@dataclass
-class ModelOptions:
-    dtype: str = opt(
-        "auto", "auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32", choices=DTYPES
-    )
-    trust_remote_code: bool = opt(False, "run the model repo's own code; only for models that need it")
-    attn_implementation: str | None = opt(
-        None, "null: transformers' default (sdpa); or eager | sdpa | flash_attention_2"
-    )
-
-
 @dataclass
 class EvalOptions:
     data_path: str = opt(

@@ -77,6 +77,30 @@ def _load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBa
     return tokenizer
 
 
+def load_options(spec: Any) -> dict[str, Any]:
+    """The loading keyword arguments of a model config group (:class:`quality_gate.config.ModelOptions`)."""
+    return {
+        "dtype": str(spec.dtype),
+        "trust_remote_code": bool(spec.trust_remote_code),
+        "attn_implementation": spec.attn_implementation,
+    }
+
+
+def _load_model_and_tokenizer(
+    path: str, dtype: str, device: str | None, trust_remote_code: bool, attn_implementation: str | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = _load_causal_lm(
+        path,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+    )
+    tokenizer = _load_tokenizer(path, trust_remote_code)
+    _sync_pad_token(model, tokenizer)
+    return model, tokenizer
+
+
 def _load_causal_lm(
     path: str,
     *,
@@ -145,15 +169,7 @@ def load_selector(
     base model path / HF id (gates attached with ``Normal(gate_init_mean, gate_init_std)``).
     ``device=None`` picks :func:`default_device`.
     """
-    model = _load_causal_lm(
-        path,
-        dtype=dtype,
-        device=device,
-        trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation,
-    )
-    tokenizer = _load_tokenizer(path, trust_remote_code)
-    _sync_pad_token(model, tokenizer)
+    model, tokenizer = _load_model_and_tokenizer(path, dtype, device, trust_remote_code, attn_implementation)
     if is_converted_dir(path):
         gate_config = json.loads((Path(path) / GATE_CONFIG_FILE).read_text())
         attach_quality_gates(model, gate_config.get("init_mean", 0.0), gate_config.get("init_std", 0.02))
@@ -331,13 +347,4 @@ def load_target(
     attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a plain causal LM (no gates) and its tokenizer, for Stages 3 and 4."""
-    model = _load_causal_lm(
-        name_or_path,
-        dtype=dtype,
-        device=device,
-        trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation,
-    )
-    tokenizer = _load_tokenizer(name_or_path, trust_remote_code)
-    _sync_pad_token(model, tokenizer)
-    return model, tokenizer
+    return _load_model_and_tokenizer(name_or_path, dtype, device, trust_remote_code, attn_implementation)

@@ -33,6 +33,7 @@ __all__ = [
     "check_finite_loss",
     "fsdp_layer_classes",
     "last_checkpoint",
+    "lora_config",
     "process_layout_kwargs",
     "report_to",
     "training_arguments",
@@ -260,4 +261,17 @@ def training_arguments(
         disable_tqdm=not is_main_process(),
         **saving,
         **process_layout_kwargs(model, world_size(), device_type, shard),
+    )
+
+
+def lora_config(lora: Any, target_modules: list[str]) -> Any:
+    """A causal-LM ``peft.LoraConfig`` from a ``training.lora`` group (``r``, ``alpha``, ``dropout``)."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=int(lora.r),
+        lora_alpha=int(lora.alpha),
+        lora_dropout=float(lora.dropout),
+        target_modules=target_modules,
     )

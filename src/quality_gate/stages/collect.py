@@ -54,7 +54,13 @@ from quality_gate.data import (
 from quality_gate.data.sources import SKIPPED_ROWS_FILE, read_records, report_skipped
 from quality_gate.errors import RouterDataError
 from quality_gate.io import atomic_write_json, atomic_write_jsonl
-from quality_gate.models import apply_stage1_weights, default_device, is_converted_dir, load_selector
+from quality_gate.models import (
+    apply_stage1_weights,
+    default_device,
+    is_converted_dir,
+    load_options,
+    load_selector,
+)
 from quality_gate.runs import PhaseTimer, init_run, is_main_process, rank, update_manifest, world_size
 from quality_gate.stats.collect import collect_batch, concat_batch_stats, embedding_projection
 from quality_gate.stats.store import (
@@ -101,10 +107,8 @@ def _load_model(cfg: DictConfig, device: str) -> tuple[Any, Any, dict[str, Any]]
     torch.manual_seed(int(cfg.seed))
     model, tokenizer = load_selector(
         str(sel.path),
-        dtype=str(sel.dtype),
         device=device,
-        trust_remote_code=bool(sel.trust_remote_code),
-        attn_implementation=sel.attn_implementation,
+        **load_options(sel),
         gate_init_mean=float(cfg.quality_gate.init_mean),
         gate_init_std=float(cfg.quality_gate.init_std),
     )

@@ -52,7 +52,7 @@ from quality_gate.data.encode import IGNORE_INDEX
 from quality_gate.errors import AdapterError, DataError, MissingPathError
 from quality_gate.generation import greedy_replies
 from quality_gate.io import atomic_write_json, atomic_write_text
-from quality_gate.models import load_target, sha256_of
+from quality_gate.models import load_options, load_target, sha256_of
 from quality_gate.nll import chunked_token_nll
 from quality_gate.runs import init_run, update_manifest
 from quality_gate.synthetic import exact_match
@@ -90,12 +90,7 @@ def _check_adapter_base(model: PreTrainedModel, adapter_dir: Path) -> dict[str, 
 def load_model(cfg: DictConfig) -> tuple[nn.Module, PreTrainedTokenizerBase, dict[str, Any]]:
     """Base model from ``model_path`` plus the adapter at ``adapter_path`` (if any), in eval mode."""
     spec = cfg.model
-    model, tokenizer = load_target(
-        str(cfg.model_path),
-        dtype=str(spec.dtype),
-        trust_remote_code=bool(spec.trust_remote_code),
-        attn_implementation=spec.attn_implementation,
-    )
+    model, tokenizer = load_target(str(cfg.model_path), **load_options(spec))
     ensure_chat_template(tokenizer, cfg.chat_template)
     info: dict[str, Any] = {"model_path": str(cfg.model_path), "adapter_path": None}
     if cfg.adapter_path:

@@ -28,7 +28,7 @@ from typing import Any
 
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.training_args import ParallelMode
 
@@ -46,9 +46,9 @@ from quality_gate.data.encode import IGNORE_INDEX
 from quality_gate.data.sources import SKIPPED_ROWS_FILE
 from quality_gate.errors import DataError, MissingPathError
 from quality_gate.io import atomic_write_json, atomic_write_jsonl
-from quality_gate.models import load_target, sha256_of
+from quality_gate.models import load_options, load_target, sha256_of
 from quality_gate.runs import init_run, is_main_process, run_dir_of, update_manifest, world_size
-from quality_gate.training import NonFiniteLossCallback, last_checkpoint, training_arguments
+from quality_gate.training import NonFiniteLossCallback, last_checkpoint, lora_config, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +59,14 @@ METRICS_FILE = "train_metrics.json"
 def get_model_and_tokenizer(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The plain target model (``training.model.*``) and its tokenizer, with a chat template."""
     spec = cfg.training.model
-    model, tokenizer = load_target(
-        str(spec.name),
-        dtype=str(spec.dtype),
-        trust_remote_code=bool(spec.trust_remote_code),
-        attn_implementation=spec.attn_implementation,
-    )
+    model, tokenizer = load_target(str(spec.name), **load_options(spec))
     ensure_chat_template(tokenizer, cfg.dataset.chat_template)
     return model, tokenizer
 
 
 def get_peft_config(cfg: DictConfig) -> LoraConfig:
     """LoRA on the attention and MLP projections (seed: r=128, alpha=256)."""
-    lora = cfg.training.lora
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=int(lora.r),
-        lora_alpha=int(lora.alpha),
-        lora_dropout=float(lora.dropout),
-        target_modules=list(lora.target_modules),
-    )
+    return lora_config(cfg.training.lora, list(cfg.training.lora.target_modules))
 
 
 def _subset_file(cfg: DictConfig) -> Path:

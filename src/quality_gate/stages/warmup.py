@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from omegaconf import DictConfig
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -52,9 +52,9 @@ from quality_gate.gate import (
 )
 from quality_gate.io import atomic_torch_save, atomic_write_json
 from quality_gate.loss import quality_loss
-from quality_gate.models import FULL_RANK_WEIGHTS_FILE, GATE_BASE_FILE, load_selector
+from quality_gate.models import FULL_RANK_WEIGHTS_FILE, GATE_BASE_FILE, load_options, load_selector
 from quality_gate.runs import init_run, is_main_process, update_manifest, world_size
-from quality_gate.training import NonFiniteLossCallback, training_arguments
+from quality_gate.training import NonFiniteLossCallback, lora_config, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +111,7 @@ def get_model_and_tokenizer(cfg: DictConfig) -> tuple[PreTrainedModel, PreTraine
     sel = cfg.selector_model
     model, tokenizer = load_selector(
         str(sel.path),
-        dtype=str(sel.dtype),
-        trust_remote_code=bool(sel.trust_remote_code),
-        attn_implementation=sel.attn_implementation,
+        **load_options(sel),
         gate_init_mean=float(cfg.quality_gate.init_mean),
         gate_init_std=float(cfg.quality_gate.init_std),
     )
@@ -124,14 +122,7 @@ def get_model_and_tokenizer(cfg: DictConfig) -> tuple[PreTrainedModel, PreTraine
 
 def get_peft_config(cfg: DictConfig) -> LoraConfig:
     """LoRA on the gate Linear only (seed: r=16, alpha=64, dropout 0)."""
-    lora = cfg.training.lora
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=int(lora.r),
-        lora_alpha=int(lora.alpha),
-        lora_dropout=float(lora.dropout),
-        target_modules=[GATE_PARAM_KEY],
-    )
+    return lora_config(cfg.training.lora, [GATE_PARAM_KEY])
 
 
 def build_train_dataset(
