@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint format demo assets bench clean wheel-test
+.PHONY: install test test-fast lint format demo sweep assets bench clean wheel-test
 
 install: $(STAMP)
 
@@ -38,7 +38,11 @@ format: install
 	$(VENV)/bin/ruff format .
 
 demo: install
-	$(PY) scripts/run_experiment.py --config-name experiment
+	$(PY) -m quality_gate experiment
+
+# The experiment over noise rates x budgets (see README for its run time).
+sweep: install
+	$(PY) -m quality_gate experiment_sweep
 
 assets: install
 	$(PY) scripts/make_synthetic_data.py --out assets/data/synthetic_train.jsonl --num-samples 2000 --noise-rate 0.3 --seed 0

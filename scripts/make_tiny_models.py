@@ -8,8 +8,12 @@ tokenizer, chat template, generation config), each well under 5 MB, reproducibly
 - Tokenizer: byte-level BPE trained on synthetic chat text, special tokens ``<|endoftext|>`` (pad),
   ``<|im_start|>``, ``<|im_end|>`` (eos for chat use); ``<think>``/``</think>`` as plain added tokens,
   as in Qwen3. The selector gets Qwen3's stock chat template, the target Qwen2.5's.
-- Selector (Qwen3ForCausalLM): pretrained on CLEAN synthetic chats (seeds disjoint from assets/data),
-  so that corrupted answers get clearly higher per-token NLL than clean ones.
+- Selector (Qwen3ForCausalLM): pretrained on clean synthetic chats of every task family (seeds
+  disjoint from assets/data) plus a prior of assistant chatter (``quality_gate.synthetic.prior_records``:
+  task prompts answered with polite filler, a refusal or a quote of the prompt, 1 chat in 6), the
+  kind of text every real pretrained selector has seen plenty of. So surprising corruptions (garbage,
+  wrong answers) get a high per-token NLL and predictable ones (generic, refusal, echo) a low one,
+  as with real models.
 - Target (Qwen2ForCausalLM): pretrained on user prompts paired with the answers of other, random
   prompts: it learns the tokens and the chat format but not the tasks, so fine-tuning on clean task
   data raises its exact match, and corrupted data helps less.
@@ -50,7 +54,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from quality_gate.synthetic import CORRUPTIONS, evaluate_exact_match, make_records
+from quality_gate.synthetic import CORRUPTIONS, OPEN_TASKS, evaluate_exact_match, make_records, prior_records
 
 logger = logging.getLogger("make_tiny_models")
 
@@ -419,13 +423,16 @@ def build_selector(tokenizer, args: argparse.Namespace, records: list[dict]) -> 
     return model
 
 
-def build_target(tokenizer, args: argparse.Namespace, records: list[dict]) -> Qwen2ForCausalLM:
+def build_target(
+    tokenizer, args: argparse.Namespace, records: list[dict], prior: list[dict]
+) -> Qwen2ForCausalLM:
     tokenizer = with_template(tokenizer, QWEN25_CHAT_TEMPLATE)
     rng = random.Random(args.seed)
     answers = [r["messages"][-1]["content"] for r in records]
     rng.shuffle(answers)
     # Every prompt gets the answer of a random other prompt: the format is learnable, the task is not.
     mismatched = [[r["messages"][0], {"role": "assistant", "content": a}] for r, a in zip(records, answers)]
+    mismatched += [r["messages"] for r in prior]
     torch.manual_seed(args.seed + 1)
     model = Qwen2ForCausalLM(model_config(Qwen2Config, tokenizer, args.hidden_size))
     examples = [encode_chat(tokenizer, m) for m in mismatched]
@@ -449,12 +456,16 @@ def bench(args: argparse.Namespace) -> dict[str, float]:
     evaluation = read_jsonl(data_dir / "synthetic_eval.jsonl")
     clean = [r for r in train if r["meta"]["corruption"] == "none"]
     corrupted = [r for r in train if r["meta"]["corruption"] != "none"]
+    checkable = [r for r in clean if r["meta"]["task"] not in OPEN_TASKS]
+    open_ended = [r for r in clean if r["meta"]["task"] in OPEN_TASKS]
     figures: dict[str, float] = {}
 
     selector = Qwen3ForCausalLM.from_pretrained(out_dir / SELECTOR_DIR)
     sel_tok = PreTrainedTokenizerFast.from_pretrained(out_dir / SELECTOR_DIR)
     pad_id = sel_tok.pad_token_id
     figures["selector_nll_clean"] = mean_reply_nll(selector, sel_tok, clean[:200], pad_id)
+    figures["selector_nll_clean_checkable"] = mean_reply_nll(selector, sel_tok, checkable[:200], pad_id)
+    figures["selector_nll_clean_open"] = mean_reply_nll(selector, sel_tok, open_ended[:200], pad_id)
     figures["selector_nll_corrupted"] = mean_reply_nll(selector, sel_tok, corrupted[:200], pad_id)
     for kind in CORRUPTIONS:
         of_kind = [r for r in corrupted if r["meta"]["corruption"] == kind][:100]
@@ -489,10 +500,12 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     if not args.bench_only:
         records = pretraining_records(args.seed, 20000)
-        tokenizer = train_tokenizer(records + pretraining_records(args.seed + 1, 2000, 0.3), args.vocab_size)
+        prior = prior_records(4000, seed=5000 + args.seed)  # 1 chat in 6 of the selector's pretraining
+        noisy = pretraining_records(args.seed + 1, 2000, 0.3)
+        tokenizer = train_tokenizer(records + prior + noisy, args.vocab_size)
         logger.info("tokenizer: %d tokens", len(tokenizer))
-        build_selector(tokenizer, args, records)
-        build_target(tokenizer, args, records)
+        build_selector(tokenizer, args, records + prior)
+        build_target(tokenizer, args, records, prior[:2000])
         logger.info("models built in %.0f s", time.time() - start)
     if not args.skip_bench:
         figures = bench(args)

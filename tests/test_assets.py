@@ -45,7 +45,7 @@ def selector():
 def test_data_files_match_the_generator(train_records, eval_records):
     assert train_records == make_records(2000, 0.3, seed=0)
     counts = Counter(r["meta"]["corruption"] for r in train_records)
-    assert counts["none"] == 1400 and all(counts[k] >= 110 for k in CORRUPTIONS)
+    assert counts["none"] == 1400 and all(counts[k] == 75 for k in CORRUPTIONS)  # 600 corrupted, 8 families
     assert len(eval_records) == 200
     assert [r["id"] for r in eval_records] == [f"synthetic_eval_{n}" for n in range(200)]
     assert all(r["dataset"] == "synthetic_eval" and r["meta"]["corruption"] == "none" for r in eval_records)

@@ -1,121 +1,158 @@
-"""The experiment runner end to end on a very small configuration: every arm gets its row."""
+"""The experiment runner end to end on a very small configuration: every arm, the ablations, matched
+compute, paired intervals, and the sweep; every number in the summary traced back to its stage's files."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO as ROOT
+from helpers import REPO
 
 from quality_gate.config import make_config
 from quality_gate.experiment import run_experiment
 
-SMALL = [
-    "training.max_steps=2",
+SMALL_FT = [
     "training.batch_size=8",
     "training.per_device_batch_size=8",
+    "training.lora.r=4",
+    "training.lora.alpha=8",
 ]
 
 
 def _small_config(out: Path, **extra):
-    cfg = make_config(
+    return make_config(
         "experiment",
         {
             "output_dir": str(out),
             "data.num_samples": 80,
-            "random_seeds": [0, 1],
+            "seeds": [0, 1],
             "selection_percentage": 0.25,
-            "overrides.warmup": ["training.max_steps=2", "dataset.subset_ratio=1.0"],
-            "overrides.finetune": [
-                *SMALL,
-                "training.lora.r=4",
-                "training.lora.alpha=8",
-                "training.learning_rate=1e-3",
+            "compute.epochs": 1,  # ceil(1 * 20 / 8) = 3 steps per arm
+            "statistics.bootstrap": 200,
+            "overrides.warmup": [
+                "training.max_steps=2",
+                "dataset.subset_ratio=1.0",
+                "training.gate_stats_samples=8",
             ],
+            "overrides.finetune": [*SMALL_FT, "training.learning_rate=1e-3", "training.report_to=[]"],
             "overrides.evaluate": ["eval.max_samples=16", "eval.max_new_tokens=8"],
             **extra,
         },
     )
-    return cfg
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.mark.slow
-def test_runner_writes_every_arm_and_consistent_summaries(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    summary = run_experiment(_small_config(tmp_path / "exp"))
-    arms = summary["arms"]
-    assert list(arms) == ["quality_gate", "perplexity", "ifd", "random", "full", "base (no fine-tune)"]
+def test_runner_every_arm_matched_compute_and_traceable_numbers(tmp_path):
     run_dir = tmp_path / "exp"
-    pool = {r["id"]: r for r in map(json.loads, (run_dir / "data" / "train.jsonl").read_text().splitlines())}
-    for name in ("quality_gate", "perplexity", "ifd", "random_seed0", "random_seed1"):
-        row = summary["per_seed"][name] if name.startswith("random") else arms[name]
-        kept = [json.loads(line)["id"] for line in (run_dir / "select" / name / "selected_data.jsonl").open()]
-        assert row["kept"] == len(kept) == 20  # ceil(0.25 * 80)
-        # The row's share is the share of corrupted records in that arm's selected_data.jsonl ...
-        share = sum(pool[i]["meta"]["corruption"] != "none" for i in kept) / len(kept)
-        assert row["corrupted_kept_share"] == pytest.approx(share)
-        # ... its AUROC is the one the selection's own summary (and report) computed ...
-        audit = json.loads((run_dir / "select" / name / "selection_summary.json").read_text())[
+    summary = run_experiment(_small_config(run_dir))
+    arms = summary["arms"]
+    assert list(arms) == [
+        "quality_gate",
+        "perplexity",
+        "ifd",
+        "random",
+        "full",
+        "base (no fine-tune)",
+        "quality_gate (alpha=0)",
+        "quality_gate (unwarmed gates)",
+    ]
+    pool = {r["id"]: r for r in _read_jsonl(run_dir / "data" / "train.jsonl")}
+    for arm in ("quality_gate", "perplexity", "ifd", "random_seed0", "random_seed1", "quality_gate_alpha0"):
+        kept = [r["id"] for r in _read_jsonl(run_dir / "select" / arm / "selected_data.jsonl")]
+        assert len(kept) == 20  # ceil(0.25 * 80)
+        # The audit in the selection's own summary is the one the runner reports (one rule, one place).
+        audit = json.loads((run_dir / "select" / arm / "selection_summary.json").read_text())[
             "corruption_audit"
         ]
-        selector = "random" if name.startswith("random") else name
-        assert row["auroc_clean_vs_corrupted"] == pytest.approx(audit["selectors"][selector]["auroc"])
-        # ... and its held-out numbers are that arm's Stage 4 results.
-        results = json.loads((run_dir / "evaluate" / name / "eval_results.json").read_text())
-        assert row["eval_loss"] == pytest.approx(results["heldout"]["loss"])
-        assert row["exact_match"] == pytest.approx(results["exact_match"]["accuracy"])
-    # The tiny selector was pretrained on clean data: perplexity alone separates the planted corruptions.
-    assert arms["perplexity"]["auroc_clean_vs_corrupted"] > 0.8
-    assert arms["perplexity"]["corrupted_kept_share"] < arms["full"]["corrupted_kept_share"]
-    seeds = [summary["per_seed"][f"random_seed{s}"]["eval_loss"] for s in (0, 1)]
-    assert arms["random"]["n_seeds"] == 2 and arms["random"]["eval_loss"] == pytest.approx(sum(seeds) / 2)
-    assert arms["full"]["kept"] == 80 and arms["full"]["corrupted_kept_share"] == pytest.approx(24 / 80)
-    assert arms["base (no fine-tune)"]["kept"] == 0
-
-    # summary.json and summary.md say the same thing.
-    on_disk = json.loads((run_dir / "summary.json").read_text())
-    assert on_disk["arms"] == json.loads(json.dumps(arms))
+        selector = "random" if arm.startswith("random") else "quality_gate" if "alpha0" in arm else arm
+        share = sum(pool[i]["meta"]["corruption"] != "none" for i in kept) / len(kept)
+        assert audit["selectors"][selector]["corrupted_share_of_kept"] == pytest.approx(share)
+        if arm in arms:
+            assert arms[arm]["corrupted_kept_share"] == pytest.approx(share)
+            assert arms[arm]["auroc"] == pytest.approx(audit["selectors"][selector]["auroc"])
+    # Compute matched by steps: every fine-tuned arm, the full data included, trained 3 steps per seed.
+    for arm in ("quality_gate", "perplexity", "ifd", "random", "full"):
+        assert arms[arm]["finetune_steps"] == 3, arm
+        assert arms[arm]["finetune_tokens"] > 0 and arms[arm]["finetune_flops"] > 0
+        losses = []
+        for seed in (0, 1):
+            results = json.loads(
+                (run_dir / "evaluate" / f"{arm}_seed{seed}" / "eval_results.json").read_text()
+            )
+            losses.append(results["heldout"]["loss"])
+            train = json.loads(
+                (run_dir / "finetune" / f"{arm}_seed{seed}" / "train_metrics.json").read_text()
+            )
+            assert (
+                train["global_step"] == 3 and train["tokens_seen"] == arms[arm]["finetune_tokens"]
+            ) or seed == 1
+        assert arms[arm]["eval_loss_per_seed"] == pytest.approx(losses)
+        assert arms[arm]["eval_loss"] == pytest.approx(sum(losses) / 2)
+        if arm != "random":
+            diff = arms[arm]["vs_random"]["eval_loss"]
+            assert diff["low"] <= diff["difference"] <= diff["high"]
+            random_losses = arms["random"]["eval_loss_per_seed"]
+            assert diff["difference"] == pytest.approx(sum(losses) / 2 - sum(random_losses) / 2)
+    # The full arm is the pool; the random arm averages its two seeds' selections.
+    assert (
+        arms["full"]["corrupted_kept_share"] is None
+        and arms["base (no fine-tune)"].get("finetune_steps") is None
+    )
+    # Per-family AUROC for every selector and family planted in the pool.
+    assert set(summary["families"]) == {
+        "garbage",
+        "wrong_answer",
+        "truncated",
+        "other_task",
+        "repetition",
+        "generic",
+        "refusal",
+        "echo",
+    }
+    assert set(arms["perplexity"]["per_kind"]) == set(summary["families"])
+    cost = summary["selection_cost"]
+    assert cost["stage1_flops"] > 0 and cost["stage2_flops"] > 0 and cost["stage2_tokens"] > 0
+    assert summary["gate_movement"]["message"]
     md = (run_dir / "summary.md").read_text()
-    for name, row in arms.items():
-        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {name} |"))
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[1] == f"{row['kept']:.0f}"
-        assert cells[4].startswith("–" if row.get("eval_loss") is None else f"{row['eval_loss']:.4f}")
-        assert cells[5].startswith(f"{row['exact_match']:.4f}")
-    for verdict in summary["verdicts"]:
-        assert verdict in md
-    _check_report(Path(summary["report"]))
-    # Every stage left its usual run dir with a manifest.
-    for sub in ("warmup", "collect", "finetune/quality_gate", "evaluate/base"):
+    for arm in arms:
+        assert f"| {arm}" in md
+    assert "data:image/png;base64," in (run_dir / "summary.html").read_text()
+    for sub in ("warmup", "collect", "collect_unwarmed", "finetune/quality_gate_seed0", "evaluate/base"):
         assert (run_dir / sub / "manifest.json").is_file(), sub
 
 
-def _check_report(path: Path) -> None:
-    """The report of the real tiny pipeline: every section, embedded images, coloured tokens."""
-    from html.parser import HTMLParser
-
-    from quality_gate.selection.report import SECTIONS
-
-    ids, imgs = set(), []
-
-    class Collect(HTMLParser):
-        def handle_starttag(self, tag, attrs):
-            a = dict(attrs)
-            if "id" in a:
-                ids.add(a["id"])
-            if tag == "img":
-                imgs.append(a.get("src", ""))
-
-    text = path.read_text(encoding="utf-8")
-    Collect().feed(text)
-    assert set(SECTIONS) <= ids
-    assert len(imgs) >= 5 and all(src.startswith("data:image/png;base64,") for src in imgs)
-    assert "Token colouring unavailable" not in text and "coloured by gate" in text
-    assert "AUROC clean vs corrupted" in text
+@pytest.mark.slow
+def test_sweep_runs_stages_1_2_once_per_noise_rate_and_plots(tmp_path):
+    run_dir = tmp_path / "sweep"
+    cfg = _small_config(
+        run_dir,
+        selectors=["quality_gate", "random"],
+        seeds=[0],
+        ablations=[],
+        include_full=False,
+        include_base=False,
+        **{"sweep.noise_rates": [0.2, 0.5], "sweep.budgets": [0.25]},
+    )
+    sweep = run_experiment(cfg)
+    assert [(c["noise_rate"], c["selection_percentage"]) for c in sweep["cells"]] == [
+        (0.2, 0.25),
+        (0.5, 0.25),
+    ]
+    assert sorted(p.name for p in run_dir.glob("noise*/warmup")) == ["warmup", "warmup"]
+    for cell in sweep["cells"]:
+        assert cell["corrupted_candidates"] == round(cell["noise_rate"] * 80)
+    page = (run_dir / "sweep_summary.html").read_text()
+    assert page.count("data:image/png;base64,") == 1 and "noise rate" in page
+    assert "| 0.5 | 0.25 | quality_gate |" in (run_dir / "sweep_summary.md").read_text()
 
 
 @pytest.mark.slow
@@ -129,21 +166,18 @@ def test_runner_command_line_prints_the_table(tmp_path):
         f"output_dir={out}",
         "data.num_samples=60",
         "selectors=[quality_gate,random]",
-        "random_seeds=[0]",
+        "seeds=[0]",
+        "ablations=[]",
         "include_full=false",
         "include_base=false",
-        'overrides.warmup=["training.max_steps=1"]',
-        'overrides.finetune=["training.max_steps=1","training.batch_size=8","training.per_device_batch_size=8"]',
+        "compute.epochs=1",
+        "statistics.bootstrap=100",
+        'overrides.warmup=["training.max_steps=1","training.gate_stats_samples=8"]',
+        'overrides.finetune=["training.batch_size=8","training.per_device_batch_size=8","training.report_to=[]"]',
         'overrides.evaluate=["eval.max_samples=8","eval.max_new_tokens=4"]',
     ]
-    proc = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")},
-    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^\| quality_gate \| 18 \|", proc.stdout, re.M)
     assert "Did selection help?" in proc.stdout

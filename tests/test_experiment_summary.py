@@ -1,58 +1,143 @@
-"""The experiment summary: seed aggregation, verdicts, Markdown."""
+"""The experiment's statistics and compute matching against hand-computed values and slow references."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 
-from quality_gate.experiment import aggregate, render_markdown, verdicts
+from quality_gate.config import make_config
+from quality_gate.experiment import _verdict, finetune_plan, paired_difference, render_markdown
 
 
-def test_aggregate_mean_and_std() -> None:
-    rows = [
-        {"exact_match": 0.2, "kept": 10},
-        {"exact_match": 0.4, "kept": 10},
-        {"exact_match": 0.6, "kept": 10},
-    ]
-    agg = aggregate(rows)
-    assert agg["n_seeds"] == 3
-    assert agg["exact_match"] == pytest.approx(0.4)
-    assert agg["exact_match_std"] == pytest.approx(0.2)
-    assert agg["eval_loss"] is None
-
-
-def test_verdicts_say_better_worse_and_noise() -> None:
-    arms = {
-        "quality_gate": {"exact_match": 0.9, "eval_loss": 2.0, "corrupted_kept_share": 0.29},
-        "random": {
-            "n_seeds": 3,
-            "exact_match": 0.5,
-            "exact_match_std": 0.05,
-            "eval_loss": 1.0,
-            "eval_loss_std": 0.1,
-            "corrupted_kept_share": 0.3,
-            "corrupted_kept_share_std": 0.02,
-        },
+def _samples(nll, tokens, correct):
+    return {
+        "nll": np.asarray(nll, float),
+        "tokens": np.asarray(tokens, float),
+        "correct": np.asarray([np.nan if c is None else float(c) for c in correct]),
     }
-    text = "\n".join(verdicts(arms))
-    assert "better than random on exact match" in text
-    assert "WORSE than random on held-out loss" in text
-    assert "no clear difference from random on corrupted share of kept" in text
 
 
-def test_render_markdown_has_every_arm() -> None:
+def test_paired_difference_point_estimate_is_the_mean_over_seeds():
+    # Seed 0: arm loss (2+4)/(2+2) = 1.5, random (4+4)/4 = 2.0 -> -0.5; seed 1: 1.0 - 1.5 = -0.5.
+    arm = [_samples([2, 4], [2, 2], [1, None]), _samples([2, 2], [2, 2], [1, None])]
+    base = [_samples([4, 4], [2, 2], [0, None]), _samples([3, 3], [2, 2], [1, None])]
+    d = paired_difference(arm, base, "eval_loss", resamples=500, confidence=0.95)
+    assert d["difference"] == pytest.approx(-0.5)
+    assert d["low"] <= d["difference"] <= d["high"]
+    em = paired_difference(arm, base, "exact_match", resamples=500, confidence=0.95)
+    assert em["difference"] == pytest.approx(0.5)  # (1 - 0) and (1 - 1); the None rows do not count
+
+
+def test_bootstrap_interval_matches_a_slow_reference():
+    """The vectorised-by-seed bootstrap equals a plain double loop with the same random draws."""
+    rng = np.random.default_rng(3)
+    arm = [_samples(rng.random(30) * 3, rng.integers(1, 5, 30), rng.integers(0, 2, 30)) for _ in range(3)]
+    base = [_samples(rng.random(30) * 3, rng.integers(1, 5, 30), rng.integers(0, 2, 30)) for _ in range(3)]
+    got = paired_difference(arm, base, "eval_loss", resamples=300, confidence=0.9, seed=7)
+    draws = []
+    ref = np.random.default_rng(7)
+    for _ in range(300):
+        seeds = ref.integers(0, 3, 3)
+        idx = ref.integers(0, 30, 30)
+        diffs = []
+        for s in seeds:
+            a = arm[s]["nll"][idx].sum() / arm[s]["tokens"][idx].sum()
+            b = base[s]["nll"][idx].sum() / base[s]["tokens"][idx].sum()
+            diffs.append(a - b)
+        draws.append(sum(diffs) / len(diffs))
+    lo, hi = np.quantile(draws, [0.05, 0.95])
+    assert got["low"] == pytest.approx(lo) and got["high"] == pytest.approx(hi)
+
+
+def test_identical_arms_are_never_called_different():
+    same = [_samples([1, 2, 3], [1, 1, 1], [1, 0, 1])] * 3
+    d = paired_difference(same, same, "eval_loss", resamples=200, confidence=0.95)
+    assert d == {"difference": 0.0, "low": 0.0, "high": 0.0}
+    assert _verdict("eval_loss", d) == "no clear difference"
+
+
+@pytest.mark.parametrize(
+    ("metric", "diff", "word"),
+    [
+        ("eval_loss", {"difference": -0.2, "low": -0.3, "high": -0.1}, "better"),
+        ("eval_loss", {"difference": 0.2, "low": 0.1, "high": 0.3}, "WORSE"),
+        ("exact_match", {"difference": 0.1, "low": 0.05, "high": 0.2}, "better"),
+        ("exact_match", {"difference": 0.1, "low": -0.05, "high": 0.2}, "no clear difference"),
+        ("exact_match", {"difference": math.nan, "low": math.nan, "high": math.nan}, "no clear difference"),
+    ],
+)
+def test_verdict_only_outside_the_interval(metric, diff, word):
+    assert _verdict(metric, diff) == word
+
+
+def test_compute_matching_by_steps_and_epochs(tmp_path):
+    cfg = make_config("experiment", {"compute.match": "steps", "compute.epochs": 10})
+    data = {"quality_gate": tmp_path / "a", "full": tmp_path / "b"}
+    # batch 16 (overrides.finetune): ceil(10 * 600 / 16) = 375 steps for every arm, full data included.
+    assert finetune_plan(cfg, 600, data) == {a: {"training.max_steps": 375} for a in data}
+    cfg = make_config("experiment", {"compute.match": "epochs", "compute.epochs": 3})
+    assert finetune_plan(cfg, 600, data)["full"] == {"training.epochs": 3.0, "training.max_steps": -1}
+
+
+def test_compute_matching_by_tokens_gives_longer_samples_fewer_steps(tmp_path):
+    import json
+
+    def write(path, answer):
+        rows = [
+            {
+                "messages": [
+                    {"role": "user", "content": "Add 1 and 2."},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
+        ]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+        return path
+
+    short, long = write(tmp_path / "s.jsonl", "3"), write(tmp_path / "l.jsonl", "three " * 40)
+    cfg = make_config("experiment", {"compute.match": "tokens", "compute.epochs": 10})
+    plan = finetune_plan(cfg, 160, {"random": short, "verbose": long})
+    assert plan["random"]["training.max_steps"] == 100  # the reference keeps the steps budget
+    assert plan["verbose"]["training.max_steps"] < 40  # same tokens, several times longer samples
+
+
+def test_render_markdown_states_compute_intervals_and_families():
     summary = {
         "name": "t",
+        "num_candidates": 100,
+        "corrupted_candidates": 30,
+        "noise_rate": 0.3,
         "selection_percentage": 0.3,
-        "num_candidates": 10,
-        "corrupted_candidates": 3,
+        "compute": {"match": "steps", "epochs": 12.0},
+        "seeds": [0, 1],
+        "confidence": 0.95,
+        "families": {"garbage": {"n": 15, "kind": "surprising"}, "echo": {"n": 15, "kind": "predictable"}},
+        "held_out_families": ["echo"],
         "arms": {
-            "quality_gate": {"kept": 3, "exact_match": 0.5},
-            "random": {"kept": 3.0, "exact_match": 0.25, "exact_match_std": 0.1},
+            "quality_gate": {
+                "kept": 30,
+                "auroc": 0.9,
+                "eval_loss": 1.5,
+                "exact_match": 0.4,
+                "finetune_steps": 23,
+                "per_kind": {
+                    "garbage": {"auroc": 0.99, "kept_share": 0.0},
+                    "echo": {"auroc": 0.4, "kept_share": 0.6},
+                },
+                "vs_random": {
+                    "eval_loss": {"difference": -0.1, "low": -0.2, "high": -0.05, "verdict": "better"}
+                },
+            },
+            "quality_gate (alpha=0)": {"kept": 30, "auroc": 0.7, "selection_only": True},
         },
-        "verdicts": ["x"],
-        "report": "r.html",
+        "verdicts": ["quality_gate is better than random on held-out loss"],
+        "selection_cost": {},
     }
     md = render_markdown(summary)
-    assert "| quality_gate | 3 |" in md
-    assert "0.2500 ± 0.1000" in md
-    assert "- x" in md
+    assert "compute matched by steps (12 epochs of a k-selection)" in md
+    assert "-0.1000 [-0.2000, -0.0500]" in md
+    assert "echo (predictable, held out)" in md and "0.400 (0.60)" in md
+    assert "quality_gate (alpha=0) (selection only)" in md
+    assert "- quality_gate is better than random on held-out loss" in md

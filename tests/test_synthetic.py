@@ -9,7 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from quality_gate.synthetic import CORRUPTIONS, TASKS, WORDS, exact_match, make_records, normalise_answer
+from quality_gate.synthetic import (
+    CORRUPTION_FAMILIES,
+    CORRUPTIONS,
+    HELD_OUT_FAMILIES,
+    OPEN_TASKS,
+    TASKS,
+    WORDS,
+    exact_match,
+    make_records,
+    normalise_answer,
+    prior_records,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 _ORDINAL = {"first": 0, "second": 1, "third": 2, "fourth": 3, "fifth": 4}
@@ -37,6 +48,23 @@ def solve(task: str, prompt: str) -> str:
     raise AssertionError(f"no solver for {task}")
 
 
+def is_good_open_answer(task: str, prompt: str, answer: str) -> bool:
+    """An open task's answer is one of its many good answers: checked against the prompt's constraints."""
+    named = re.findall(r"[a-z]+", prompt)
+    if task == "describe":
+        subject, place = [w for w in named if w in WORDS][:2]
+        return re.fullmatch(rf"(The|A|One) {subject} [a-z]+ [a-z]+ the {place}\.", answer) is not None
+    if task == "pair_words":
+        word, banned = [w for w in named if w in WORDS][:2]
+        a, _, b = answer.partition(" and ")
+        return {a, b} <= set(WORDS) and a != b and not {a, b} & {word, banned}
+    if task == "list_above":
+        low, high = (int(x) for x in re.findall(r"\d+", prompt))
+        numbers = [int(x) for x in answer.split()]
+        return len(numbers) == 3 and numbers == sorted(numbers) and all(low < x < high for x in numbers)
+    raise AssertionError(task)
+
+
 def test_deterministic_per_seed():
     assert make_records(300, 0.3, seed=7) == make_records(300, 0.3, seed=7)
     assert make_records(300, 0.3, seed=7) != make_records(300, 0.3, seed=8)
@@ -62,15 +90,28 @@ def test_labels_and_record_format(noise_rate):
         assert r["dataset"] == "synthetic_eval"
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
         content, meta = r["messages"][1]["content"], r["meta"]
-        assert (meta["corruption"] == "none") == (content == meta["answer"])
-        assert (meta["corruption"] == "none") == exact_match(content, meta["answer"])
+        assert meta["open"] == (meta["task"] in OPEN_TASKS)
+        if not meta["open"]:
+            assert (meta["corruption"] == "none") == (content == meta["answer"])
+            assert (meta["corruption"] == "none") == exact_match(content, meta["answer"])
+        else:
+            assert meta["answer"] is None
+        kind = None if meta["corruption"] == "none" else CORRUPTION_FAMILIES[meta["corruption"]].kind
+        assert meta["corruption_kind"] == kind
         assert content.strip(), r
     assert sum(r["meta"]["corruption"] != "none" for r in records) == round(noise_rate * 350)
 
 
 def test_answers_are_correct():
     for r in make_records(700, 0.5, seed=2):
-        assert r["meta"]["answer"] == solve(r["meta"]["task"], r["messages"][0]["content"]), r
+        task, prompt = r["meta"]["task"], r["messages"][0]["content"]
+        if task in OPEN_TASKS:
+            if r["meta"]["corruption"] == "none":
+                assert is_good_open_answer(task, prompt, r["messages"][1]["content"]), r
+            elif r["meta"]["corruption"] == "wrong_answer":
+                assert not is_good_open_answer(task, prompt, r["messages"][1]["content"]), r
+        else:
+            assert r["meta"]["answer"] == solve(task, prompt), r
 
 
 def test_prompts_unique_and_exclusion():
@@ -99,12 +140,46 @@ def test_corruption_kinds_look_like_their_name():
         elif kind == "other_task":
             # Another family's answer: never this prompt's answer, and usually not of its shape.
             assert content != r["meta"]["answer"]
-        elif kind == "wrong_answer":
+        elif kind == "wrong_answer" and task not in OPEN_TASKS:
             # Same shape as the answer (a number for a number, words from the prompt for words).
             if r["meta"]["answer"].isdigit():
                 assert content.isdigit(), (task, content)
             else:
                 assert set(content.split()) <= set(r["messages"][0]["content"].replace("?", "").split())
+        elif kind == "generic":
+            assert content.startswith(("Sure!", "Of course.", "Great question!", "Happy to help.")), content
+        elif kind == "refusal":
+            assert "cannot" in content or "not able" in content or "can not" in content, content
+        elif kind == "echo":
+            assert content == r["messages"][0]["content"]
+
+
+def test_families_kinds_and_held_out():
+    kinds = {f.name: f.kind for f in CORRUPTION_FAMILIES.values()}
+    assert {n for n, k in kinds.items() if k == "predictable"} == {"generic", "refusal", "echo"}
+    assert {n for n, k in kinds.items() if k == "surprising"} == {
+        "garbage",
+        "wrong_answer",
+        "truncated",
+        "other_task",
+        "repetition",
+    }
+    # One held-out family of each kind, never used while tuning a default.
+    assert {kinds[f] for f in HELD_OUT_FAMILIES} == {"surprising", "predictable"}
+    assert all(CORRUPTION_FAMILIES[f].why for f in CORRUPTIONS)
+    only = make_records(200, 0.5, seed=1, families=["echo", "refusal"])
+    assert Counter(r["meta"]["corruption"] for r in only) == {"none": 100, "echo": 50, "refusal": 50}
+    with pytest.raises(ValueError, match="unknown corruption families"):
+        make_records(10, 0.5, seed=0, families=["typo"])
+
+
+def test_prior_records_are_chatter_not_answers():
+    rows = prior_records(60, seed=0)
+    replies = [r["messages"][1]["content"] for r in rows]
+    prompts = [r["messages"][0]["content"] for r in rows]
+    assert any(a == p for a, p in zip(replies, prompts))  # quotes of the prompt
+    assert any(a.startswith(("Sure!", "Of course.")) for a in replies) and any("cannot" in a for a in replies)
+    assert prior_records(60, seed=0) == rows
 
 
 def test_invalid_arguments_are_named():

@@ -147,7 +147,10 @@ def _usage() -> str:
     ]
     lines += [f"  {name:<11} {text}" for name, (_, text) in STAGES.items()]
     lines += [f"  {name:<11} {text}" for name, text in OTHER_COMMANDS.items()]
-    aliases = sorted(name for name, stage in CONFIG_STAGES.items() if name not in STAGES)
+    lines += ["  experiment_sweep  the experiment over noise rates x budgets (make sweep)"]
+    aliases = sorted(
+        name for name, stage in CONFIG_STAGES.items() if name not in STAGES and name != "experiment_sweep"
+    )
     lines += ["", f"the seed's config names work as commands too: {', '.join(aliases)}"]
     return "\n".join(lines)
 

@@ -45,6 +45,7 @@ CONFIG_STAGES: dict[str, str] = {
     "finetune": "finetune",
     "evaluate": "evaluate",
     "experiment": "experiment",
+    "experiment_sweep": "experiment",
     # The seed's config and script names:
     "stage_1_warmup": "warmup",
     "stage_2_selection": "collect",

@@ -41,7 +41,7 @@ SELECTORS = ["quality_gate", "perplexity", "ifd", "random"]
 def opt(default: Any, help: str, **checks: Any) -> Any:
     """A dataclass field with a default, its one-line ``help`` and optional checks for :func:`validate`.
 
-    Checks: ``choices`` (allowed values), ``ge`` / ``gt`` / ``le`` (numeric bounds; ``None`` values
+    Checks: ``choices`` (allowed values), ``ge`` / ``gt`` / ``le`` / ``lt`` (numeric bounds; ``None`` values
     pass), ``name=True`` (the value becomes a file or dir name: see :mod:`quality_gate.names`).
     """
     metadata = {"help": help, **checks}
@@ -552,11 +552,17 @@ class EvaluateConfig:
 @dataclass
 class ExperimentData:
     generate: bool = opt(
-        True, "true: generate synthetic data with planted corruptions into the run dir; false: train_path"
+        True, "true: generate a synthetic pool with planted corruptions into the run dir; false: train_path"
     )
     num_samples: int = opt(2000, "synthetic records to generate", ge=1)
     noise_rate: float = opt(
         0.3, "fraction of generated records that are corrupted (labelled in meta.corruption)", ge=0.0, le=1.0
+    )
+    families: list[str] = opt(
+        [],
+        "corruption families planted in the pool, sharing the corrupted records evenly; [] = all "
+        "(surprising: garbage, wrong_answer, truncated, other_task, repetition; predictable: generic, "
+        "refusal, echo)",
     )
     train_path: str = opt(
         asset("data/synthetic_train.jsonl"), "candidate pool when generate=false (any data-layer format)"
@@ -581,23 +587,50 @@ class StageOverrides:
             "training.lr_scheduler_type=constant",
             "training.batch_size=16",
             "training.per_device_batch_size=16",
-            "training.epochs=12",
             "training.save_steps=100000",
             "training.report_to=[]",
         ],
         "key=value overrides of the finetune config; these suit the tiny target (LoRA r=128 / lr 2e-4 barely "
-        "moves it in minutes)",
+        "moves it in minutes); the number of steps comes from `compute`",
     )
     evaluate: list[str] = opt([], "key=value overrides of the evaluate config")
 
 
 @dataclass
+class ComputeBudget:
+    match: str = opt(
+        "steps",
+        "steps: every fine-tuned arm (full data included) gets the optimizer steps a k-selection needs for "
+        "`epochs` epochs | tokens: the same trained tokens (steps per arm from its mean sample length) | "
+        "epochs: `epochs` passes over each arm's own data (the full arm gets more compute)",
+        choices=["steps", "tokens", "epochs"],
+    )
+    epochs: float = opt(12.0, "epochs of a k-selection that define the budget", gt=0.0)
+
+
+@dataclass
+class Statistics:
+    bootstrap: int = opt(
+        2000, "bootstrap resamples (over fine-tune seeds and held-out samples, paired)", ge=100
+    )
+    confidence: float = opt(
+        0.95, "confidence of the interval of each arm's difference to random", gt=0.5, lt=1.0
+    )
+
+
+@dataclass
+class Sweep:
+    noise_rates: list[float] = opt([], "noise rates of the sweep; [] runs one regime (data.noise_rate)")
+    budgets: list[float] = opt([], "selection percentages of the sweep; [] uses selection_percentage")
+
+
+@dataclass
 class ExperimentConfig:
-    """Runs the whole pipeline once per selector at the same budget: does selection help?"""
+    """Runs the whole pipeline once per selector at the same compute: does selection help?"""
 
     stage: str = opt("experiment", "which stage runs (quality-gate <stage> sets it)")
     name: str = opt("demo", "a label for the summary and the folder under outputs/", name=True)
-    seed: int = opt(0, "seeds data generation, gate init, warmup, fine-tuning")
+    seed: int = opt(0, "seeds data generation, the gate init and warmup (fine-tunes use `seeds`)")
     output_dir: str | None = opt(None, "run dir; null: outputs/<name>/<date>/<time>")
     data: ExperimentData = opt(ExperimentData(), "the candidate pool and the held-out data")
     selector_model: str = opt(asset("models/tiny-qwen3-selector"), "base model that gets the quality gates")
@@ -605,11 +638,21 @@ class ExperimentConfig:
     target_model: str = opt(asset("models/tiny-qwen2-target"), "model fine-tuned on each selection")
     selection_percentage: float = opt(0.3, "budget k: every arm keeps ceil(k * N) samples", gt=0.0, le=1.0)
     selectors: list[str] = opt(
-        ["quality_gate", "perplexity", "ifd", "random"], "arms compared at the same budget"
+        ["quality_gate", "perplexity", "ifd", "random"], "arms fine-tuned and compared at the same compute"
     )
-    random_seeds: list[int] = opt([0, 1, 2], "seeds of the random arm (mean and spread are reported)")
-    include_full: bool = opt(True, "also fine-tune on all candidates (no selection)")
+    ablations: list[str] = opt(
+        ["unwarmed", "alpha0"],
+        "selection-only rows that show the gates' share: unwarmed (quality_gate on gates never warmed up, "
+        "a second Stage 2) | alpha0 (quality_gate without perplexity weighting)",
+    )
+    seeds: list[int] = opt(
+        [0, 1, 2], "fine-tune seeds; every arm runs with each (paired), random selects with each"
+    )
+    compute: ComputeBudget = opt(ComputeBudget(), "how the arms' fine-tune compute is matched")
+    statistics: Statistics = opt(Statistics(), "intervals of the differences to random")
+    include_full: bool = opt(True, "also fine-tune on all candidates (no selection), at the same compute")
     include_base: bool = opt(True, "also evaluate the target without fine-tuning")
+    sweep: Sweep = opt(Sweep(), "a grid over noise rate and budget (make sweep)")
     overrides: StageOverrides = opt(StageOverrides(), "extra key=value overrides per stage")
 
     @staticmethod
@@ -617,6 +660,18 @@ class ExperimentConfig:
         unknown = sorted(set(cfg.selectors) - set(SELECTORS))
         if unknown:
             raise ConfigError(f"selectors={list(cfg.selectors)}: unknown {unknown}; choose from {SELECTORS}")
+        bad = sorted(set(cfg.ablations) - {"unwarmed", "alpha0"})
+        if bad:
+            raise ConfigError(
+                f"ablations={list(cfg.ablations)}: unknown {bad}; choose from ['unwarmed', 'alpha0']"
+            )
+        if not cfg.seeds:
+            raise ConfigError("seeds is empty: give at least one fine-tune seed")
+        from quality_gate.synthetic import CORRUPTIONS
+
+        bad = sorted(set(cfg.data.families) - set(CORRUPTIONS))
+        if bad:
+            raise ConfigError(f"data.families: unknown {bad}; choose from {list(CORRUPTIONS)}")
 
 
 SCHEMAS: dict[str, type] = {
@@ -642,6 +697,7 @@ def _check_value(key: str, value: Any, meta: dict[str, Any]) -> None:
         ("ge", lambda v, b: v >= b, ">="),
         ("gt", lambda v, b: v > b, ">"),
         ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
     ):
         if bound in meta and not ok(value, meta[bound]):
             raise ConfigError(f"{key}={value!r} must be {word} {meta[bound]}")

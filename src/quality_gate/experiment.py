@@ -1,30 +1,47 @@
-"""The experiment runner: does selection help, at the same budget?
+"""The experiment runner: when does selection pay, at equal fine-tune compute?
 
-One command runs the whole pipeline and compares selectors::
+One command runs the whole pipeline and compares selectors (``quality-gate experiment``, ``make demo``)::
 
-    synthetic data (or your files) -> convert selector -> Stage 1 warmup -> Stage 2 (+ IFD stats)
-      -> selection per arm (quality_gate, perplexity, ifd, random x seeds) at the same percentage
-      -> Stage 3 fine-tune per arm (+ the full data) -> Stage 4 evaluate per arm (+ the base model)
-      -> summary.json / summary.md
+    pool (synthetic, with labelled corruptions of both kinds, or your files)
+      -> convert the selector -> Stage 1 warmup -> Stage 2 (+ IFD, embeddings) [-> Stage 2, unwarmed gates]
+      -> selection per arm (quality_gate, perplexity, ifd, random) at k, plus selection-only ablations
+         (quality_gate on unwarmed gates, quality_gate without perplexity weighting: alpha=0)
+      -> Stage 3 per arm x fine-tune seed, every arm (full data included) at the same compute
+      -> Stage 4 per arm x seed (+ the base model)
+      -> summary.json / summary.md / summary.html
 
-Every stage runs in this process through its own ``run(cfg)``, with its own typed config
-(:mod:`quality_gate.config`) plus the ``overrides.<stage>`` of the experiment config; each writes its
-usual outputs under ``<experiment dir>/<stage>/``, so every intermediate result can be inspected or
-reused.
+Statistics: every arm is fine-tuned with each seed of ``seeds``, paired with random's run of the same
+seed. The difference of an arm to random (held-out loss, exact match) gets a bootstrap interval that
+resamples seeds and held-out samples together (paired: the same resample for both arms); "better" or
+"worse" is only claimed when the interval excludes 0.
+
+Compute: ``compute.match=steps`` gives every fine-tuned arm the optimizer steps a k-selection needs
+for ``compute.epochs`` epochs (the full-data arm too, so it sees each sample fewer times);
+``tokens`` matches trained tokens instead; ``epochs`` is the old sample-count budget. The summary
+states each arm's steps, trained tokens and estimated FLOPs, and the wall time and FLOPs of Stages
+1-2 (the selection's own bill).
+
+A sweep (``sweep.noise_rates``, ``sweep.budgets``; ``make sweep``) repeats this over a grid, runs
+Stages 1-2 once per noise rate, and plots the held-out metrics against the noise rate per selector
+with random's interval as a band.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import html
+import io
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from quality_gate.config import make_config, validate
 from quality_gate.data.records import corruption_of
@@ -33,302 +50,756 @@ from quality_gate.runs import init_run
 
 log = logging.getLogger(__name__)
 
+METRICS: dict[str, tuple[str, bool]] = {
+    "corrupted_kept_share": ("corrupted share of kept", False),
+    "auroc": ("AUROC clean vs corrupted", True),
+    "eval_loss": ("held-out loss", False),
+    "exact_match": ("exact match", True),
+}
+"""metric -> (label, higher is better)"""
+
 
 class Steps:
-    """Numbered progress lines: ``[3/12] Stage 2 ... done in 4.2 s``."""
+    """Numbered progress lines: ``[3/12] Stage 2 ... done in 4.2 s``; ``timings`` per title."""
 
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.timings = total, 0, {}
+    def __init__(self) -> None:
+        self.done, self.timings = 0, {}
 
     @contextlib.contextmanager
     def step(self, title: str) -> Iterator[None]:
         self.done += 1
-        log.info("[%d/%d] %s ...", self.done, self.total, title)
+        log.info("[%d] %s ...", self.done, title)
         t0 = time.perf_counter()
         yield
         dt = time.perf_counter() - t0
         self.timings[title] = round(dt, 2)
-        log.info("[%d/%d] %s done in %.1f s", self.done, self.total, title, dt)
+        log.info("[%d] %s done in %.1f s", self.done, title, dt)
 
 
 # --------------------------------------------------------------------------------------------- #
-# Metrics of one arm, and the summary
+# Running stages
 # --------------------------------------------------------------------------------------------- #
-#: metric -> (label in the table, higher is better)
-METRICS: dict[str, tuple[str, bool]] = {
-    "kept": ("kept", True),
-    "corrupted_kept_share": ("corrupted share of kept", False),
-    "auroc_clean_vs_corrupted": ("AUROC clean vs corrupted", True),
-    "eval_loss": ("held-out loss", False),
-    "exact_match": ("exact match", True),
-}
+def _overrides(cfg: DictConfig, stage: str) -> list[str]:
+    return [str(x) for x in cfg.overrides[stage]]
 
 
-def selection_row(summary: dict[str, Any], selector: str) -> dict[str, Any]:
-    """An arm's selection metrics, read from its ``selection_summary.json`` (the audit of
-    :mod:`quality_gate.selection.audit`, the same numbers as the selection report)."""
-    audit = (summary.get("corruption_audit") or {}).get("selectors", {}).get(selector, {})
-    return {
-        "kept": summary["num_selected"],
-        "corrupted_kept_share": audit.get("corrupted_share_of_kept"),
-        "auroc_clean_vs_corrupted": audit.get("auroc"),
-    }
+def _run(cfg: DictConfig, stage: str, values: dict[str, Any]) -> Any:
+    """Run ``stage`` with its typed config, ``values`` and ``overrides.<stage>``."""
+    from quality_gate.cli import run_stage
+
+    return run_stage(make_config(stage, values, _overrides(cfg, stage)))
 
 
-def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and standard deviation (ddof=1) of every metric over several seeds of one arm."""
-    out: dict[str, Any] = {"n_seeds": len(rows)}
-    for key in METRICS:
-        vals = [r[key] for r in rows if r.get(key) is not None]
-        if vals:
-            out[key] = float(np.mean(vals))
-            out[f"{key}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-        else:
-            out[key] = None
-    return out
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
-def verdicts(
-    arms: dict[str, dict[str, Any]], method: str = "quality_gate", baseline: str = "random"
-) -> list[str]:
-    """Plain sentences: does ``method`` beat ``baseline`` (mean over seeds) on each metric?
-
-    A difference within two standard deviations of the baseline's seeds is called noise.
-    """
-    if method not in arms or baseline not in arms:
-        return []
-    m, b = arms[method], arms[baseline]
-    lines = []
-    for key, (label, higher) in METRICS.items():
-        if key == "kept" or m.get(key) is None or b.get(key) is None:
-            continue
-        diff = m[key] - b[key]
-        spread = b.get(f"{key}_std") or 0.0
-        better = diff > 0 if higher else diff < 0
-        if abs(diff) <= 2 * spread or diff == 0:
-            word = "no clear difference from"
-        else:
-            word = "better than" if better else "WORSE than"
-        lines.append(
-            f"{method} is {word} {baseline} on {label}: {m[key]:.4f} vs {b[key]:.4f}"
-            + (f" ± {spread:.4f} (std over {b.get('n_seeds')} seeds)" if b.get("n_seeds", 1) > 1 else "")
-        )
-    return lines
-
-
-def _fmt(value: Any, std: Any = None) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) > 1):
-        text = f"{value:.0f}"
-    else:
-        text = f"{value:.4f}"
-    return text + (f" ± {std:.4f}" if std else "")
-
-
-def render_markdown(summary: dict[str, Any]) -> str:
-    """The summary table (one row per arm) and the verdicts, as Markdown."""
-    head = ["arm", *(label for label, _ in METRICS.values())]
-    lines = [
-        f"# Quality-Gate experiment: {summary['name']}",
-        "",
-        f"Selection budget: {summary['selection_percentage']:.0%} of {summary['num_candidates']} samples; "
-        f"{summary['corrupted_candidates']} candidates corrupted.",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
-    for arm, row in summary["arms"].items():
-        cells = [arm] + [_fmt(row.get(k), row.get(f"{k}_std")) for k in METRICS]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Did selection help?", ""]
-    lines += [f"- {v}" for v in summary["verdicts"]] or ["- (no quality_gate and random arms to compare)"]
-    lines += ["", f"Selection report: `{summary.get('report')}`", ""]
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------- #
-# The pipeline
-# --------------------------------------------------------------------------------------------- #
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _labels_of(records: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """id -> corruption label (``"none"`` = clean), for records that carry ``meta.corruption``."""
-    return {str(r["id"]): label for r in records if (label := corruption_of(r)) is not None}
+def _params(model_path: str) -> int:
+    """Parameter count of a model dir from its safetensors headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in Path(model_path).glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                total += math.prod(f.get_slice(key).get_shape())
+    return total
 
 
-def _stage_overrides(cfg: DictConfig, stage: str) -> list[str]:
-    """``overrides.<stage>``: a list of ``key=value`` strings for that stage's config."""
-    return [str(x) for x in cfg.overrides[stage]]
-
-
-def _eval_row(eval_dir: Path) -> dict[str, Any]:
-    results = json.loads((eval_dir / "eval_results.json").read_text())
-    return {
-        "eval_loss": (results.get("heldout") or {}).get("loss"),
-        "exact_match": (results.get("exact_match") or {}).get("accuracy"),
-    }
-
-
-def _run(cfg: DictConfig, stage: str, values: dict[str, Any]) -> Any:
-    """Run ``stage`` with its config, ``values`` and ``overrides.<stage>``; returns what its run returns."""
-    from quality_gate.cli import run_stage
-
-    return run_stage(make_config(stage, values, _stage_overrides(cfg, stage)))
-
-
-def run_experiment(cfg: DictConfig) -> dict[str, Any]:
-    """Run every arm of the experiment and write ``summary.json`` / ``summary.md`` into the run dir."""
-    validate(cfg)
-    from quality_gate.selection.pipeline import run_selection
-
-    run_dir = init_run(cfg, "experiment")
-    selectors = list(cfg.selectors)
-    seeds = list(cfg.random_seeds) if "random" in selectors else []
-    arms = [s for s in selectors if s != "random"] + [f"random_seed{s}" for s in seeds]
-    ft_arms = arms + (["full"] if cfg.include_full else [])
-    steps = Steps(5 + len(arms) + 2 * len(ft_arms) + (1 if cfg.include_base else 0))
-    train_name = str(cfg.data.dataset_name)
-
+# --------------------------------------------------------------------------------------------- #
+# Pool, Stages 1-2
+# --------------------------------------------------------------------------------------------- #
+def prepare(cfg: DictConfig, root: Path, steps: Steps) -> dict[str, Any]:
+    """The pool, the converted selector, Stage 1 and Stage 2 (warmed, and unwarmed when ablated)."""
+    name = str(cfg.data.dataset_name)
     with steps.step("data"):
         if cfg.data.generate:
             from quality_gate.synthetic import make_records
 
-            train_path = run_dir / "data" / "train.jsonl"
+            train_path = root / "data" / "train.jsonl"
+            families = list(cfg.data.families) or None
             records = make_records(
-                int(cfg.data.num_samples), float(cfg.data.noise_rate), int(cfg.seed), train_name
+                int(cfg.data.num_samples), float(cfg.data.noise_rate), int(cfg.seed), name, families=families
             )
             atomic_write_jsonl(train_path, records)
         else:
-            train_path = Path(cfg.data.train_path)
-        common = {
-            "seed": cfg.seed,
-            "dataset.dataset_from": "local",
-            "dataset.local.datasets": [{"path": str(train_path), "dataset_name": train_name}],
-        }
-
+            train_path = Path(str(cfg.data.train_path))
+    common = {
+        "seed": int(cfg.seed),
+        "dataset.dataset_from": "local",
+        "dataset.local.datasets": [{"path": str(train_path), "dataset_name": name}],
+    }
     with steps.step("convert the selector"):
-        selector_path = str(cfg.selector_model)
+        selector = str(cfg.selector_model)
         if cfg.convert_selector:
             from quality_gate.convert import convert
 
             # The new gates' init is seeded: the run is reproducible per seed.
-            selector_path = str(convert(selector_path, run_dir / "converted_selector", seed=int(cfg.seed)))
-
-    warm_dir, stats_dir = run_dir / "warmup", run_dir / "collect"
+            selector = str(convert(selector, root / "converted_selector", seed=int(cfg.seed)))
+    warm, stats = root / "warmup", root / "collect"
     with steps.step("Stage 1 warmup"):
-        _run(cfg, "warmup", {**common, "selector_model.path": selector_path, "output_dir": str(warm_dir)})
+        _run(cfg, "warmup", {**common, "selector_model.path": selector, "output_dir": str(warm)})
+    collect = {
+        **common,
+        "selector_model.path": selector,
+        "collect_ifd": "ifd" in cfg.selectors,
+        "output_dir": str(stats),
+    }
     with steps.step("Stage 2 statistics"):
-        _run(
-            cfg,
-            "collect",
-            {
-                **common,
-                "selector_model.path": selector_path,
-                "model_checkpoint_path": str(warm_dir),
-                "collect_ifd": "ifd" in selectors,
-                "output_dir": str(stats_dir),
-            },
-        )
-
-    labels = _labels_of(_read_jsonl(train_path))
-    rows: dict[str, dict[str, Any]] = {}
-    selected_files: dict[str, Path] = {}
-    report = None
-    for arm in arms:
-        selector, seed = (
-            ("random", int(arm[len("random_seed") :])) if arm.startswith("random_seed") else (arm, cfg.seed)
-        )
-        with steps.step(f"select: {arm}"):
-            sel_dir = run_dir / "select" / arm
-            sel_cfg = make_config(
-                "select",
-                {
-                    "root_dir": str(stats_dir),
-                    "selector": selector,
-                    "seed": seed,
-                    "output_dir": str(sel_dir),
-                    "selection_percentage": float(cfg.selection_percentage),
-                },
-                _stage_overrides(cfg, "select"),
-            )
-            res = run_selection(sel_cfg)
-            rows[arm] = selection_row(res.summary, selector)
-            selected_files[arm] = sel_dir / "selected_data.jsonl"
-            if selector == "quality_gate":
-                report = str(sel_dir / "selection_report.html")
-
-    for arm in ft_arms:
-        ft_dir, ev_dir = run_dir / "finetune" / arm, run_dir / "evaluate" / arm
-        data = (
-            {"dataset.mode": "full", **common}
-            if arm == "full"
-            else {"dataset.mode": "subset", "dataset.data_path": str(selected_files[arm])}
-        )
-        with steps.step(f"fine-tune: {arm}"):
+        _run(cfg, "collect", {**collect, "model_checkpoint_path": str(warm)})
+    out = {"train_path": train_path, "common": common, "selector": selector, "warmup": warm, "collect": stats}
+    if "unwarmed" in cfg.ablations:
+        with steps.step("Stage 2 statistics, unwarmed gates"):
+            out["collect_unwarmed"] = root / "collect_unwarmed"
             _run(
-                cfg,
-                "finetune",
-                {
-                    **data,
-                    "seed": cfg.seed,
+                cfg, "collect", {**collect, "collect_ifd": False, "output_dir": str(out["collect_unwarmed"])}
+            )
+    return out
+
+
+def selection_cost(prep: dict[str, Any], steps: Steps) -> dict[str, Any]:
+    """Wall time and estimated FLOPs of Stages 1 and 2 (the selection's own bill).
+
+    FLOPs: a forward is ~2 N T (N selector parameters, T tokens); Stage 1's backward through the frozen
+    backbone computes activation gradients only, another ~2 N T; Stage 2 is forward only (IFD adds a
+    forward over the responses).
+    """
+    warm = _read_json(prep["warmup"] / "warmup_metrics.json")
+    stats = _read_json(prep["collect"] / "stage2_metrics.json")
+    n = _params(prep["selector"])
+    warm_tokens = int(warm.get("tokens_seen") or 0)
+    stats_tokens = int(stats["tokens_scored_this_run"])
+    return {
+        "selector_params": n,
+        "stage1_wall_s": steps.timings.get("Stage 1 warmup"),
+        "stage1_tokens": warm_tokens,
+        "stage1_flops": 4 * n * warm_tokens,
+        "stage2_wall_s": steps.timings.get("Stage 2 statistics"),
+        "stage2_tokens": stats_tokens,
+        "stage2_flops": 2 * n * stats_tokens,
+        "formula": "Stage 1: 4 N T (forward + activation gradients, frozen backbone); Stage 2: 2 N T",
+    }
+
+
+# --------------------------------------------------------------------------------------------- #
+# Selections
+# --------------------------------------------------------------------------------------------- #
+def _select(
+    cfg: DictConfig, root_dir: Path, out: Path, k: float, selector: str, seed: int, **extra: Any
+) -> Any:
+    from quality_gate.selection.pipeline import run_selection
+
+    values = {
+        "root_dir": str(root_dir),
+        "selector": selector,
+        "seed": int(seed),
+        "output_dir": str(out),
+        "selection_percentage": float(k),
+        **extra,
+    }
+    return run_selection(make_config("select", values, _overrides(cfg, "select")))
+
+
+def _audit_row(summary: dict[str, Any], selector: str) -> dict[str, Any]:
+    """An arm's selection metrics from its ``selection_summary.json`` (quality_gate.selection.audit)."""
+    audit = (summary.get("corruption_audit") or {}).get("selectors", {}).get(selector, {})
+    return {
+        "kept": summary["num_selected"],
+        "corrupted_kept_share": audit.get("corrupted_share_of_kept"),
+        "auroc": audit.get("auroc"),
+        "per_kind": audit.get("per_kind", {}),
+        "clean_kept_share": audit.get("clean_kept_share"),
+    }
+
+
+def run_selections(
+    cfg: DictConfig, prep: dict[str, Any], root: Path, k: float, steps: Steps
+) -> dict[str, Any]:
+    """Every arm's selection (random once per seed), the ablation rows, and the audit of the pool."""
+    rows: dict[str, Any] = {}
+    files: dict[str, dict[int, Path]] = {}
+    audit = None
+    for selector in cfg.selectors:
+        seeds = list(cfg.seeds) if selector == "random" else [int(cfg.seed)]
+        for seed in seeds:
+            arm = f"random_seed{seed}" if selector == "random" else selector
+            with steps.step(f"select: {arm}"):
+                res = _select(cfg, prep["collect"], root / "select" / arm, k, selector, seed)
+            rows[arm] = _audit_row(res.summary, selector)
+            audit = audit or res.summary.get("corruption_audit")
+            files.setdefault(selector, {})[seed] = root / "select" / arm / "selected_data.jsonl"
+    if "alpha0" in cfg.ablations:
+        with steps.step("select: quality_gate, alpha=0"):
+            res = _select(
+                cfg, prep["collect"], root / "select" / "quality_gate_alpha0", k, "quality_gate", 0, alpha=0.0
+            )
+        rows["quality_gate (alpha=0)"] = _audit_row(res.summary, "quality_gate")
+    if "unwarmed" in cfg.ablations:
+        with steps.step("select: quality_gate, unwarmed gates"):
+            res = _select(
+                cfg, prep["collect_unwarmed"], root / "select" / "quality_gate_unwarmed", k, "quality_gate", 0
+            )
+        rows["quality_gate (unwarmed gates)"] = _audit_row(res.summary, "quality_gate")
+    return {"rows": rows, "files": files, "audit": audit}
+
+
+# --------------------------------------------------------------------------------------------- #
+# Fine-tuning at matched compute
+# --------------------------------------------------------------------------------------------- #
+def _mean_tokens(path: Path, tokenizer: Any) -> float:
+    """Mean token count of a data file's records through the target's chat template."""
+    records = _read_jsonl(path)
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records]
+    return float(np.mean([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]))
+
+
+def finetune_plan(cfg: DictConfig, k_samples: int, data: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """Per fine-tuned arm: the ``training.*`` overrides that give it the configured compute.
+
+    ``data`` maps arm -> one of its data files (token lengths). Batch size from ``overrides.finetune``.
+    """
+    ft = make_config("finetune", {"dataset.mode": "full"}, _overrides(cfg, "finetune"))  # for the batch size
+    batch = int(ft.training.batch_size)
+    epochs = float(cfg.compute.epochs)
+    budget_steps = math.ceil(epochs * k_samples / batch)
+    match = str(cfg.compute.match)
+    plan: dict[str, dict[str, Any]] = {}
+    if match == "epochs":
+        return {arm: {"training.epochs": epochs, "training.max_steps": -1} for arm in data}
+    if match == "steps":
+        return {arm: {"training.max_steps": budget_steps} for arm in data}
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(cfg.target_model))
+    lengths = {arm: _mean_tokens(path, tokenizer) for arm, path in data.items()}
+    reference = lengths.get("random", float(np.mean(list(lengths.values()))))
+    budget_tokens = budget_steps * batch * reference
+    for arm, mean in lengths.items():
+        plan[arm] = {"training.max_steps": max(1, round(budget_tokens / (batch * mean)))}
+    return plan
+
+
+def run_finetunes(
+    cfg: DictConfig, prep: dict[str, Any], sel: dict[str, Any], root: Path, steps: Steps
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """Fine-tune and evaluate every arm x seed; returns ``{arm: {seed: {eval dir, train metrics}}}``."""
+    arms: dict[str, dict[int, Path]] = {}
+    for selector, by_seed in sel["files"].items():
+        arms[selector] = {s: by_seed.get(s, by_seed.get(int(cfg.seed))) for s in cfg.seeds}
+    if cfg.include_full:
+        arms["full"] = dict.fromkeys(cfg.seeds, prep["train_path"])
+    k_samples = next(iter(sel["rows"].values()))["kept"]
+    plan = finetune_plan(cfg, int(k_samples), {arm: next(iter(by.values())) for arm, by in arms.items()})
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for arm, by_seed in arms.items():
+        for seed, data in by_seed.items():
+            ft_dir, ev_dir = root / "finetune" / f"{arm}_seed{seed}", root / "evaluate" / f"{arm}_seed{seed}"
+            source = (
+                {"dataset.mode": "full", **prep["common"]}
+                if arm == "full"
+                else {"dataset.mode": "subset", "dataset.data_path": str(data)}
+            )
+            with steps.step(f"fine-tune: {arm}, seed {seed}"):
+                values = {
+                    **source,
+                    **plan[arm],
+                    "seed": int(seed),
                     "training.model.name": str(cfg.target_model),
                     "output_dir": str(ft_dir),
-                },
-            )
-        with steps.step(f"evaluate: {arm}"):
-            _evaluate(cfg, ft_dir / "checkpoint-final", ev_dir)
-        if arm == "full":
-            share = sum(v != "none" for v in labels.values()) / len(labels) if labels else None
-            rows["full"] = {"kept": len(labels) or None, "corrupted_kept_share": share}
-        rows[arm].update(_eval_row(ev_dir))
-
+                }
+                _run(cfg, "finetune", values)
+            with steps.step(f"evaluate: {arm}, seed {seed}"):
+                _evaluate(cfg, ft_dir / "checkpoint-final", ev_dir, seed)
+            out.setdefault(arm, {})[seed] = {
+                "eval": ev_dir,
+                "train": _read_json(ft_dir / "train_metrics.json"),
+            }
     if cfg.include_base:
         with steps.step("evaluate: base model (no fine-tune)"):
-            ev_dir = run_dir / "evaluate" / "base"
-            _evaluate(cfg, None, ev_dir)
-            rows["base (no fine-tune)"] = {"kept": 0, **_eval_row(ev_dir)}
-
-    with steps.step("summary"):
-        table = {arm: rows[arm] for arm in arms if not arm.startswith("random_seed")}
-        if seeds:
-            table["random"] = aggregate([rows[f"random_seed{s}"] for s in seeds])
-        table.update({k: rows[k] for k in ("full", "base (no fine-tune)") if k in rows})
-        summary = {
-            "name": cfg.name,
-            "run_dir": str(run_dir),
-            "selection_percentage": float(cfg.selection_percentage),
-            "num_candidates": len(labels) if labels else None,
-            "corrupted_candidates": sum(v != "none" for v in labels.values()) if labels else None,
-            "arms": table,
-            "per_seed": {a: rows[a] for a in arms if a.startswith("random_seed")},
-            "verdicts": verdicts(table),
-            "report": report,
-            "timings_s": steps.timings,
-        }
-        atomic_write_json(run_dir / "summary.json", summary)
-        atomic_write_text(run_dir / "summary.md", render_markdown(summary))
-    return summary
+            _evaluate(cfg, None, root / "evaluate" / "base", int(cfg.seed))
+        out["base (no fine-tune)"] = {int(cfg.seed): {"eval": root / "evaluate" / "base", "train": None}}
+    return out
 
 
-def _evaluate(cfg: DictConfig, adapter: Path | None, out_dir: Path) -> None:
+def _evaluate(cfg: DictConfig, adapter: Path | None, out_dir: Path, seed: int) -> None:
     values = {
         "model_path": str(cfg.target_model),
         "adapter_path": None if adapter is None else str(adapter),
         "eval.data_path": str(cfg.data.eval_path),
         "output_dir": str(out_dir),
-        "seed": cfg.seed,
+        "seed": int(seed),
     }
     _run(cfg, "evaluate", values)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Statistics
+# --------------------------------------------------------------------------------------------- #
+def per_sample(eval_dir: Path) -> dict[str, np.ndarray]:
+    """An evaluation's per-sample arrays in id order: ``nll`` sums, ``tokens``, ``correct`` (NaN: not
+    checkable)."""
+    rows = sorted(_read_jsonl(eval_dir / "eval_per_sample.jsonl"), key=lambda r: r["id"])
+    return {
+        "nll": np.array([r["nll_sum"] for r in rows], dtype=np.float64),
+        "tokens": np.array([r["tokens"] for r in rows], dtype=np.float64),
+        "correct": np.array([np.nan if r["correct"] is None else float(r["correct"]) for r in rows]),
+    }
+
+
+def _loss(s: dict[str, np.ndarray], idx: np.ndarray) -> float:
+    return float(s["nll"][idx].sum() / max(s["tokens"][idx].sum(), 1.0))
+
+
+def _em(s: dict[str, np.ndarray], idx: np.ndarray) -> float:
+    c = s["correct"][idx]
+    c = c[np.isfinite(c)]
+    return float(c.mean()) if len(c) else float("nan")
+
+
+def paired_difference(
+    arm: Sequence[dict[str, np.ndarray]],
+    base: Sequence[dict[str, np.ndarray]],
+    metric: str,
+    resamples: int,
+    confidence: float,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean over seeds of ``metric(arm) - metric(base)`` and its bootstrap interval.
+
+    ``arm[s]`` and ``base[s]`` are the per-sample results of fine-tune seed ``s`` (paired). Each
+    resample draws seeds with replacement and held-out samples with replacement, the same draw for both
+    sides, so the interval carries the seed-to-seed and the sample-to-sample variation.
+    """
+    fn = _loss if metric == "eval_loss" else _em
+    n_seeds, n = len(arm), len(arm[0]["nll"])
+    all_idx = np.arange(n)
+    point = float(np.mean([fn(a, all_idx) - fn(b, all_idx) for a, b in zip(arm, base, strict=True)]))
+    rng = np.random.default_rng(seed)
+    draws = np.empty(resamples)
+    for r in range(resamples):
+        seeds = rng.integers(0, n_seeds, n_seeds)
+        idx = rng.integers(0, n, n)
+        draws[r] = np.mean([fn(arm[s], idx) - fn(base[s], idx) for s in seeds])
+    lo, hi = np.nanquantile(draws, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return {"difference": point, "low": float(lo), "high": float(hi)}
+
+
+def _verdict(metric: str, diff: dict[str, float]) -> str:
+    higher = METRICS[metric][1]
+    if diff["low"] <= 0 <= diff["high"] or not (math.isfinite(diff["low"]) and math.isfinite(diff["high"])):
+        return "no clear difference"
+    better = diff["low"] > 0 if higher else diff["high"] < 0
+    return "better" if better else "WORSE"
+
+
+def summarise_arms(
+    cfg: DictConfig, sel: dict[str, Any], runs: dict[str, dict[int, dict[str, Any]]]
+) -> dict[str, dict[str, Any]]:
+    """One row per arm: selection metrics, mean held-out metrics over seeds, paired differences to random."""
+    table: dict[str, dict[str, Any]] = {}
+    samples = {arm: {s: per_sample(r["eval"]) for s, r in by.items()} for arm, by in runs.items()}
+    random_rows = [v for k, v in sel["rows"].items() if k.startswith("random_seed")]
+    for arm, by_seed in runs.items():
+        row: dict[str, Any] = {}
+        if arm in sel["rows"]:
+            row.update(sel["rows"][arm])
+        elif arm == "random" and random_rows:
+            for key in ("kept", "corrupted_kept_share", "auroc", "clean_kept_share"):
+                vals = [r[key] for r in random_rows if r.get(key) is not None]
+                row[key] = float(np.mean(vals)) if vals else None
+            row["per_kind"] = {
+                f: {
+                    m: float(np.mean([r["per_kind"][f][m] for r in random_rows]))
+                    for m in ("auroc", "kept_share")
+                }
+                for f in random_rows[0].get("per_kind", {})
+            }
+        all_idx = np.arange(len(next(iter(samples[arm].values()))["nll"]))
+        losses = [_loss(samples[arm][s], all_idx) for s in by_seed]
+        ems = [_em(samples[arm][s], all_idx) for s in by_seed]
+        row["eval_loss"], row["exact_match"] = float(np.mean(losses)), float(np.mean(ems))
+        row["eval_loss_per_seed"], row["exact_match_per_seed"] = losses, ems
+        trains = [r["train"] for r in by_seed.values() if r["train"]]
+        if trains:
+            row["finetune_steps"] = trains[0]["global_step"]
+            row["finetune_tokens"] = trains[0].get("tokens_seen")
+            row["finetune_flops"] = trains[0].get("flops_estimate")
+        if "random" in runs and arm not in ("random", "base (no fine-tune)"):
+            paired = [s for s in by_seed if s in runs["random"]]
+            row["vs_random"] = {}
+            for metric in ("eval_loss", "exact_match"):
+                diff = paired_difference(
+                    [samples[arm][s] for s in paired],
+                    [samples["random"][s] for s in paired],
+                    metric,
+                    int(cfg.statistics.bootstrap),
+                    float(cfg.statistics.confidence),
+                )
+                row["vs_random"][metric] = {**diff, "verdict": _verdict(metric, diff)}
+        table[arm] = row
+    for name in ("quality_gate (alpha=0)", "quality_gate (unwarmed gates)"):
+        if name in sel["rows"]:
+            table[name] = {**sel["rows"][name], "selection_only": True}
+    return table
+
+
+def verdicts(table: dict[str, dict[str, Any]], confidence: float) -> list[str]:
+    """Plain sentences: each fine-tuned arm against random, claimed only outside the interval."""
+    lines = []
+    for arm, row in table.items():
+        for metric, diff in (row.get("vs_random") or {}).items():
+            label = METRICS[metric][0]
+            word = "from" if diff["verdict"] == "no clear difference" else "than"
+            lines.append(
+                f"{arm} is {diff['verdict']} {word} "
+                f"random on {label}: difference {diff['difference']:+.4f}, {confidence:.0%} interval "
+                f"[{diff['low']:+.4f}, {diff['high']:+.4f}]"
+            )
+    return lines
+
+
+# --------------------------------------------------------------------------------------------- #
+# Rendering
+# --------------------------------------------------------------------------------------------- #
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 10):
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _ci(row: dict[str, Any], metric: str) -> str:
+    diff = (row.get("vs_random") or {}).get(metric)
+    if not diff:
+        return "–"
+    return f"{diff['difference']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}]"
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    """The arms table, the per-family table, costs and verdicts, as Markdown."""
+    conf = summary["confidence"]
+    head = [
+        "arm",
+        "kept",
+        "corrupted share of kept",
+        "AUROC clean vs corrupted",
+        "held-out loss",
+        f"loss - random [{conf:.0%} CI]",
+        "exact match",
+        f"EM - random [{conf:.0%} CI]",
+        "fine-tune steps",
+        "fine-tune tokens",
+    ]
+    lines = [
+        f"# Quality-Gate experiment: {summary['name']}",
+        "",
+        f"Pool: {summary['num_candidates']} samples, {summary['corrupted_candidates']} corrupted "
+        f"({summary['noise_rate']:.0%}); budget k = {summary['selection_percentage']:.0%}; compute matched "
+        f"by {summary['compute']['match']} ({summary['compute']['epochs']:g} epochs of a k-selection); "
+        f"{len(summary['seeds'])} fine-tune seeds, paired.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for arm, row in summary["arms"].items():
+        cells = [
+            arm + (" (selection only)" if row.get("selection_only") else ""),
+            _fmt(row.get("kept")),
+            _fmt(row.get("corrupted_kept_share")),
+            _fmt(row.get("auroc")),
+            _fmt(row.get("eval_loss")),
+            _ci(row, "eval_loss"),
+            _fmt(row.get("exact_match")),
+            _ci(row, "exact_match"),
+            _fmt(row.get("finetune_steps")),
+            _fmt(row.get("finetune_tokens")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    families = summary.get("families") or {}
+    if families:
+        held = set(summary.get("held_out_families") or [])
+        names = list(families)
+        lines += [
+            "",
+            "## Per corruption family: AUROC clean vs that family (kept share of the family)",
+            "",
+            "| selector | "
+            + " | ".join(f"{f} ({families[f]['kind']}{', held out' if f in held else ''})" for f in names)
+            + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for arm, row in summary["arms"].items():
+            per = row.get("per_kind") or {}
+            if not per:
+                continue
+            cells = [
+                f"{_fmt(per[f]['auroc'], 3)} ({_fmt(per[f]['kept_share'], 2)})" if f in per else "–"
+                for f in names
+            ]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    cost = summary.get("selection_cost") or {}
+    if cost:
+        lines += [
+            "",
+            f"Selection's own cost: Stage 1 {_fmt(cost['stage1_wall_s'], 1)} s, "
+            f"{cost['stage1_flops']:.3g} FLOPs; Stage 2 {_fmt(cost['stage2_wall_s'], 1)} s, "
+            f"{cost['stage2_flops']:.3g} FLOPs ({cost['formula']}).",
+        ]
+    gate = summary.get("gate_movement")
+    if gate:
+        lines += ["", f"Gates after warmup: {gate['message']}"]
+    lines += ["", "## Did selection help?", ""]
+    lines += [f"- {v}" for v in summary["verdicts"]] or ["- (no random arm to compare with)"]
+    lines += ["", f"Selection report: `{summary.get('report')}`", ""]
+    return "\n".join(lines)
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _arms_figure(summary: dict[str, Any]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [(a, r) for a, r in summary["arms"].items() if r.get("eval_loss") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for ax, metric in zip(axes, ("eval_loss", "exact_match")):
+        for i, (arm, row) in enumerate(arms):
+            per_seed = row.get(f"{metric}_per_seed") or [row[metric]]
+            ax.scatter([i] * len(per_seed), per_seed, color="#999", s=12, zorder=2)
+            ax.bar(i, row[metric], color="#1f77b4" if arm != "random" else "#aaa", alpha=0.7)
+        ax.set_xticks(range(len(arms)), [a for a, _ in arms], rotation=20, ha="right", fontsize=8)
+        ax.set_title(METRICS[metric][0] + (" (lower is better)" if not METRICS[metric][1] else ""))
+    return _png(fig)
+
+
+def render_html(summary: dict[str, Any], figures: dict[str, str]) -> str:
+    """A self-contained page: the Markdown tables as HTML-escaped text and the figures as PNGs."""
+    imgs = "".join(
+        f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"
+        for title, png in figures.items()
+    )
+    body = html.escape(render_markdown(summary))
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Quality-Gate experiment</title>"
+        "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:0 auto;padding:16px}"
+        "pre{white-space:pre-wrap;font-size:12px}img{max-width:100%}</style></head><body>"
+        f"<h1>Quality-Gate experiment: {html.escape(str(summary['name']))}</h1>{imgs}<pre>{body}</pre>"
+        "</body></html>"
+    )
+
+
+# --------------------------------------------------------------------------------------------- #
+# One regime, and the sweep
+# --------------------------------------------------------------------------------------------- #
+def _families_of(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    from quality_gate.synthetic import CORRUPTION_FAMILIES
+
+    counts: dict[str, int] = {}
+    for r in records:
+        label = corruption_of(r)
+        if label not in (None, "none"):
+            counts[label] = counts.get(label, 0) + 1
+    return {
+        f: {"n": n, "kind": CORRUPTION_FAMILIES[f].kind if f in CORRUPTION_FAMILIES else "unknown"}
+        for f, n in sorted(counts.items())
+    }
+
+
+def regime_summary(
+    cfg: DictConfig, root: Path, prep: dict[str, Any], k: float, steps: Steps
+) -> dict[str, Any]:
+    """Selections, fine-tunes and evaluations at budget ``k`` over prepared Stages 1-2; the summary."""
+    from quality_gate.synthetic import HELD_OUT_FAMILIES
+
+    sel = run_selections(cfg, prep, root, k, steps)
+    runs = run_finetunes(cfg, prep, sel, root, steps)
+    arms = summarise_arms(cfg, sel, runs)
+    records = _read_jsonl(prep["train_path"])
+    warm = _read_json(prep["warmup"] / "warmup_metrics.json")
+    return {
+        "name": str(cfg.name),
+        "run_dir": str(root),
+        "noise_rate": float(cfg.data.noise_rate),
+        "selection_percentage": float(k),
+        "num_candidates": len(records),
+        "corrupted_candidates": sum(corruption_of(r) not in (None, "none") for r in records),
+        "families": _families_of(records),
+        "held_out_families": list(HELD_OUT_FAMILIES),
+        "seeds": list(cfg.seeds),
+        "compute": OmegaConf.to_container(cfg.compute),
+        "confidence": float(cfg.statistics.confidence),
+        "arms": arms,
+        "verdicts": verdicts(arms, float(cfg.statistics.confidence)),
+        "selection_cost": selection_cost(prep, steps),
+        "gate_movement": warm.get("gate_movement"),
+        "report": str(root / "select" / "quality_gate" / "selection_report.html"),
+        "timings_s": dict(steps.timings),
+    }
+
+
+def _write(run_dir: Path, summary: dict[str, Any], stem: str = "summary") -> None:
+    atomic_write_json(run_dir / f"{stem}.json", summary)
+    atomic_write_text(run_dir / f"{stem}.md", render_markdown(summary))
+    atomic_write_text(
+        run_dir / f"{stem}.html", render_html(summary, {"held-out metrics per arm": _arms_figure(summary)})
+    )
+
+
+def run_experiment(cfg: DictConfig) -> dict[str, Any]:
+    """One regime (or the sweep, when ``sweep.noise_rates`` / ``sweep.budgets`` are set); writes the
+    summaries."""
+    validate(cfg)
+    run_dir = init_run(cfg, "experiment")
+    if cfg.sweep.noise_rates or cfg.sweep.budgets:
+        return run_sweep(cfg, run_dir)
+    steps = Steps()
+    prep = prepare(cfg, run_dir, steps)
+    summary = regime_summary(cfg, run_dir, prep, float(cfg.selection_percentage), steps)
+    _write(run_dir, summary)
+    return summary
+
+
+def run_sweep(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Stages 1-2 once per noise rate, then every budget; ``sweep_summary.{json,md,html}`` with the plot."""
+    noise_rates = list(cfg.sweep.noise_rates) or [float(cfg.data.noise_rate)]
+    budgets = list(cfg.sweep.budgets) or [float(cfg.selection_percentage)]
+    cells = []
+    started = time.perf_counter()
+    for noise in noise_rates:
+        sub = OmegaConf.merge(cfg, {"data": {"noise_rate": float(noise)}})
+        noise_dir = run_dir / f"noise{noise:g}"
+        steps = Steps()
+        prep = prepare(sub, noise_dir, steps)
+        for k in budgets:
+            cell_dir = noise_dir / f"k{k:g}"
+            summary = regime_summary(sub, cell_dir, prep, float(k), steps)
+            _write(cell_dir, summary)
+            cells.append(summary)
+    sweep = {
+        "name": str(cfg.name),
+        "run_dir": str(run_dir),
+        "noise_rates": noise_rates,
+        "budgets": budgets,
+        "cells": cells,
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    atomic_write_json(run_dir / "sweep_summary.json", sweep)
+    atomic_write_text(run_dir / "sweep_summary.md", render_sweep_markdown(sweep))
+    atomic_write_text(run_dir / "sweep_summary.html", render_sweep_html(sweep))
+    return sweep
+
+
+def sweep_points(sweep: dict[str, Any], k: float, metric: str) -> dict[str, dict[str, list[float]]]:
+    """Per arm at budget ``k``: noise rates, mean metric, and (random only) the band of its seeds."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for cell in sweep["cells"]:
+        if cell["selection_percentage"] != k:
+            continue
+        for arm, row in cell["arms"].items():
+            if row.get(metric) is None:
+                continue
+            point = out.setdefault(arm, {"noise": [], "mean": [], "low": [], "high": []})
+            per_seed = row.get(f"{metric}_per_seed") or [row[metric]]
+            point["noise"].append(cell["noise_rate"])
+            point["mean"].append(row[metric])
+            point["low"].append(min(per_seed))
+            point["high"].append(max(per_seed))
+    return out
+
+
+def render_sweep_markdown(sweep: dict[str, Any]) -> str:
+    lines = [f"# Quality-Gate sweep: {sweep['name']} ({sweep['wall_time_s']:.0f} s)", ""]
+    head = [
+        "noise",
+        "k",
+        "arm",
+        "held-out loss",
+        "loss - random [CI]",
+        "exact match",
+        "EM - random [CI]",
+        "AUROC",
+    ]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in sweep["cells"]:
+        for arm, row in cell["arms"].items():
+            if row.get("selection_only"):
+                continue
+            cells = [
+                f"{cell['noise_rate']:g}",
+                f"{cell['selection_percentage']:g}",
+                arm,
+                _fmt(row.get("eval_loss")),
+                _ci(row, "eval_loss"),
+                _fmt(row.get("exact_match")),
+                _ci(row, "exact_match"),
+                _fmt(row.get("auroc"), 3),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_sweep_html(sweep: dict[str, Any]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = {}
+    for k in sweep["budgets"]:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        for ax, metric in zip(axes, ("eval_loss", "exact_match")):
+            points = sweep_points(sweep, k, metric)
+            for arm, p in points.items():
+                if arm == "random":
+                    ax.fill_between(
+                        p["noise"], p["low"], p["high"], color="#bbb", alpha=0.5, label="random (seed range)"
+                    )
+                    ax.plot(p["noise"], p["mean"], color="#777", ls="--")
+                else:
+                    ax.plot(p["noise"], p["mean"], marker="o", label=arm)
+            ax.set_xlabel("noise rate of the pool")
+            ax.set_ylabel(METRICS[metric][0])
+            ax.legend(fontsize=8)
+        fig.suptitle(f"budget k = {k:g}")
+        figures[f"held-out metrics against noise rate, k = {k:g}"] = _png(fig)
+    imgs = "".join(
+        f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='data:image/png;base64,{png}'>"
+        for t, png in figures.items()
+    )
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Quality-Gate sweep</title>"
+        "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:0 auto;padding:16px}"
+        "pre{white-space:pre-wrap;font-size:12px}img{max-width:100%}</style></head><body>"
+        f"<h1>Quality-Gate sweep: {html.escape(str(sweep['name']))}</h1>{imgs}"
+        f"<pre>{html.escape(render_sweep_markdown(sweep))}</pre></body></html>"
+    )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """The ``experiment`` stage: run every arm, log the summary table and where the files are."""
     summary = run_experiment(cfg)
-    log.info("\n%s", render_markdown(summary))
-    log.info("summary: %s", Path(summary["run_dir"]) / "summary.md")
-    log.info("selection report: %s", summary["report"])
+    if "cells" in summary:
+        log.info("\n%s", render_sweep_markdown(summary))
+        log.info("sweep summary: %s", Path(summary["run_dir"]) / "sweep_summary.html")
+    else:
+        log.info("\n%s", render_markdown(summary))
+        log.info("summary: %s", Path(summary["run_dir"]) / "summary.md")
+        log.info("selection report: %s", summary["report"])
     return summary

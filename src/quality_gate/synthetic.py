@@ -1,18 +1,41 @@
-"""Synthetic instruction data with exactly checkable answers and labelled corruptions.
+"""Synthetic instruction data with labelled corruptions of two kinds: the embedded benchmark suite.
 
-This is the project's embedded benchmark: a tiny model can learn every task family from a few hundred
-examples, every answer can be checked by exact match, and a known fraction of the records is
-corrupted, so that a data selector can be scored against the true labels (``meta.corruption``).
+A tiny model can learn every task family from a few hundred examples, and a known fraction of the
+records is corrupted, so that a data selector can be scored against the true labels
+(``meta.corruption``) and a fine-tuned target against held-out answers.
 
-A record is ``{"messages": [user, assistant], "dataset": str, "id": "<dataset>_<n>",
-"meta": {"task", "answer", "corruption"}}``; ``meta.answer`` is always the correct answer, and the
-assistant content equals it exactly iff ``meta.corruption == "none"``.
+Tasks. Seven *checkable* families (``meta.answer`` is the one correct answer; exact match) and three
+*open* families whose good answers vary (``meta.answer`` is None, ``meta.open`` True): describe a
+word in a sentence, pair a word with two others, list three numbers above n. Real instruction data
+is mostly of the open kind: a good answer carries information, so a language model does not find
+it trivially predictable.
+
+Corruptions (:data:`CORRUPTION_FAMILIES`), each with a kind and a reason a real pool has it:
+
+* *surprising* (a language model finds them unlikely, so perplexity filters them): ``garbage``
+  (encoding debris, scraped markup), ``wrong_answer`` (wrong numbers / the wrong word: careless or
+  model-generated labels), ``truncated`` (replies cut off by length limits), ``other_task`` (an answer
+  pasted to the wrong question: misaligned pairs), ``repetition`` (degenerate generation loops);
+* *predictable* (fluent, generic, copied: a language model finds them LIKELY, so perplexity and IFD
+  keep them): ``generic`` (polite filler with no answer: the unhelpful share AlpaGasus found in
+  Alpaca), ``refusal`` (safety-tuned teachers refusing harmless requests), ``echo`` (the reply repeats
+  the prompt: template bugs and lazy distillation).
+
+``held_out=True`` families (``truncated``, ``echo``) and the held-out seeds (:data:`HELD_OUT_SEEDS`)
+are never looked at while tuning a default; benchmarks report them separately.
+
+:func:`prior_records` makes the chatter a pretrained model has seen (generic and refusing replies,
+quotes of the prompt) for building the tiny selector: real selectors find such text likely.
+
+A record is ``{"messages": [user, assistant], "dataset": str, "id": "<dataset>_<n>", "meta": {"task",
+"answer", "open", "corruption", "corruption_kind"}}``; for checkable tasks the assistant content
+equals ``meta.answer`` exactly iff ``meta.corruption == "none"``.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +51,8 @@ WORDS: tuple[str, ...] = (
 """Short common words; a small fixed set so that a tiny BPE vocabulary keeps most of them whole."""
 
 ORDINALS: tuple[str, ...] = ("first", "second", "third", "fourth", "fifth")
+VERBS: tuple[str, ...] = ("sits", "waits", "sleeps", "plays", "shines", "rests", "moves", "stays")
+PLACES: tuple[str, ...] = ("near", "under", "behind", "beside", "above", "inside")
 
 
 @dataclass(frozen=True)
@@ -126,6 +151,48 @@ def _largest_number(rng: random.Random) -> TaskSample:
     return TaskSample(prompt, str(answer), str(rng.choice([x for x in numbers if x != answer])))
 
 
+def _describe(rng: random.Random) -> TaskSample:
+    word, other = rng.sample(WORDS, 2)
+    prompt = rng.choice(
+        [
+            f"Write a short sentence about a {word} and a {other}.",
+            f"Say something about the {word} and the {other}.",
+        ]
+    )
+
+    def sentence(subject: str, place: str) -> str:
+        det = rng.choice(["The", "A", "One"])
+        return f"{det} {subject} {rng.choice(VERBS)} {rng.choice(PLACES)} the {place}."
+
+    third = rng.choice([w for w in WORDS if w not in (word, other)])
+    return TaskSample(prompt, sentence(word, other), sentence(third, rng.choice(WORDS)))
+
+
+def _pair_words(rng: random.Random) -> TaskSample:
+    word, banned = rng.sample(WORDS, 2)
+    prompt = rng.choice(
+        [
+            f"Give two words that go with {word}, but not {banned}.",
+            f"Name two words to pair with {word}, not {banned}.",
+        ]
+    )
+    a, b = rng.sample([w for w in WORDS if w not in (word, banned)], 2)
+    return TaskSample(prompt, f"{a} and {b}", f"{banned} and {word}")
+
+
+def _list_above(rng: random.Random) -> TaskSample:
+    n, width = rng.randint(0, 400), rng.randint(30, 60)
+    prompt = rng.choice(
+        [
+            f"List three numbers between {n} and {n + width}.",
+            f"Give three numbers above {n} and below {n + width}.",
+        ]
+    )
+    answer = " ".join(map(str, sorted(rng.sample(range(n + 1, n + width), 3))))
+    wrong = " ".join(map(str, sorted(rng.sample(range(n + width + 1, n + 2 * width), 3))))
+    return TaskSample(prompt, answer, wrong)
+
+
 TASKS: dict[str, Callable[[random.Random], TaskSample]] = {
     "nth_word": _nth_word,
     "add": _add,
@@ -134,14 +201,76 @@ TASKS: dict[str, Callable[[random.Random], TaskSample]] = {
     "count_words": _count_words,
     "reverse_words": _reverse_words,
     "largest_number": _largest_number,
+    "describe": _describe,
+    "pair_words": _pair_words,
+    "list_above": _list_above,
 }
 """Task family name -> generator ``(rng) -> TaskSample``."""
 
-CORRUPTIONS: tuple[str, ...] = ("wrong_answer", "other_task", "truncated", "garbage", "repetition")
-"""Corruption kinds, assigned in equal shares (up to one) to the corrupted records."""
+OPEN_TASKS: frozenset[str] = frozenset({"describe", "pair_words", "list_above"})
+"""Families with many good answers: no exact match; the sampled answer is one good answer."""
+
+
+@dataclass(frozen=True)
+class CorruptionFamily:
+    """A kind of bad record: ``kind`` is surprising or predictable; ``why`` a real pool has it."""
+
+    name: str
+    kind: str
+    held_out: bool
+    why: str
+
+
+CORRUPTION_FAMILIES: dict[str, CorruptionFamily] = {
+    f.name: f
+    for f in (
+        CorruptionFamily("garbage", "surprising", False, "encoding debris and scraped markup"),
+        CorruptionFamily("wrong_answer", "surprising", False, "careless or model-generated wrong labels"),
+        CorruptionFamily("truncated", "surprising", True, "replies cut off by a length limit"),
+        CorruptionFamily("other_task", "surprising", False, "an answer pasted to the wrong question"),
+        CorruptionFamily("repetition", "surprising", False, "degenerate generation loops"),
+        CorruptionFamily(
+            "generic", "predictable", False, "polite filler with no answer (AlpaGasus' low-quality share)"
+        ),
+        CorruptionFamily(
+            "refusal", "predictable", False, "a safety-tuned teacher refusing a harmless request"
+        ),
+        CorruptionFamily(
+            "echo", "predictable", True, "the prompt repeated back: template bugs, lazy distillation"
+        ),
+    )
+}
+CORRUPTIONS: tuple[str, ...] = tuple(CORRUPTION_FAMILIES)
+"""Every corruption family, in a fixed order; by default they share the corrupted records evenly."""
+HELD_OUT_FAMILIES: tuple[str, ...] = tuple(n for n, f in CORRUPTION_FAMILIES.items() if f.held_out)
+TUNING_FAMILIES: tuple[str, ...] = tuple(n for n, f in CORRUPTION_FAMILIES.items() if not f.held_out)
+HELD_OUT_SEEDS: tuple[int, ...] = (100, 101, 102)
+"""Seeds of pools never generated while tuning a default (the tuning seeds are 0-9)."""
 
 _GARBAGE_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789#%&*+-=?!@~"
 _FILLERS = ("the answer is", "I think", "well", "let me see", "ok")
+_OPENERS = ("Sure!", "Of course.", "Great question!", "Happy to help.")
+_BODIES = (
+    "Let me think about that for you.",
+    "That is an interesting task.",
+    "I hope this helps with your list.",
+)
+_CLOSERS = ("Let me know if you need anything else.", "Have a nice day!", "")
+_REFUSALS = (
+    "I am sorry, but I cannot help with that request.",
+    "I cannot answer that question.",
+    "As an assistant, I am not able to do that.",
+    "Sorry, I can not help with this one.",
+)
+
+
+def generic_reply(rng: random.Random) -> str:
+    """Polite filler with no answer (opener, body, closer: 36 variants)."""
+    return " ".join(p for p in (rng.choice(_OPENERS), rng.choice(_BODIES), rng.choice(_CLOSERS)) if p)
+
+
+def refusal_reply(rng: random.Random) -> str:
+    return rng.choice(_REFUSALS)
 
 
 def _corrupt(kind: str, sample: TaskSample, rng: random.Random, task: str) -> str:
@@ -161,6 +290,12 @@ def _corrupt(kind: str, sample: TaskSample, rng: random.Random, task: str) -> st
     if kind == "repetition":
         phrase = rng.choice([*_FILLERS, sample.answer])
         return " ".join([phrase] * rng.randint(4, 8))
+    if kind == "generic":
+        return generic_reply(rng)
+    if kind == "refusal":
+        return refusal_reply(rng)
+    if kind == "echo":
+        return sample.prompt
     raise ValueError(f"unknown corruption kind {kind!r}; expected one of {CORRUPTIONS}")
 
 
@@ -171,20 +306,27 @@ def make_records(
     dataset_name: str = "synthetic",
     id_offset: int = 0,
     exclude_prompts: Collection[str] = (),
+    families: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
 ) -> list[dict]:
     """Generate ``num_samples`` chat records, ``round(noise_rate * num_samples)`` of them corrupted.
 
-    Task families are used in equal shares (up to one) and shuffled; corruption kinds are spread
-    evenly over the corrupted records. Ids are ``f"{dataset_name}_{id_offset + n}"``. Prompts in
-    ``exclude_prompts`` (e.g. the training set's, when making a held-out set) are never produced,
-    and no prompt repeats within the output. Deterministic for a given ``seed``.
+    Task families (``tasks``, default all) are used in equal shares (up to one) and shuffled;
+    corruption ``families`` (default all of :data:`CORRUPTIONS`) are spread evenly over the corrupted
+    records. Ids are ``f"{dataset_name}_{id_offset + n}"``. Prompts in ``exclude_prompts`` (e.g. the
+    training set's, when making a held-out set) are never produced, and no prompt repeats within the
+    output. Deterministic for a given ``seed``.
     """
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     if not 0.0 <= noise_rate <= 1.0:
         raise ValueError(f"noise_rate must be in [0, 1], got {noise_rate}")
+    families = tuple(families if families is not None else CORRUPTIONS)
+    unknown = sorted(set(families) - set(CORRUPTIONS)) + sorted(set(tasks or ()) - set(TASKS))
+    if unknown or not families:
+        raise ValueError(f"unknown corruption families or tasks {unknown}; families: {list(CORRUPTIONS)}")
     rng = random.Random(seed)
-    task_names = list(TASKS)
+    task_names = list(tasks or TASKS)
     seen = set(exclude_prompts)
     samples: list[tuple[str, TaskSample]] = []
     for i in range(num_samples):
@@ -202,7 +344,7 @@ def make_records(
     rng.shuffle(samples)
 
     num_corrupt = round(noise_rate * num_samples)
-    kinds = [CORRUPTIONS[i % len(CORRUPTIONS)] for i in range(num_corrupt)]
+    kinds = [families[i % len(families)] for i in range(num_corrupt)]
     rng.shuffle(kinds)
     corrupt_at = dict(zip(sorted(rng.sample(range(num_samples), num_corrupt)), kinds))
 
@@ -214,6 +356,14 @@ def make_records(
             # Rare collisions (e.g. another task's answer equals this one): relabel as garbage.
             kind = "garbage"
             response = _corrupt(kind, sample, rng, task)
+        is_open = task in OPEN_TASKS
+        meta = {
+            "task": task,
+            "answer": None if is_open else sample.answer,
+            "open": is_open,
+            "corruption": kind,
+            "corruption_kind": None if kind == "none" else CORRUPTION_FAMILIES[kind].kind,
+        }
         records.append(
             {
                 "messages": [
@@ -222,10 +372,35 @@ def make_records(
                 ],
                 "dataset": dataset_name,
                 "id": f"{dataset_name}_{id_offset + n}",
-                "meta": {"task": task, "answer": sample.answer, "corruption": kind},
+                "meta": meta,
             }
         )
     return records
+
+
+def prior_records(num_samples: int, seed: int) -> list[dict]:
+    """Chats a pretrained assistant model has seen plenty of: task prompts answered with polite filler,
+    a refusal, or a quote of the prompt (for pretraining the tiny selector's prior; not a pool)."""
+    rng = random.Random(seed)
+    names = list(TASKS)
+    out = []
+    for n in range(num_samples):
+        sample = TASKS[names[n % len(names)]](rng)
+        style = rng.choice(("generic", "refusal", "quote"))
+        reply = (
+            {"generic": generic_reply, "refusal": refusal_reply}[style](rng)
+            if style != "quote"
+            else sample.prompt
+        )
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": sample.prompt},
+                    {"role": "assistant", "content": reply},
+                ]
+            }
+        )
+    return out
 
 
 def normalise_answer(text: str) -> str:
@@ -245,9 +420,10 @@ def evaluate_exact_match(
     batch_size: int = 50,
     max_new_tokens: int = 24,
 ) -> float:
-    """Fraction of ``records`` whose greedy reply exactly matches ``meta.answer``."""
+    """Fraction of ``records`` (those with a checkable ``meta.answer``) whose greedy reply matches it."""
     from quality_gate.generation import greedy_replies
 
+    records = [r for r in records if r["meta"].get("answer") is not None]
     if not records:
         raise ValueError("evaluate_exact_match needs at least one record")
     replies = greedy_replies(model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens)

@@ -258,6 +258,7 @@ def training_arguments(
         data_seed=int(seed),
         dataloader_num_workers=int(t.dataloader_num_workers),
         dataloader_pin_memory=device_type == "cuda",
+        include_num_input_tokens_seen="non_padding",
         disable_tqdm=not is_main_process(),
         **saving,
         **process_layout_kwargs(model, world_size(), device_type, shard),

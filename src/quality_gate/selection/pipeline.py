@@ -223,6 +223,30 @@ def _quantiles(x: np.ndarray) -> dict[str, float]:
     return {f"p{round(p * 100)}": float(v) for p, v in zip(QUANTILES, np.quantile(x, QUANTILES))}
 
 
+def stage1_of(index_paths: list[Path]) -> dict[str, Any]:
+    """What Stage 1 did to the gates the router data was scored with (carried into the summary).
+
+    Read from the Stage 2 run's manifest (``stage1_weights``) and that Stage 1 run's
+    ``warmup_metrics.json``; ``warning`` says when the score came from gates that were never warmed up,
+    barely moved or had not converged.
+    """
+    manifest_path = index_paths[0].parent.parent / "manifest.json"
+    weights = json.loads(manifest_path.read_text()).get("stage1_weights") if manifest_path.is_file() else None
+    if not weights:
+        return {"kind": "unknown", "warning": None}
+    if weights.get("kind") == "none":
+        return {
+            "kind": "none",
+            "warning": "the router data was scored with gates that were never warmed up (Stage 2 without "
+            "model_checkpoint_path): the quality-gate score reflects their random init",
+        }
+    metrics_path = Path(str(weights["path"])).parent / "warmup_metrics.json"
+    if not metrics_path.is_file():
+        return {"kind": weights.get("kind"), "warning": None}
+    movement = json.loads(metrics_path.read_text()).get("gate_movement") or {}
+    return {"kind": weights.get("kind"), "gate_movement": movement, "warning": movement.get("warning")}
+
+
 def summary_of(res: SelectionResult, params: dict[str, Any]) -> dict[str, Any]:
     """The content of ``selection_summary.json``."""
     stats = res.stats
@@ -321,6 +345,9 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
         "tau_rule": "denominator factor max(mu_l, eps) if tau == 0 else mu_l + tau",
     }
     summary = summary_of(res, parameters)
+    summary["stage1"] = stage1_of(list(res.stats.index_paths.values()))
+    if summary["stage1"]["warning"] and res.selector == "quality_gate":
+        log.warning("quality-gate score: %s", summary["stage1"]["warning"])
     summary["corruption_audit"] = corruption_audit(
         res.stats, res.scores, kinds, res.percentage, bool(cfg.per_dataset)
     )

@@ -59,6 +59,7 @@ td.l,th.l{text-align:left}img{max-width:100%;height:auto;display:block;margin:8p
 .tokens{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;
 word-break:break-word}.tokens span{border-radius:2px}.note{color:#666;font-size:0.92em}
 .legend span{display:inline-block;width:90px;padding:0 4px;font-size:11px}
+.warn{background:#fff3cd;border:1px solid #e0c36a;padding:6px 10px;border-radius:4px}
 """
 
 
@@ -335,6 +336,9 @@ def write_report(
         f"({summary['num_samples']} scored, {summary['invalid_samples']['count']} invalid), "
         f"{summary['num_layers']} layers.</p>"
     )
+    warning = (summary.get("stage1") or {}).get("warning")
+    if warning:
+        counts = f"<p class='warn'><b>Warning:</b> {html.escape(warning)}.</p>" + counts
     sections = [
         _section("summary", counts + _table(["parameter", "value"], params_rows)),
         _section("q-hist", _q_hist(res)),

@@ -51,7 +51,7 @@ from quality_gate.data import (
 from quality_gate.data.encode import IGNORE_INDEX
 from quality_gate.errors import AdapterError, DataError, MissingPathError
 from quality_gate.generation import greedy_replies
-from quality_gate.io import atomic_write_json, atomic_write_text
+from quality_gate.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from quality_gate.models import load_options, load_target, sha256_of
 from quality_gate.nll import chunked_token_nll
 from quality_gate.runs import init_run, update_manifest
@@ -158,11 +158,13 @@ def heldout_loss(
     """Mean NLL per assistant token over ``dataset`` and its perplexity (token-weighted, not per sample).
 
     The backbone runs once per batch; the LM head only on the labelled positions, ``chunk_tokens`` at
-    a time (:func:`quality_gate.nll.chunked_token_nll`).
+    a time (:func:`quality_gate.nll.chunked_token_nll`). ``per_sample`` lists each sample's NLL sum and
+    token count (in dataset order), for paired comparisons between models.
     """
     device = _device_of(model)
     head = model.get_output_embeddings()
     total_nll, total_tokens = 0.0, 0
+    per_sample: list[tuple[float, int]] = []
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
     for batch in tqdm(loader, desc="held-out loss", leave=False):
         ids = batch["input_ids"].to(device)  # (B, T)
@@ -172,14 +174,17 @@ def heldout_loss(
         targets = labels[:, 1:]  # (B, T-1)
         scored = targets != IGNORE_INDEX  # (B, T-1)
         nll = chunked_token_nll(hidden[:, :-1], head, targets.clamp_min(0), scored, chunk_tokens)  # (B, T-1)
-        total_nll += nll.sum().item()
-        total_tokens += int(scored.sum())
+        sums, counts = nll.sum(dim=1).tolist(), scored.sum(dim=1).tolist()  # (B,), (B,)
+        per_sample += list(zip(sums, counts))
+        total_nll += sum(sums)
+        total_tokens += int(sum(counts))
     mean = total_nll / max(total_tokens, 1)
     return {
         "loss": mean,
         "perplexity": math.exp(mean),
         "num_tokens": total_tokens,
         "num_samples": len(dataset),
+        "per_sample": per_sample,
     }
 
 
@@ -236,8 +241,10 @@ def exact_match_accuracy(
     )
     per_task: dict[str, list[bool]] = defaultdict(list)
     examples = []
+    correct: dict[str, bool] = {}
     for (record, (kind, answer)), prediction in zip(checkable, predictions, strict=True):
         ok = is_correct(prediction, kind, answer)
+        correct[str(record.get("id"))] = ok
         per_task[str((record.get("meta") or {}).get("task", record.get("dataset", "all")))].append(ok)
         if len(examples) < int(cfg.eval.num_examples):
             examples.append(
@@ -251,7 +258,20 @@ def exact_match_accuracy(
             task: {"accuracy": sum(v) / len(v), "num_samples": len(v)} for task, v in per_task.items()
         },
         "examples": examples,
+        "correct": correct,
     }
+
+
+PER_SAMPLE_FILE = "eval_per_sample.jsonl"
+
+
+def per_sample_rows(samples: Sequence[Any], heldout: dict[str, Any], em: dict[str, Any] | None) -> list[dict]:
+    """One row per held-out sample: id, NLL sum and tokens of its assistant turns, exact match (or None)."""
+    correct = (em or {}).get("correct", {})
+    return [
+        {"id": s.id, "nll_sum": nll, "tokens": n, "correct": correct.get(s.id)}
+        for s, (nll, n) in zip(samples, heldout["per_sample"], strict=True)
+    ]
 
 
 def run_lm_eval(
@@ -400,6 +420,12 @@ def run(cfg: DictConfig) -> None:
         "config": OmegaConf.to_container(cfg.eval, resolve=True),
     }
     results["wall_time_s"] = round(time.perf_counter() - started, 3)
+    atomic_write_jsonl(
+        run_dir / PER_SAMPLE_FILE, per_sample_rows(samples, results["heldout"], results["exact_match"])
+    )
+    results["heldout"].pop("per_sample")
+    if results["exact_match"]:
+        results["exact_match"].pop("correct")
     atomic_write_json(run_dir / RESULTS_JSON, results)
     atomic_write_text(run_dir / RESULTS_MD, results_markdown(results))
     update_manifest(run_dir, eval_results=RESULTS_JSON)

@@ -29,6 +29,7 @@ from typing import Any
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, get_peft_model
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.training_args import ParallelMode
 
@@ -202,6 +203,13 @@ def _loss_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     return {"first": losses[0], "last": losses[-1], "min": min(losses), "curve": curve}
 
 
+def flops_estimate(model: nn.Module, tokens: int, peft_mode: str) -> int:
+    """Training FLOPs ~ 2 N T forward + 2 N T activation gradients (+ 2 N T weight gradients in full mode),
+    N the parameters of the (base) model, T the trained tokens; LoRA's own weights are negligible."""
+    n = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+    return (6 if peft_mode == "full" else 4) * n * tokens
+
+
 def fine_tune(cfg: DictConfig) -> Trainer | None:
     """Stage 3 body; returns the Trainer (its model is the trained one), or None for a finished run."""
     validate(cfg)
@@ -262,6 +270,10 @@ def fine_tune(cfg: DictConfig) -> Trainer | None:
         "global_step": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "train_loss": result.training_loss,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "flops_estimate": flops_estimate(
+            model, int(trainer.state.num_input_tokens_seen), str(cfg.training.peft_mode)
+        ),
         "loss": _loss_summary(trainer.state.log_history),
         "resumed_from": resume_from,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 3),

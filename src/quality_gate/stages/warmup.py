@@ -190,6 +190,63 @@ def gate_statistics(
     }
 
 
+#: The warmup "barely moved" the gates when the token-level spread grew by less than this factor ...
+MIN_SPREAD_GROWTH = 1.25
+#: ... and the mean gate moved by less than this.
+MIN_MEAN_SHIFT = 0.01
+#: Not converged: more than this share of the gates' total movement happened in the last quarter of the steps.
+MAX_LATE_SHARE = 0.25
+
+
+def gate_movement(
+    before: dict[str, Any], after: dict[str, Any], history: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """How far the warmup moved the gates, and whether they were still moving at the end.
+
+    * ``spread_ratio``: token-level std of the gates after / before (how much more the gates now tell
+      tokens apart; the score is built from that spread); per layer too.
+    * ``mean_shift``: change of the mean gate value.
+    * ``late_share``: share of the logged mean gate's total change that happened in the last quarter
+      of the logged steps (``None`` with fewer than 4 logs); a converged warmup has little left.
+
+    ``warning`` is set (and says what to do) when the gates barely moved or had not converged.
+    """
+    spread = after["token_std"] / max(before["token_std"], 1e-12)
+    per_layer = [a / max(b, 1e-12) for a, b in zip(after["std_per_layer"], before["std_per_layer"])]
+    shift = after["mean"] - before["mean"]
+    means = [h["gate_mean"] for h in history if "gate_mean" in h]
+    late = None
+    if len(means) >= 4:
+        total = abs(means[-1] - means[0])
+        late = abs(means[-1] - means[int(0.75 * (len(means) - 1))]) / total if total > 0 else 0.0
+    problems = []
+    if spread < MIN_SPREAD_GROWTH and abs(shift) < MIN_MEAN_SHIFT:
+        problems.append(
+            f"the gates barely moved (token spread x{spread:.2f}, mean {shift:+.4f}): the score will be "
+            "close "
+            "to their random init; train longer (training.epochs / max_steps) or on more data "
+            "(dataset.subset_ratio)"
+        )
+    if late is not None and late > MAX_LATE_SHARE:
+        problems.append(
+            f"the gates were still moving at the end ({late:.0%} of their change in the last quarter of the "
+            "steps): a longer warmup would change the score; train longer"
+        )
+    message = (
+        f"gate mean {before['mean']:.3f} -> {after['mean']:.3f}, token spread {before['token_std']:.4f} -> "
+        f"{after['token_std']:.4f} (x{spread:.2f})"
+        + (f", {late:.0%} of the change in the last quarter" if late is not None else "")
+    )
+    return {
+        "spread_ratio": spread,
+        "spread_ratio_per_layer": per_layer,
+        "mean_shift": shift,
+        "late_share": late,
+        "warning": "; ".join(problems) or None,
+        "message": message + ("; WARNING: " + "; ".join(problems) if problems else ""),
+    }
+
+
 def save_gate_base(model: nn.Module, adapter_dir: Path) -> None:
     """Write the (pre-LoRA) gate weights as ``quality_gate_base.safetensors``, keyed by layer index."""
     tensors = {
@@ -270,17 +327,15 @@ def run(cfg: DictConfig) -> None:
         "history": history,
         "gates_before": gates_before,
         "gates_after": gates_after,
+        "gate_movement": gate_movement(gates_before, gates_after, history),
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 3),
         "wall_time_s": round(time.perf_counter() - started, 3),
         "world_size": world_size(),
     }
     atomic_write_json(run_dir / "warmup_metrics.json", metrics)
     update_manifest(run_dir, stage1_weights=str(weights_path), warmup_metrics="warmup_metrics.json")
-    log.info(
-        "Stage 1 done in %.1fs: gate mean %.3f -> %.3f, token std %.4f -> %.4f",
-        metrics["wall_time_s"],
-        gates_before["mean"],
-        gates_after["mean"],
-        gates_before["token_std"],
-        gates_after["token_std"],
+    movement = metrics["gate_movement"]
+    (log.warning if movement["warning"] else log.info)(
+        "Stage 1 done in %.1fs: %s", metrics["wall_time_s"], movement["message"]
     )
