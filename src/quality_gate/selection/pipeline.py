@@ -83,6 +83,7 @@ class SelectionResult:
     # (N,) bool: walked by diversity=threshold but dropped as a near-duplicate of a kept sample.
     skipped: np.ndarray | None = None
     diversity_report: dict[str, Any] | None = None  # per group: budget, kept, skipped / cluster counts
+    per_dataset: bool = False
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -252,6 +253,7 @@ def compute_selection(cfg: DictConfig) -> SelectionResult:
         diversity=diversity,
         skipped=chosen.skipped if mode == "threshold" else None,
         diversity_report=chosen.diversity,
+        per_dataset=per_dataset,
     )
 
 
@@ -381,6 +383,7 @@ def _install(staging: Path, output_dir: Path) -> None:
 def run_selection(cfg: DictConfig) -> SelectionResult:
     """Select and write ``selected_data.jsonl``, ``scores.parquet``, ``selection_summary.json``,
     ``selection_report.html``, ``llamafactory/`` and ``hf_dataset/`` into the output dir."""
+    from quality_gate.selection.explorer import explorer_rows
     from quality_gate.selection.report import write_report
 
     res = compute_selection(cfg)
@@ -389,7 +392,8 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
         res.scores["quality_gate"].score, np.asarray(res.stats.ids), res.scores["quality_gate"].eligible
     )
     showcase = [int(i) for i in ranked_q[:top_k]] + [int(i) for i in ranked_q[::-1][:top_k]]
-    records, kinds = _read_records(res.stats, set(res.order.tolist()) | set(showcase))
+    explore = explorer_rows(res) if cfg.report else np.zeros(0, dtype=np.int64)
+    records, kinds = _read_records(res.stats, set(res.order.tolist()) | set(showcase) | set(explore.tolist()))
     kept = [records[int(i)] for i in res.order]
     parameters = {
         **dataclasses.asdict(res.params),
@@ -416,7 +420,7 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
         export_llamafactory(kept, staging / "llamafactory")
         export_hf_dataset(kept, res.q[res.order], staging / "hf_dataset")
         if cfg.report:
-            write_report(staging / "selection_report.html", res, summary, records, showcase)
+            write_report(staging / "selection_report.html", res, summary, records, showcase, kinds, explore)
         atomic_write_json(staging / "selection_summary.json", summary)
         _install(staging, res.output_dir)
         res.summary = summary

@@ -134,6 +134,16 @@ def groups_of(stats: SampleStats, per_dataset: bool) -> dict[str, np.ndarray]:
     return {d: names == d for d in stats.index_paths}
 
 
+def group_rank(scores: SelectorScores, stats: SampleStats, per_dataset: bool) -> np.ndarray:
+    """(N,) int64 0-based rank by score among the eligible samples of each group (-1: not eligible)."""
+    ids = np.asarray(stats.ids)
+    rank = np.full(len(ids), -1, dtype=np.int64)
+    for members in groups_of(stats, per_dataset).values():
+        order = rank_order(scores.score, ids, scores.eligible & members)
+        rank[order] = np.arange(len(order))
+    return rank
+
+
 @dataclasses.dataclass
 class Selection:
     """``rank`` (N,) int64: 0-based rank by score among the eligible samples of the sample's group
