@@ -91,6 +91,19 @@ def test_threshold_equals_the_sequential_loop(seed, tau, block):
         assert out.exhausted == (len(kept) < budget)
 
 
+def test_threshold_in_kept_chunks_equals_the_loop(monkeypatch):
+    from quality_gate.selection import diversity
+
+    monkeypatch.setattr(diversity, "KEPT_CHUNK", 3)  # the kept set compared in many small chunks
+    rng = np.random.default_rng(7)
+    emb = clustered(rng, 300, 5, 6, 0.4)
+    order = rng.permutation(300)
+    for tau in (0.3, 0.9):
+        out = threshold_filter(emb, order, 60, tau, block=16)
+        kept, skipped = threshold_reference(emb, order, 60, tau)
+        assert out.kept.tolist() == kept and out.skipped.tolist() == skipped
+
+
 def test_threshold_exhausts_on_duplicates_and_keeps_zero_rows():
     emb = np.ones((6, 4), np.float16)
     emb[4] = 0  # no direction: cosine 0 with everything

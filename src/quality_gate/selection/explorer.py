@@ -327,7 +327,8 @@ def explorer_html(res: SelectionResult, doc: dict[str, Any], total: int) -> str:
         "<option value='kept'>kept</option><option value='dropped'>dropped</option></select>"
         "<button id='qx-prev' type='button'>&lsaquo; prev</button><button id='qx-next' type='button'>next "
         "&rsaquo;</button><span id='qx-count' class='note'></span></div>"
-        "<div class='qx-wrap' id='qx-wrap'><table id='qx-table'><thead><tr></tr></thead><tbody></tbody></table></div>"
+        "<div class='qx-wrap' id='qx-wrap'><table id='qx-table'><thead><tr></tr></thead><tbody></tbody>"
+        "</table></div>"
         "<div id='qx-sample' class='sample' hidden></div>"
         f"<script type='application/json' id='qx-data'>{data}</script><script>{SCRIPT}</script>"
     )
