@@ -245,6 +245,16 @@ def test_combined_hand_example():
     assert np.allclose(per.score, [0.0, 1.0, 0.5, 0.0, 1.0])
 
 
+def test_command_line_sets_weights_without_plus():
+    from helpers import compose
+
+    cfg = compose(
+        "select",
+        ["root_dir=x", "selector=combined", "combined_weights.ifd=0.5", "combined_weights.perplexity=0"],
+    )
+    assert dict(cfg.combined_weights) == {"quality_gate": 1.0, "perplexity": 0.0, "ifd": 0.5, "random": 0.0}
+
+
 def test_config_rejects_bad_weights_and_modes():
     with pytest.raises(ConfigError, match="unknown selectors"):
         select_config(root_dir="x", combined_weights={"bogus": 1.0})
@@ -416,7 +426,12 @@ def test_combined_end_to_end(stage2):
     top = table[ok].sort_values(["combined", "id"], ascending=[False, True]).id[: math.ceil(0.25 * ok.sum())]
     assert set(top) == set(table[table.selected].id)
     summary = json.loads((out / "selection_summary.json").read_text())
-    assert summary["parameters"]["combined_weights"] == {"quality_gate": 2.0, "perplexity": 1.0}
+    assert summary["parameters"]["combined_weights"] == {
+        "quality_gate": 2.0,
+        "perplexity": 1.0,
+        "ifd": 0.0,
+        "random": 0.0,
+    }
     assert "combined" in summary["corruption_audit"]["selectors"]
 
 

@@ -349,9 +349,9 @@ class SelectConfig:
         choices=SELECT_SELECTORS,
     )
     combined_weights: dict[str, float] = opt(
-        {"quality_gate": 1.0, "perplexity": 1.0},
-        "selector=combined: weight of each selector's rank (scaled to [0, 1]); keys quality_gate, "
-        "perplexity, ifd, random",
+        {"quality_gate": 1.0, "perplexity": 1.0, "ifd": 0.0, "random": 0.0},
+        "selector=combined: weight of each selector's rank (scaled to [0, 1]); 0 leaves it out; e.g. "
+        "combined_weights.ifd=0.5",
     )
     diversity: str = opt(
         "none",
