@@ -381,7 +381,7 @@ class SelectConfig:
         choices=["same_token", "next_token"],
     )
     per_dataset: bool = opt(False, "true: the percentage and the column statistics within each dataset")
-    seed: int = opt(42, "seed of the random selector")
+    seed: int = opt(42, "seed of the random selector and of diversity=cluster's k-means")
     report: bool = opt(True, "write selection_report.html")
     report_top_k: int = opt(10, "highest / lowest samples shown in the report", ge=0)
     output_dir: str | None = opt(
