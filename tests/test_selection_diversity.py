@@ -341,6 +341,10 @@ def test_threshold_end_to_end_for_every_selector(stage2, selector):
     assert div["skipped_near_duplicates"] == len(skipped_ref) > 0
     assert div["groups"]["all"]["kept"] == len(kept_ref) == summary["num_selected"]
     assert div["pool_exhausted"] == (len(kept_ref) < budget)
+    # The audit judges every selector under the same rule (every sample here is labelled).
+    audit = summary["corruption_audit"]["selectors"]
+    assert audit[selector]["kept_labelled"] == len(kept_ref)
+    assert all(row["kept_labelled"] <= budget for row in audit.values())
     for a in kept_ids:  # no two kept samples are near-duplicates
         for b in kept_ids:
             assert a == b or cosine(vectors[a].astype(float), vectors[b].astype(float)) <= 0.8 + 1e-6

@@ -32,10 +32,12 @@ def corruption_audit(
     percentage: float,
     per_dataset: bool,
     diversity: Diversity | None = None,
+    known: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any] | None:
     """Per selector: kept labelled samples, corrupted share among them, AUROC overall and per kind.
 
-    ``kinds`` (N,): each sample's label (``"none"``, a corruption kind, or None when unlabelled).
+    ``kinds`` (N,): each sample's label (``"none"``, a corruption kind, or None when unlabelled);
+    ``known``: selector -> kept (N,) bool already computed with the same settings.
     Returns None when no sample is labelled.
     """
     kind = np.asarray([k if k is not None else "" for k in kinds], dtype=object)
@@ -54,7 +56,10 @@ def corruption_audit(
     }
     for name in sorted(scores):
         rank_score = ranking_score(scores[name])  # (N,), -inf where the selector may not keep
-        _, kept = select(scores[name], stats, percentage, per_dataset, diversity)
+        if known is not None and name in known:
+            kept = known[name]  # the selection the run made (no second diversity walk)
+        else:
+            _, kept = select(scores[name], stats, percentage, per_dataset, diversity)
         kept_labelled = kept & labelled
         row: dict[str, Any] = {
             "kept_labelled": int(kept_labelled.sum()),

@@ -410,7 +410,13 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
     }
     summary = summary_of(res, parameters)
     summary["corruption_audit"] = corruption_audit(
-        res.stats, res.scores, kinds, res.percentage, bool(cfg.per_dataset), res.diversity
+        res.stats,
+        res.scores,
+        kinds,
+        res.percentage,
+        bool(cfg.per_dataset),
+        res.diversity,
+        known={res.selector: res.selected},
     )
     res.output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".selection-staging-", dir=res.output_dir))
