@@ -8,9 +8,27 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint format demo sweep assets bench clean wheel-test
+.PHONY: install browser test test-fast lint format demo sweep assets bench clean wheel-test
 
-install: $(STAMP)
+# The report explorer's browser test needs chromium + chromedriver; without them it is skipped.
+# install tries `make browser` once per venv and never fails because of it.
+BROWSER_STAMP := $(VENV)/.browser-tried
+
+install: $(STAMP) $(BROWSER_STAMP)
+
+$(BROWSER_STAMP): | $(STAMP)
+	-@$(MAKE) --no-print-directory browser
+	@touch $@
+
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		echo "chromium and chromedriver present"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver) \
+			|| echo "could not install chromium with apt-get (not root? offline?): the browser test will be skipped"; \
+	else \
+		echo "no apt-get here: install chromium and chromedriver yourself, or the browser test is skipped"; \
+	fi
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

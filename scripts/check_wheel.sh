@@ -7,7 +7,7 @@ PY="${1:-.venv/bin/python}"
 TORCH="${2:-torch==2.13.0}"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="$(mktemp -d /tmp/qg-wheel-XXXXXX)"
-trap 'rm -rf "$WORK"' EXIT
+trap 'rm -rf "$WORK" "$REPO/build"' EXIT
 
 echo "[wheel-test] building the wheel"
 "$PY" -m pip wheel -q --no-deps -w "$WORK/dist" "$REPO"

@@ -36,6 +36,9 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 DTYPES = ["auto", "bfloat16", "float16", "float32"]
 TRUNCATION = ["right", "drop"]
 SELECTORS = ["quality_gate", "perplexity", "ifd", "random"]
+# selector= of the select stage: the scores above, or a weighted mean of their ranks (combined_weights).
+SELECT_SELECTORS = [*SELECTORS, "combined"]
+DIVERSITY = ["none", "threshold", "cluster"]
 
 
 def opt(default: Any, help: str, **checks: Any) -> Any:
@@ -340,9 +343,28 @@ class SelectConfig:
     )
     selector: str = opt(
         "quality_gate",
-        "quality_gate | perplexity | ifd | random (ifd needs Stage 2 collect_ifd=true)",
-        choices=SELECTORS,
+        "quality_gate | perplexity | ifd | random (ifd needs Stage 2 collect_ifd=true) | combined "
+        "(weighted mean of the selectors' ranks, combined_weights)",
+        choices=SELECT_SELECTORS,
     )
+    combined_weights: dict[str, float] = opt(
+        {"quality_gate": 1.0, "perplexity": 1.0, "ifd": 0.0, "random": 0.0},
+        "selector=combined: weight of each selector's rank (scaled to [0, 1]); 0 leaves it out; e.g. "
+        "combined_weights.ifd=0.5",
+    )
+    diversity: str = opt(
+        "none",
+        "none: the top by score | threshold: skip samples with cosine > diversity_threshold to one already "
+        "kept (Deita) | cluster: budget split over k-means clusters by size (needs Stage 2 embeddings)",
+        choices=DIVERSITY,
+    )
+    diversity_threshold: float = opt(
+        0.9,
+        "diversity=threshold: keep a sample only if its max cosine to the kept ones is <= this",
+        ge=-1.0,
+        le=1.0,
+    )
+    diversity_clusters: int = opt(100, "diversity=cluster: number of k-means clusters", ge=1)
     alpha: float = opt(1.0, "token weight exponent: w = ppl^alpha / (sum ppl^alpha + eps)")
     eps: float = opt(1e-8, "eps of the token weights and of the column denominators", ge=0.0)
     tau: float = opt(0.0, "0: denominator factor max(mu_l, eps); > 0: (mu_l + tau)", ge=0.0)
@@ -358,13 +380,14 @@ class SelectConfig:
         choices=["same_token", "next_token"],
     )
     per_dataset: bool = opt(False, "true: the percentage and the column statistics within each dataset")
-    seed: int = opt(42, "seed of the random selector")
+    seed: int = opt(42, "seed of the random selector and of diversity=cluster's k-means")
     report: bool = opt(True, "write selection_report.html")
     report_top_k: int = opt(10, "highest / lowest samples shown in the report", ge=0)
     output_dir: str | None = opt(
         None,
         "default: the input dir (quality_gate, the seed's <root_dir>/selected_data.jsonl) or "
-        "<input dir>/selection_<selector> (other selectors)",
+        "<input dir>/selection_<selector> (other selectors); with diversity: "
+        "<input dir>/selection_<selector>_<diversity>",
     )
 
     @staticmethod
@@ -373,6 +396,14 @@ class SelectConfig:
             raise ConfigError(
                 "set exactly one of root_dir=<Stage 2 run dir> or router_data_dir=<dir with *_router_data.pt>"
             )
+        weights = dict(cfg.combined_weights)
+        unknown = sorted(set(weights) - set(SELECTORS))
+        if unknown:
+            raise ConfigError(f"combined_weights: unknown selectors {unknown}; use keys from {SELECTORS}")
+        if any(not (w >= 0 and w < float("inf")) for w in weights.values()) or not any(
+            w > 0 for w in weights.values()
+        ):
+            raise ConfigError(f"combined_weights={weights}: weights must be finite, >= 0, and one > 0")
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -5,6 +5,7 @@ stage (:mod:`quality_gate.stages.select`) calls it.
 """
 
 from quality_gate.errors import SelectionError
+from quality_gate.selection.diversity import Diversity, cluster_quotas, threshold_filter
 from quality_gate.selection.metrics import auroc, spearman
 from quality_gate.selection.pipeline import SelectionResult, compute_selection, run_selection
 from quality_gate.selection.scoring import (
@@ -14,21 +15,32 @@ from quality_gate.selection.scoring import (
     quality_scores,
     token_weights,
 )
-from quality_gate.selection.selectors import SELECTORS, select, selector_scores
+from quality_gate.selection.selectors import (
+    SELECTORS,
+    combined_scores,
+    select,
+    select_detailed,
+    selector_scores,
+)
 
 __all__ = [
     "SELECTORS",
+    "Diversity",
     "ScoreParams",
     "SelectionError",
     "SelectionResult",
     "auroc",
+    "cluster_quotas",
     "collect_sample_stats",
     "column_map",
+    "combined_scores",
     "compute_selection",
     "quality_scores",
     "run_selection",
     "select",
+    "select_detailed",
     "selector_scores",
     "spearman",
+    "threshold_filter",
     "token_weights",
 ]

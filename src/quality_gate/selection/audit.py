@@ -8,7 +8,8 @@ Rules. A sample is labelled when its record has ``meta.corruption``
 corruption kind). Every labelled sample counts, also those Stage 2 marked invalid: a sample a selector
 may not keep (invalid, or e.g. IFD > 1) ranks last, exactly as the selection treats it. AUROC is the
 probability that a random clean sample ranks above a random corrupted one (ties count one half);
-``kept`` is the selector's own ``ceil(k N)`` at the run's percentage.
+``kept`` is the selector's own ``ceil(k N)`` at the run's percentage, filled with the run's diversity
+rule (so every selector is compared under the same rule).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from quality_gate.selection.diversity import Diversity
 from quality_gate.selection.metrics import auroc
 from quality_gate.selection.scoring import SampleStats
 from quality_gate.selection.selectors import SelectorScores, ranking_score, select
@@ -29,10 +31,13 @@ def corruption_audit(
     kinds: Sequence[str | None],
     percentage: float,
     per_dataset: bool,
+    diversity: Diversity | None = None,
+    known: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any] | None:
     """Per selector: kept labelled samples, corrupted share among them, AUROC overall and per kind.
 
-    ``kinds`` (N,): each sample's label (``"none"``, a corruption kind, or None when unlabelled).
+    ``kinds`` (N,): each sample's label (``"none"``, a corruption kind, or None when unlabelled);
+    ``known``: selector -> kept (N,) bool already computed with the same settings.
     Returns None when no sample is labelled.
     """
     kind = np.asarray([k if k is not None else "" for k in kinds], dtype=object)
@@ -51,7 +56,10 @@ def corruption_audit(
     }
     for name in sorted(scores):
         rank_score = ranking_score(scores[name])  # (N,), -inf where the selector may not keep
-        _, kept = select(scores[name], stats, percentage, per_dataset)
+        if known is not None and name in known:
+            kept = known[name]  # the selection the run made (no second diversity walk)
+        else:
+            _, kept = select(scores[name], stats, percentage, per_dataset, diversity)
         kept_labelled = kept & labelled
         row: dict[str, Any] = {
             "kept_labelled": int(kept_labelled.sum()),

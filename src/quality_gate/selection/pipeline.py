@@ -8,7 +8,8 @@ it was.
 
 Output dir: ``output_dir`` when set; else the input dir for ``selector=quality_gate`` (the seed's
 ``<root_dir>/selected_data.jsonl``) and ``<input dir>/selection_<selector>/`` for the other
-selectors, so that several selectors can be run on one Stage 2 run without overwriting each other.
+selectors, so that several selectors can be run on one Stage 2 run without overwriting each other;
+with a diversity rule (``diversity=threshold|cluster``) ``<input dir>/selection_<selector>_<diversity>/``.
 Stage 2's own ``config.yaml`` in the input dir is never touched (the report reads it)."""
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from quality_gate.data.records import corruption_of
 from quality_gate.errors import SelectionError
 from quality_gate.io import atomic_write_json, atomic_write_jsonl
 from quality_gate.selection.audit import corruption_audit
+from quality_gate.selection.diversity import Diversity, cluster_diversity
 from quality_gate.selection.export import export_hf_dataset, export_llamafactory
 from quality_gate.selection.scoring import (
     ColumnStats,
@@ -45,8 +47,10 @@ from quality_gate.selection.scoring import (
 from quality_gate.selection.selectors import (
     SelectorScores,
     available_selectors,
+    combined_scores,
+    groups_of,
     rank_order,
-    select,
+    select_detailed,
     selector_scores,
 )
 from quality_gate.stats.store import INDEX_SUFFIX, find_router_data, load_index
@@ -75,6 +79,11 @@ class SelectionResult:
     order: np.ndarray
     output_dir: Path
     summary: dict[str, Any] | None = None  # selection_summary.json, once run_selection wrote it
+    diversity: Diversity = dataclasses.field(default_factory=Diversity)
+    # (N,) bool: walked by diversity=threshold but dropped as a near-duplicate of a kept sample.
+    skipped: np.ndarray | None = None
+    diversity_report: dict[str, Any] | None = None  # per group: budget, kept, skipped / cluster counts
+    per_dataset: bool = False
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -192,7 +201,14 @@ def compute_selection(cfg: DictConfig) -> SelectionResult:
                 "Stage 2 writes it beside the router data: rerun it"
             )
     per_dataset = bool(cfg.per_dataset)
-    stats = collect_sample_stats(index_paths, params)
+    mode = str(cfg.diversity)
+    stats = collect_sample_stats(index_paths, params, with_embeddings=mode != "none")
+    if mode != "none" and stats.embeddings is None:
+        raise SelectionError(
+            f"diversity={mode} needs one embedding per sample, but the router data of "
+            f"{stats.embeddings_missing or list(stats.index_paths)} has none: rerun Stage 2 with "
+            "data_process.embedding_dim > 0 (e.g. 256), or select with diversity=none"
+        )
     names = np.asarray(stats.datasets)
     failed = [d for d in stats.index_paths if not stats.valid[names == d].any()]
     if failed:
@@ -204,16 +220,52 @@ def compute_selection(cfg: DictConfig) -> SelectionResult:
     q, columns = quality_scores(stats, params, per_dataset)
     seed = int(cfg.seed)
     scores = {name: selector_scores(name, stats, q, seed) for name in available_selectors(stats)}
-    if selector not in scores:
+    if selector == "combined":
+        weights = {name: float(w) for name, w in cfg.combined_weights.items() if float(w) > 0}
+        for name in weights:
+            if name not in scores:
+                scores[name] = selector_scores(name, stats, q, seed)  # raises why it is not available
+        scores["combined"] = combined_scores(scores, weights, groups_of(stats, per_dataset))
+    elif selector not in scores:
         scores[selector] = selector_scores(selector, stats, q, seed)  # raises the reason it is not available
-    rank, selected = select(scores[selector], stats, k, per_dataset)
-    order = rank_order(scores[selector].score, np.asarray(stats.ids), selected)
+    diversity = _diversity(cfg, stats)
+    chosen = select_detailed(scores[selector], stats, k, per_dataset, diversity)
+    order = rank_order(scores[selector].score, np.asarray(stats.ids), chosen.selected)
     out = cfg.output_dir
     if out:
         output_dir = Path(out)
+    elif mode != "none":
+        output_dir = input_dir / f"selection_{selector}_{mode}"
     else:
         output_dir = input_dir if selector == "quality_gate" else input_dir / f"selection_{selector}"
-    return SelectionResult(stats, q, columns, scores, selector, params, k, rank, selected, order, output_dir)
+    return SelectionResult(
+        stats,
+        q,
+        columns,
+        scores,
+        selector,
+        params,
+        k,
+        chosen.rank,
+        chosen.selected,
+        order,
+        output_dir,
+        diversity=diversity,
+        skipped=chosen.skipped if mode == "threshold" else None,
+        diversity_report=chosen.diversity,
+        per_dataset=per_dataset,
+    )
+
+
+def _diversity(cfg: DictConfig, stats: SampleStats) -> Diversity:
+    """The diversity rule of ``cfg`` (k-means fitted here for ``cluster``; seeded by ``seed``)."""
+    mode = str(cfg.diversity)
+    if mode == "threshold":
+        return Diversity(mode, float(cfg.diversity_threshold), embeddings=stats.embeddings)
+    if mode == "cluster":
+        assert stats.embeddings is not None
+        return cluster_diversity(stats.embeddings, stats.valid, int(cfg.diversity_clusters), int(cfg.seed))
+    return Diversity()
 
 
 def _quantiles(x: np.ndarray) -> dict[str, float]:
@@ -285,7 +337,31 @@ def summary_of(res: SelectionResult, params: dict[str, Any]) -> dict[str, Any]:
         },
         "invalid_samples": {"count": len(invalid), "listed": invalid[:MAX_LISTED_INVALID]},
         "inputs": {d: str(p) for d, p in stats.index_paths.items()},
+        "diversity": diversity_summary(res),
     }
+
+
+def diversity_summary(res: SelectionResult) -> dict[str, Any]:
+    """``selection_summary.json``'s ``diversity``: the rule, and per group what it did.
+
+    ``threshold``: ``examined`` candidates walked, ``skipped_near_duplicates`` of them, whether the
+    ``pool_exhausted`` before the budget was full. ``cluster``: per cluster the candidates
+    (``cluster_sizes``), ``cluster_quotas`` and ``cluster_kept``, and how k-means was fitted."""
+    div = res.diversity
+    out: dict[str, Any] = {"mode": div.mode}
+    if div.mode == "none":
+        return out
+    groups = res.diversity_report or {}
+    if div.mode == "threshold":
+        out["threshold"] = div.threshold
+        out["rule"] = "walk by score; keep a sample iff max cosine to the kept ones <= threshold (Deita)"
+        out["skipped_near_duplicates"] = sum(g["skipped_near_duplicates"] for g in groups.values())
+        out["pool_exhausted"] = any(g["pool_exhausted"] for g in groups.values())
+    else:
+        out["kmeans"] = div.kmeans
+        out["rule"] = "budget split over clusters by candidates (largest remainder); best score within each"
+    out["groups"] = groups
+    return out
 
 
 def scores_table(res: SelectionResult) -> pa.Table:
@@ -310,6 +386,12 @@ def scores_table(res: SelectionResult) -> pa.Table:
     if "ifd" in res.scores:
         cols["ifd"] = pa.array(stats.ifd)
     cols["random"] = pa.array(res.scores["random"].score)
+    if "combined" in res.scores:
+        cols["combined"] = pa.array(res.scores["combined"].score)
+    if res.diversity.labels is not None:
+        cols["cluster"] = pa.array(res.diversity.labels)
+    if res.skipped is not None:
+        cols["near_duplicate_skipped"] = pa.array(res.skipped)
     return pa.table(cols, metadata={"selector": res.selector})
 
 
@@ -325,6 +407,7 @@ def _install(staging: Path, output_dir: Path) -> None:
 def run_selection(cfg: DictConfig) -> SelectionResult:
     """Select and write ``selected_data.jsonl``, ``scores.parquet``, ``selection_summary.json``,
     ``selection_report.html``, ``llamafactory/`` and ``hf_dataset/`` into the output dir."""
+    from quality_gate.selection.explorer import explorer_rows
     from quality_gate.selection.report import write_report
 
     res = compute_selection(cfg)
@@ -333,7 +416,8 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
         res.scores["quality_gate"].score, np.asarray(res.stats.ids), res.scores["quality_gate"].eligible
     )
     showcase = [int(i) for i in ranked_q[:top_k]] + [int(i) for i in ranked_q[::-1][:top_k]]
-    records, kinds = _read_records(res.stats, set(res.order.tolist()) | set(showcase))
+    explore = explorer_rows(res) if cfg.report else np.zeros(0, dtype=np.int64)
+    records, kinds = _read_records(res.stats, set(res.order.tolist()) | set(showcase) | set(explore.tolist()))
     kept = [records[int(i)] for i in res.order]
     parameters = {
         **dataclasses.asdict(res.params),
@@ -342,6 +426,10 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
         "per_dataset": bool(cfg.per_dataset),
         "seed": int(cfg.seed),
         "input": str(cfg.root_dir or cfg.router_data_dir),
+        "diversity": res.diversity.mode,
+        **({"diversity_threshold": res.diversity.threshold} if res.diversity.mode == "threshold" else {}),
+        **({"diversity_clusters": int(cfg.diversity_clusters)} if res.diversity.mode == "cluster" else {}),
+        **({"combined_weights": dict(cfg.combined_weights)} if res.selector == "combined" else {}),
         "tau_rule": "denominator factor max(mu_l, eps) if tau == 0 else mu_l + tau",
     }
     summary = summary_of(res, parameters)
@@ -349,7 +437,13 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
     if summary["stage1"]["warning"] and res.selector == "quality_gate":
         log.warning("quality-gate score: %s", summary["stage1"]["warning"])
     summary["corruption_audit"] = corruption_audit(
-        res.stats, res.scores, kinds, res.percentage, bool(cfg.per_dataset)
+        res.stats,
+        res.scores,
+        kinds,
+        res.percentage,
+        bool(cfg.per_dataset),
+        res.diversity,
+        known={res.selector: res.selected},
     )
     res.output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".selection-staging-", dir=res.output_dir))
@@ -359,7 +453,7 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
         export_llamafactory(kept, staging / "llamafactory")
         export_hf_dataset(kept, res.q[res.order], staging / "hf_dataset")
         if cfg.report:
-            write_report(staging / "selection_report.html", res, summary, records, showcase)
+            write_report(staging / "selection_report.html", res, summary, records, showcase, kinds, explore)
         atomic_write_json(staging / "selection_summary.json", summary)
         _install(staging, res.output_dir)
         res.summary = summary

@@ -1,9 +1,11 @@
 """``selection_report.html``: one self-contained audit page of a selection.
 
 Figures are matplotlib PNGs embedded as base64 data URIs; CSS is inline; every piece of sample text
-is ``html.escape``d. Sections: summary, q kept vs dropped, per-layer S with a_l/b_l/mu_l, kept
-fraction per dataset, q vs length, rank agreement between selectors, corruption audit (when the
-records carry ``meta.corruption``), and the highest / lowest samples coloured token by token.
+is ``html.escape``d. Sections: summary, the sample explorer (:mod:`.explorer`: a sortable, filterable
+table of the samples, each opening its text and token heat-maps), q kept vs dropped, per-layer S with
+a_l/b_l/mu_l, kept fraction per dataset, what the diversity rule did, q vs length, rank agreement
+between selectors, corruption audit (when the records carry ``meta.corruption``), and the highest /
+lowest samples coloured token by token.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import io
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from quality_gate.io import atomic_write_text
+from quality_gate.selection import explorer
 from quality_gate.selection.metrics import spearman
 from quality_gate.stats.store import get_sample_router_info, load_router_data
 
@@ -39,9 +43,11 @@ MAX_TOKENS_SHOWN = 400
 
 SECTIONS = {
     "summary": "Summary",
+    "explorer": "Sample explorer",
     "q-hist": "Quality score: kept vs dropped",
     "layers": "Per-layer scores S",
     "datasets": "Kept fraction per dataset",
+    "diversity": "Diversity",
     "length": "Quality score vs sample length",
     "agreement": "Rank agreement between selectors",
     "corruption": "Corrupted samples (synthetic labels)",
@@ -61,6 +67,7 @@ word-break:break-word}.tokens span{border-radius:2px}.note{color:#666;font-size:
 .legend span{display:inline-block;width:90px;padding:0 4px;font-size:11px}
 .warn{background:#fff3cd;border:1px solid #e0c36a;padding:6px 10px;border-radius:4px}
 """
+CSS += explorer.CSS
 
 
 def _png(fig: plt.Figure) -> str:
@@ -277,17 +284,49 @@ def _plain_text(record: dict[str, Any]) -> str:
     return f"<div class='tokens'>{html.escape(chr(10).join(parts))}</div>"
 
 
-def _samples(res: SelectionResult, records: dict[int, dict[str, Any]], showcase: list[int]) -> str:
-    why = ""
-    encoder = None
-    try:
-        encoder = _load_encoder(res)
-    except Exception as e:  # any failure to load a tokenizer only downgrades the display
-        why = f"Token colouring unavailable ({type(e).__name__}: {e}); showing plain text."
-        log.warning("%s", why)
-    router: dict[str, dict[str, Any]] = {}
+def _plain_string(record: dict[str, Any]) -> str:
+    return "\n".join(f"[{m.get('role')}] {m.get('content')}" for m in record.get("messages", []))
+
+
+class _TokenPainter:
+    """The per-token data of the colourings: the tokenizer of the Stage 2 run re-encodes a record,
+    the router data gives its gates (mean over layers) and perplexities. Shared by the highest /
+    lowest samples (rendered here) and the explorer (rendered by its script)."""
+
+    def __init__(self, res: SelectionResult) -> None:
+        self.res = res
+        self.why = ""
+        self.encoder = None
+        try:
+            self.encoder = _load_encoder(res)
+        except Exception as e:  # any failure to load a tokenizer only downgrades the display
+            self.why = f"Token colouring unavailable ({type(e).__name__}: {e}); showing plain text."
+            log.warning("%s", self.why)
+        self._router: dict[str, dict[str, Any]] = {}
+
+    def tokens(self, i: int, record: dict[str, Any]) -> tuple[list[str], np.ndarray, np.ndarray] | str:
+        """``(pieces, gate (T,), ppl (T,))`` of sample ``i`` (see :func:`_coloured_tokens`), or why not."""
+        if self.encoder is None:
+            return self.why
+        tok, encode_record, settings = self.encoder
+        dataset, sid = self.res.stats.datasets[i], self.res.stats.ids[i]
+        enc = encode_record(record, tok, settings["max_length"], settings["truncation"])
+        if dataset not in self._router:
+            self._router[dataset] = load_router_data(self.res.stats.index_paths[dataset])
+        info = get_sample_router_info(self._router[dataset], sid)
+        gates = info["quality_gates"].float().numpy()  # (L, T)
+        ppl = info["perplexities"].float().numpy()  # (T,)
+        if enc is None or len(enc.input_ids) - 1 != gates.shape[1]:
+            n_tok = None if enc is None else len(enc.input_ids)
+            return f"re-encoding gave {n_tok} tokens for {gates.shape[1]} stored positions; plain text shown."
+        return [tok.decode([t]) for t in enc.input_ids], gates.mean(axis=0), ppl
+
+
+def _samples(
+    res: SelectionResult, records: dict[int, dict[str, Any]], showcase: list[int], painter: _TokenPainter
+) -> str:
     half = len(showcase) // 2
-    blocks = [f"<p class='note'>{html.escape(why)}</p>" if why else ""]
+    blocks = [f"<p class='note'>{html.escape(painter.why)}</p>" if painter.why else ""]
     for pos, i in enumerate(showcase):
         if pos in (0, half):
             blocks.append("<h3>" + ("Highest q" if pos == 0 else "Lowest q") + "</h3>")
@@ -297,23 +336,11 @@ def _samples(res: SelectionResult, records: dict[int, dict[str, Any]], showcase:
             f"{int(res.stats.length[i])} positions · {'kept' if res.selected[i] else 'dropped'}"
         )
         body = _plain_text(record)
-        if encoder is not None:
-            tok, encode_record, settings = encoder
-            enc = encode_record(record, tok, settings["max_length"], settings["truncation"])
-            if dataset not in router:
-                router[dataset] = load_router_data(res.stats.index_paths[dataset])
-            info = get_sample_router_info(router[dataset], sid)
-            gates = info["quality_gates"].float().numpy()  # (L, T)
-            ppl = info["perplexities"].float().numpy()  # (T,)
-            if enc is not None and len(enc.input_ids) - 1 == gates.shape[1]:
-                pieces = [tok.decode([t]) for t in enc.input_ids]
-                body = _coloured_tokens(pieces, gates.mean(axis=0), ppl)
-            else:
-                n_tok = None if enc is None else len(enc.input_ids)
-                body = (
-                    f"<p class='note'>re-encoding gave {n_tok} tokens for {gates.shape[1]} stored positions; "
-                    "plain text shown.</p>" + body
-                )
+        data = painter.tokens(i, record)
+        if isinstance(data, tuple):
+            body = _coloured_tokens(*data)
+        elif painter.encoder is not None:
+            body = f"<p class='note'>{html.escape(data)}</p>" + body
         blocks.append(f"<div class='sample'>{head}{body}</div>")
     return "".join(blocks)
 
@@ -321,14 +348,55 @@ def _samples(res: SelectionResult, records: dict[int, dict[str, Any]], showcase:
 # --------------------------------------------------------------------------------------------- #
 # Page
 # --------------------------------------------------------------------------------------------- #
+def _diversity(summary: dict[str, Any]) -> str:
+    """What ``selection_summary.json``'s ``diversity`` says, as tables."""
+    div = summary.get("diversity") or {"mode": "none"}
+    mode = div["mode"]
+    if mode == "none":
+        return "<p class='note'>diversity=none: the budget is the top samples by score.</p>"
+    groups = div.get("groups", {})
+    if mode == "threshold":
+        head = (
+            f"<p>diversity=threshold, cosine threshold {div['threshold']}: {html.escape(div['rule'])}. "
+            f"{div['skipped_near_duplicates']} samples were skipped as near-duplicates"
+            + (" and the candidates ran out before the budget was full." if div["pool_exhausted"] else ".")
+            + "</p>"
+        )
+        header = ["group", "budget", "candidates", "examined", "near-duplicates", "kept", "pool ran out"]
+        keys = ("budget", "candidates", "examined", "skipped_near_duplicates", "kept")
+        rows = [[g, *(v[k] for k in keys), "yes" if v["pool_exhausted"] else "no"] for g, v in groups.items()]
+        return head + _table(header, rows)
+    km = div.get("kmeans") or {}
+    head = (
+        f"<p>diversity=cluster: {html.escape(div['rule'])}; {km.get('clusters')} k-means clusters "
+        f"({html.escape(str(km.get('space')))}), fitted on {km.get('fit_rows')} samples in "
+        f"{km.get('iterations')} Lloyd iterations{'' if km.get('converged') else ' (not converged)'}.</p>"
+    )
+    parts = [head]
+    for g, v in groups.items():
+        rows = [
+            [c, size, quota, kept]
+            for c, (size, quota, kept) in enumerate(
+                zip(v["cluster_sizes"], v["cluster_quotas"], v["cluster_kept"])
+            )
+        ]
+        parts.append(f"<h3>{html.escape(g)}: {v['kept']} kept of budget {v['budget']}</h3>")
+        parts.append(_table(["cluster", "candidates", "quota", "kept"], rows))
+    return "".join(parts)
+
+
 def write_report(
     path: Path,
     res: SelectionResult,
     summary: dict[str, Any],
     records: dict[int, dict[str, Any]],
     showcase: list[int],
+    kinds: Sequence[str | None] | None = None,
+    explore: np.ndarray | None = None,
 ) -> None:
-    """Write the HTML report to ``path`` (atomic). ``showcase``: sample indices, best half first."""
+    """Write the HTML report to ``path`` (atomic). ``showcase``: sample indices, best half first;
+    ``kinds`` (N,): corruption labels; ``explore``: the explorer's sample indices
+    (:func:`.explorer.explorer_rows`; ``records`` must hold them)."""
     p = summary["parameters"]
     params_rows = [[k, str(v)] for k, v in p.items()] + [["command", summary["command"]]]
     counts = (
@@ -339,18 +407,24 @@ def write_report(
     warning = (summary.get("stage1") or {}).get("warning")
     if warning:
         counts = f"<p class='warn'><b>Warning:</b> {html.escape(warning)}.</p>" + counts
+    painter = _TokenPainter(res)
+    if explore is None:
+        explore = explorer.explorer_rows(res)
+    doc = explorer.explorer_data(res, explore, records, kinds, painter)
     sections = [
         _section("summary", counts + _table(["parameter", "value"], params_rows)),
+        _section("explorer", explorer.explorer_html(res, doc, len(res.stats))),
         _section("q-hist", _q_hist(res)),
         _section("layers", _layers(res)),
         _section("datasets", _datasets(summary)),
+        _section("diversity", _diversity(summary)),
         _section("length", _length(res)),
         _section("agreement", _agreement(res)),
     ]
     audit = summary.get("corruption_audit")
     if audit is not None:
         sections.append(_section("corruption", _corruption(audit, p["selection_percentage"])))
-    sections.append(_section("samples", _samples(res, records, showcase)))
+    sections.append(_section("samples", _samples(res, records, showcase, painter)))
     present = [k for k in SECTIONS if audit is not None or k != "corruption"]
     nav = "".join(f'<a href="#{k}">{html.escape(SECTIONS[k])}</a>' for k in present)
     page = (

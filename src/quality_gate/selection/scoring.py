@@ -84,6 +84,8 @@ class SampleStats:
 
     ``S`` is (N, L) float64 (NaN rows for invalid samples); ``mean_nll`` (N,) is the mean log
     perplexity over the positions in scope; ``ifd`` (N,) is NaN where Stage 2 did not collect it.
+    ``embeddings`` (N, D) float16 as Stage 2 stored them, when asked for and every dataset has them;
+    ``embeddings_missing`` names the datasets without.
     """
 
     ids: list[str]
@@ -97,6 +99,8 @@ class SampleStats:
     ifd: np.ndarray  # (N,)
     has_ifd: dict[str, bool]
     index_paths: dict[str, Path]
+    embeddings: np.ndarray | None = None  # (N, D) float16
+    embeddings_missing: list[str] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -200,14 +204,18 @@ def _mean_nll(shard: RouterShard, token_scope: str, n: int) -> torch.Tensor:
     return total / count
 
 
-def collect_sample_stats(index_paths: Sequence[Path], params: ScoreParams) -> SampleStats:
-    """Stream the shards of every dataset and compute per-sample ``S`` and baseline statistics."""
+def collect_sample_stats(
+    index_paths: Sequence[Path], params: ScoreParams, with_embeddings: bool = False
+) -> SampleStats:
+    """Stream the shards of every dataset and compute per-sample ``S`` and baseline statistics; with
+    ``with_embeddings``, also gather the shards' ``embeddings`` (N, D) float16 in the same pass."""
     parts: dict[str, list] = {k: [] for k in ("S", "mean_nll", "scope", "valid", "reason", "ifd", "length")}
     ids: list[str] = []
     datasets: list[str] = []
     has_ifd: dict[str, bool] = {}
     paths: dict[str, Path] = {}
     num_layers = None
+    emb = _EmbeddingGather(index_paths) if with_embeddings else None
     for index_path in index_paths:
         index = load_index(index_path)
         name = index["dataset_name"]
@@ -231,6 +239,8 @@ def collect_sample_stats(index_paths: Sequence[Path], params: ScoreParams) -> Sa
             parts["valid"].append(out["valid"])
             parts["reason"].extend(out["invalid_reason"])
             parts["length"].append(shard.lengths.numpy().copy())
+            if emb is not None:
+                emb.add(name, shard)
             if shard.ifd_loss_cond is not None and shard.ifd_loss_uncond is not None:
                 cond = shard.ifd_loss_cond.to(torch.float64).numpy()
                 with np.errstate(divide="ignore", invalid="ignore"):
@@ -255,7 +265,43 @@ def collect_sample_stats(index_paths: Sequence[Path], params: ScoreParams) -> Sa
         ifd=cat("ifd", np.float64),
         has_ifd=has_ifd,
         index_paths=paths,
+        embeddings=None if emb is None else emb.result(),
+        embeddings_missing=[] if emb is None else sorted(emb.missing),
     )
+
+
+class _EmbeddingGather:
+    """Copies each shard's ``embeddings`` into one (N, D) float16 array allocated once (no
+    concatenation, so the peak stays 2 x D bytes per sample)."""
+
+    def __init__(self, index_paths: Sequence[Path]) -> None:
+        self._total = sum(int(load_index(p)["num_samples"]) for p in index_paths)
+        self._out: np.ndarray | None = None
+        self._row = 0
+        self.missing: set[str] = set()
+
+    def add(self, dataset: str, shard: RouterShard) -> None:
+        n, e = len(shard), shard.embeddings
+        if e is None:
+            self.missing.add(dataset)
+        elif e.ndim != 2 or e.shape[0] != n:
+            raise SelectionError(
+                f"dataset {dataset}: a shard's embeddings have shape {tuple(e.shape)} for {n} samples; "
+                "rerun Stage 2"
+            )
+        elif self._out is None:
+            self._out = np.zeros((self._total, int(e.shape[1])), dtype=np.float16)
+        elif e.shape[1] != self._out.shape[1]:
+            raise SelectionError(
+                f"dataset {dataset}: embeddings of {e.shape[1]} dims, other shards {self._out.shape[1]}; "
+                "select router data of one Stage 2 setup (data_process.embedding_dim)"
+            )
+        if e is not None and self._out is not None:
+            self._out[self._row : self._row + n] = e.to(torch.float16).numpy()
+        self._row += n
+
+    def result(self) -> np.ndarray | None:
+        return None if self.missing or self._out is None else self._out
 
 
 @dataclasses.dataclass

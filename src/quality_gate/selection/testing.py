@@ -22,9 +22,14 @@ def fake_shard(
     num_layers: int,
     generator: torch.Generator,
     ifd: bool = False,
+    embedding_dim: int = 0,
+    embeddings: Any = None,
 ) -> dict[str, Any]:
     """Random statistics of one shard: gates in (0, 1), NLL ~ Exp(mean 2), the last 60 % of each
-    sample's positions marked as assistant positions."""
+    sample's positions marked as assistant positions.
+
+    Embeddings (Stage 2's ``embeddings`` (n, D) float16): ``embeddings`` (n, D) as given, else
+    ``embedding_dim > 0`` standard normal ones, else none."""
     lens = torch.as_tensor(list(lengths), dtype=torch.int64)
     total = int(lens.sum())
     gates = torch.rand(total, num_layers, generator=generator).to(torch.float16)  # (P, L)
@@ -44,6 +49,10 @@ def fake_shard(
     if ifd:
         shard["ifd_loss_cond"] = torch.rand(len(lens), generator=generator) + 0.5
         shard["ifd_loss_uncond"] = torch.rand(len(lens), generator=generator) + 0.7
+    if embeddings is not None:
+        shard["embeddings"] = torch.as_tensor(embeddings).to(torch.float16).reshape(len(lens), -1)
+    elif embedding_dim > 0:
+        shard["embeddings"] = torch.randn(len(lens), embedding_dim, generator=generator).to(torch.float16)
     return shard
 
 
