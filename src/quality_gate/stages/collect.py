@@ -54,7 +54,14 @@ from quality_gate.data import (
 from quality_gate.data.sources import SKIPPED_ROWS_FILE, read_records, report_skipped
 from quality_gate.errors import RouterDataError
 from quality_gate.io import atomic_write_json, atomic_write_jsonl
-from quality_gate.models import apply_stage1_weights, default_device, is_converted_dir, load_selector
+from quality_gate.models import (
+    apply_stage1_weights,
+    check_model_source,
+    default_device,
+    is_converted_dir,
+    load_selector,
+    resolve_stage1_checkpoint,
+)
 from quality_gate.runs import PhaseTimer, init_run, is_main_process, rank, update_manifest, world_size
 from quality_gate.stats.collect import collect_batch, concat_batch_stats, embedding_projection
 from quality_gate.stats.store import (
@@ -107,6 +114,7 @@ def _load_model(cfg: DictConfig, device: str) -> tuple[Any, Any, dict[str, Any]]
         attn_implementation=sel.attn_implementation,
         gate_init_mean=float(cfg.quality_gate.init_mean),
         gate_init_std=float(cfg.quality_gate.init_std),
+        key="selector_model.path",
     )
     ensure_chat_template(tokenizer, cfg.dataset.chat_template)
     if cfg.model_checkpoint_path:
@@ -496,6 +504,10 @@ def run(cfg: DictConfig) -> None:
     dp = cfg.data_process
     timer = PhaseTimer()
     with timer("init"):
+        # Paths first: a typo must not cost a model load, nor leave a run dir behind.
+        check_model_source(str(cfg.selector_model.path), "selector_model.path")
+        if cfg.model_checkpoint_path:
+            resolve_stage1_checkpoint(str(cfg.model_checkpoint_path))
         run_dir = init_run(cfg, "collect")
     started = time.perf_counter()
     device, own_group = _init_distributed()

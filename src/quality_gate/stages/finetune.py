@@ -46,7 +46,7 @@ from quality_gate.data.encode import IGNORE_INDEX
 from quality_gate.data.sources import SKIPPED_ROWS_FILE
 from quality_gate.errors import DataError, MissingPathError
 from quality_gate.io import atomic_write_json, atomic_write_jsonl
-from quality_gate.models import load_target, sha256_of
+from quality_gate.models import check_model_source, load_target, sha256_of
 from quality_gate.runs import init_run, is_main_process, run_dir_of, update_manifest, world_size
 from quality_gate.training import NonFiniteLossCallback, last_checkpoint, training_arguments
 
@@ -64,6 +64,7 @@ def get_model_and_tokenizer(cfg: DictConfig) -> tuple[PreTrainedModel, PreTraine
         dtype=str(spec.dtype),
         trust_remote_code=bool(spec.trust_remote_code),
         attn_implementation=spec.attn_implementation,
+        key="training.model.name",
     )
     ensure_chat_template(tokenizer, cfg.dataset.chat_template)
     return model, tokenizer
@@ -228,6 +229,7 @@ def fine_tune(cfg: DictConfig) -> Trainer | None:
         return None
     if cfg.dataset.mode == "subset":
         _subset_file(cfg)
+    check_model_source(str(cfg.training.model.name), "training.model.name")
     resume_from = last_checkpoint(run_dir)
     if resume_from:
         _warn_on_changed_config(cfg, run_dir)
