@@ -31,7 +31,7 @@ from quality_gate.gate import (
     find_quality_gates,
     gate_state_dict,
 )
-from quality_gate.io import atomic_path, atomic_write_json
+from quality_gate.io import atomic_path, atomic_write_json, normalize_modes
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +302,7 @@ def save_converted(
         for wrapper, (parent, attr) in parents.items():
             setattr(parent, attr, wrapper)
     tokenizer.save_pretrained(out_dir)
+    normalize_modes(out_dir, "*.safetensors")
     with atomic_path(out_dir / GATE_WEIGHTS_FILE) as tmp:
         save_file(gates, str(tmp), metadata={"format": FORMAT_VERSION})
     first_gate = wrappers[0].quality_gate

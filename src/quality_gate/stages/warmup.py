@@ -50,7 +50,7 @@ from quality_gate.gate import (
     gate_state_dict,
     record_gates,
 )
-from quality_gate.io import atomic_torch_save, atomic_write_json
+from quality_gate.io import atomic_torch_save, atomic_write_json, normalize_modes
 from quality_gate.loss import quality_loss
 from quality_gate.models import FULL_RANK_WEIGHTS_FILE, GATE_BASE_FILE, check_model_source, load_selector
 from quality_gate.runs import init_run, is_main_process, update_manifest, world_size
@@ -223,6 +223,7 @@ def save_stage1_weights(model: nn.Module, cfg: DictConfig, run_dir: Path) -> Pat
         # The adapter holds only lora_A/lora_B; the gate weights it was trained on go beside it, so
         # that Stage 2 rebuilds exactly these gates whatever its seed or init settings.
         save_gate_base(model, tmp)
+        normalize_modes(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
