@@ -107,11 +107,12 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or env.strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-def check_model_source(path: str, key: str | None = None) -> str:
+def check_model_source(path: str, key: str | None = None, needs: tuple[str, ...] = ("config.json",)) -> str:
     """Check a model path or Hub id before anything is loaded; returns what to pass to ``from_pretrained``.
 
-    A local-looking ``path`` (:func:`looks_local`) must be a model dir (``config.json``, as
-    ``save_pretrained`` writes it) and is never sent to the Hub: a missing path, a file or a dir of
+    A local-looking ``path`` (:func:`looks_local`) must be a model dir (one of the files ``needs``:
+    ``config.json`` as ``save_pretrained`` writes it; a tokenizer dir has others) and is never sent to
+    the Hub: a missing path, a file or a dir of
     another kind is a :class:`MissingPathError` / :class:`ModelLoadError` naming ``key``. A Hub id in
     offline mode (``HF_HUB_OFFLINE=1``) must be in the local cache, else a :class:`ModelLoadError`
     says how to get it; online, it is left to ``from_pretrained`` (see :func:`_from_pretrained`).
@@ -129,8 +130,10 @@ def check_model_source(path: str, key: str | None = None) -> str:
                 f"{what} is a file, not a model dir; pass the directory that holds config.json and the "
                 "weights (save_pretrained's output)"
             )
-        if not (local / "config.json").is_file():
-            raise ModelLoadError(f"{what} is not a model dir: it has no config.json; {_kind_hint(local)}")
+        if not any((local / name).is_file() for name in needs):
+            raise ModelLoadError(
+                f"{what} is not a model dir: it has no {' or '.join(needs)}; {_kind_hint(local)}"
+            )
         return str(local)
     from huggingface_hub import constants, try_to_load_from_cache
 
