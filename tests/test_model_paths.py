@@ -148,13 +148,12 @@ def test_a_data_file_as_stage1_checkpoint_is_not_unpickled(tmp_path: Path) -> No
         resolve_stage1_checkpoint(str(tmp_path / "missing"))
 
 
-def _cli(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "QG_TRACEBACK")}
     env.update(
         {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "QG_NO_FREEZE": "1"}
     )
-    started = time.perf_counter()
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "quality_gate", *args],
         cwd=cwd,
         env=env,
@@ -162,7 +161,6 @@ def _cli(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float
         text=True,
         timeout=180,
     )
-    return proc, time.perf_counter() - started
 
 
 @pytest.mark.parametrize(
@@ -210,22 +208,18 @@ def test_every_stage_checks_its_model_key_before_the_run_starts(
 
 @pytest.mark.slow
 def test_command_line_bad_model_path_is_one_line(tmp_path: Path) -> None:
-    proc, seconds = _cli(
-        ["warmup", "selector_model.path=assets/tiny-typo", f"output_dir={tmp_path / 'run'}"], REPO
-    )
+    proc = _cli(["warmup", "selector_model.path=assets/tiny-typo", f"output_dir={tmp_path / 'run'}"], REPO)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "selector_model.path=assets/tiny-typo does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "manifest.json").exists()  # checked before the run starts (init_run)
-    # No Hub retries (they took 54 s): the whole process, imports included, ends long before.
-    assert seconds < 60, seconds
 
 
 @pytest.mark.slow
 def test_command_line_data_file_as_stage1_checkpoint(tmp_path: Path) -> None:
     jsonl = tmp_path / "x.jsonl"
     jsonl.write_text("{}\n")
-    proc, _ = _cli(["collect", f"model_checkpoint_path={jsonl}", f"output_dir={tmp_path / 'run'}"], cwd=REPO)
+    proc = _cli(["collect", f"model_checkpoint_path={jsonl}", f"output_dir={tmp_path / 'run'}"], cwd=REPO)
     assert proc.returncode == 1
     assert f"model_checkpoint_path={jsonl} is not a Stage 1 output" in proc.stderr
     assert "weights_only" not in proc.stderr and "Traceback" not in proc.stderr
