@@ -224,3 +224,14 @@ def test_command_line_data_file_as_stage1_checkpoint(tmp_path: Path) -> None:
     assert f"model_checkpoint_path={jsonl} is not a Stage 1 output" in proc.stderr
     assert "weights_only" not in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_a_hub_id_shadowed_by_a_local_dir_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Qwen/...`` run from a dir holding ``Qwen/``: read as a local path (never sent to the Hub), and
+    the message says why and how to reach the Hub model instead."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Qwen").mkdir()
+    with pytest.raises(
+        MissingPathError, match=r"because \./Qwen is a directory here; for the Hub model Qwen/"
+    ):
+        check_model_source("Qwen/Qwen2.5-1.5B", "training.model.name")

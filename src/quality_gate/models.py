@@ -99,6 +99,23 @@ def _relative_note(path: Path) -> str:
     return "" if path.is_absolute() else f" (relative to the working dir {Path.cwd()})"
 
 
+def _shadow_note(path: str) -> str:
+    """For ``dir/name`` read as local only because ``dir`` exists here: how to reach the Hub id instead."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if path.count("/") != 1 or path.startswith((".", "/", "~")):
+        return ""
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return ""
+    first = path.split("/", 1)[0]
+    return (
+        f". It was read as a local path because ./{first} is a directory here; for the Hub model {path}, "
+        "run from another directory"
+    )
+
+
 def _hub_offline() -> bool:
     """Offline mode as huggingface_hub reads it at import, or as set in the environment since."""
     from huggingface_hub import constants
@@ -123,7 +140,7 @@ def check_model_source(path: str, key: str | None = None, needs: tuple[str, ...]
         if not local.exists():
             raise MissingPathError(
                 f"{what} does not exist{_relative_note(local)}; pass a model dir written by save_pretrained "
-                "(config.json + weights) or a Hub id such as Qwen/Qwen2.5-1.5B"
+                f"(config.json + weights) or a Hub id such as Qwen/Qwen2.5-1.5B{_shadow_note(path)}"
             )
         if not local.is_dir():
             raise MissingPathError(
