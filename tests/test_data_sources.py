@@ -290,3 +290,161 @@ def test_dataset_names_that_would_escape_or_hide_are_refused(tmp_path: Path, nam
         make_config("collect", {"dataset.local.datasets": entry})
     with pytest.raises(ConfigError, match="cannot be used as a file or directory name"):
         load_records(_cfg(tmp_path, entry), seed=0)  # the data layer checks too (library callers)
+
+
+def test_rows_that_crashed_the_json_reader_cost_that_row_only(tmp_path: Path) -> None:
+    """Found by tests/test_fuzz_data.py: arrays nested past Python's recursion limit (RecursionError), a
+    5,000-digit number (ValueError) and a lone surrogate escape (a str no UTF-8 writer or tokenizer takes)
+    each crashed or slipped through; a byte-order mark in the middle of a file (`cat` of two) lost a row."""
+    lines = [
+        b"[" * 5000 + b"]" * 5000,
+        b'{"id": ' + b"9" * 5000 + b', "messages": []}',
+        json.dumps({"messages": _msgs("a \ud800 b", "c")}).encode(),
+        b"\xef\xbb\xbf" + json.dumps(_good(3)).encode(),
+        json.dumps(
+            {
+                **_good(4),
+                "meta": {
+                    "k": [
+                        [
+                            [
+                                [
+                                    [
+                                        [
+                                            [
+                                                [
+                                                    [
+                                                        [
+                                                            [
+                                                                [
+                                                                    [
+                                                                        [
+                                                                            [
+                                                                                [
+                                                                                    [
+                                                                                        [
+                                                                                            [
+                                                                                                [
+                                                                                                    [
+                                                                                                        [
+                                                                                                            [
+                                                                                                                [
+                                                                                                                    [
+                                                                                                                        [
+                                                                                                                            [
+                                                                                                                                [
+                                                                                                                                    [
+                                                                                                                                        [
+                                                                                                                                            [
+                                                                                                                                                [
+                                                                                                                                                    [
+                                                                                                                                                        [
+                                                                                                                                                            [
+                                                                                                                                                                [
+                                                                                                                                                                    [
+                                                                                                                                                                        [
+                                                                                                                                                                            [
+                                                                                                                                                                                [
+                                                                                                                                                                                    [
+                                                                                                                                                                                        [
+                                                                                                                                                                                            [
+                                                                                                                                                                                                [
+                                                                                                                                                                                                    [
+                                                                                                                                                                                                        [
+                                                                                                                                                                                                            [
+                                                                                                                                                                                                                [
+                                                                                                                                                                                                                    [
+                                                                                                                                                                                                                        [
+                                                                                                                                                                                                                            [
+                                                                                                                                                                                                                                [
+                                                                                                                                                                                                                                    [
+                                                                                                                                                                                                                                        [
+                                                                                                                                                                                                                                            [
+                                                                                                                                                                                                                                                [
+                                                                                                                                                                                                                                                    [
+                                                                                                                                                                                                                                                        [
+                                                                                                                                                                                                                                                            [
+                                                                                                                                                                                                                                                                [
+                                                                                                                                                                                                                                                                    [
+                                                                                                                                                                                                                                                                        [
+                                                                                                                                                                                                                                                                            [
+                                                                                                                                                                                                                                                                                []
+                                                                                                                                                                                                                                                                            ]
+                                                                                                                                                                                                                                                                        ]
+                                                                                                                                                                                                                                                                    ]
+                                                                                                                                                                                                                                                                ]
+                                                                                                                                                                                                                                                            ]
+                                                                                                                                                                                                                                                        ]
+                                                                                                                                                                                                                                                    ]
+                                                                                                                                                                                                                                                ]
+                                                                                                                                                                                                                                            ]
+                                                                                                                                                                                                                                        ]
+                                                                                                                                                                                                                                    ]
+                                                                                                                                                                                                                                ]
+                                                                                                                                                                                                                            ]
+                                                                                                                                                                                                                        ]
+                                                                                                                                                                                                                    ]
+                                                                                                                                                                                                                ]
+                                                                                                                                                                                                            ]
+                                                                                                                                                                                                        ]
+                                                                                                                                                                                                    ]
+                                                                                                                                                                                                ]
+                                                                                                                                                                                            ]
+                                                                                                                                                                                        ]
+                                                                                                                                                                                    ]
+                                                                                                                                                                                ]
+                                                                                                                                                                            ]
+                                                                                                                                                                        ]
+                                                                                                                                                                    ]
+                                                                                                                                                                ]
+                                                                                                                                                            ]
+                                                                                                                                                        ]
+                                                                                                                                                    ]
+                                                                                                                                                ]
+                                                                                                                                            ]
+                                                                                                                                        ]
+                                                                                                                                    ]
+                                                                                                                                ]
+                                                                                                                            ]
+                                                                                                                        ]
+                                                                                                                    ]
+                                                                                                                ]
+                                                                                                            ]
+                                                                                                        ]
+                                                                                                    ]
+                                                                                                ]
+                                                                                            ]
+                                                                                        ]
+                                                                                    ]
+                                                                                ]
+                                                                            ]
+                                                                        ]
+                                                                    ]
+                                                                ]
+                                                            ]
+                                                        ]
+                                                    ]
+                                                ]
+                                            ]
+                                        ]
+                                    ]
+                                ]
+                            ]
+                        ]
+                    ]
+                },
+            }
+        ).encode(),
+        json.dumps({"messages": _msgs("emoji \U0001f600 escaped as a pair", "ok")}).encode(),
+    ]
+    path = tmp_path / "edge.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    records, skipped = load_local_file(path, "edge")
+    assert [r["id"] for r in records] == ["edge_3", "edge_5"]
+    assert records[1]["messages"][0]["content"] == "emoji \U0001f600 escaped as a pair"
+    assert [(s.line, s.reason.split(" (")[0]) for s in skipped] == [
+        (1, "broken JSON"),
+        (2, "broken JSON"),
+        (3, "unpaired UTF-16 surrogate '\\ud800'"),
+        (5, "nested deeper than 64 levels"),
+    ]

@@ -100,7 +100,22 @@ def test_compute_matching_by_tokens_gives_longer_samples_fewer_steps(tmp_path):
     cfg = make_config("experiment", {"compute.match": "tokens", "compute.epochs": 10})
     plan = finetune_plan(cfg, 160, {"random": short, "verbose": long})
     assert plan["random"]["training.max_steps"] == 100  # the reference keeps the steps budget
-    assert plan["verbose"]["training.max_steps"] < 40  # same tokens, several times longer samples
+    # Same trained tokens: steps scale with the inverse of the mean sample length (target tokenizer).
+    from helpers import TARGET
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TARGET)
+
+    def length(path):
+        row = json.loads(path.read_text().splitlines()[0])
+        return len(
+            tok(tok.apply_chat_template(row["messages"], tokenize=False), add_special_tokens=False)[
+                "input_ids"
+            ]
+        )
+
+    assert length(long) > 2 * length(short)
+    assert plan["verbose"]["training.max_steps"] == round(100 * length(short) / length(long))
 
 
 def test_render_markdown_states_compute_intervals_and_families():

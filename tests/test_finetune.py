@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,13 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TARGET, TRAIN, compose
+from helpers import REPO, SELECTOR, TARGET, TRAIN, compose
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from quality_gate.errors import ConfigError
+from quality_gate.io import default_file_mode
 from quality_gate.models import load_target
 from quality_gate.stages.evaluate import heldout_loss
-from quality_gate.stages.finetune import fine_tune
+from quality_gate.stages.finetune import check_resume_config, fine_tune, whole_run_loss
 from quality_gate.stages.finetune import run as finetune_run
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -136,15 +139,20 @@ def test_final_checkpoint_reproduces_trained_logits(lora_run):
     assert saved and all("lora_" in key for key in saved)
 
 
-def test_resume_continues_the_same_loss_curve(lora_run, tmp_path, caplog):
-    """A run killed after checkpoint-3 resumes there and logs the same losses as the uninterrupted run."""
-    cfg, run_dir, _ = lora_run
-    interrupted = tmp_path / "run"
-    shutil.copytree(run_dir, interrupted)
-    # What a process killed between the saves at step 3 and step 6 leaves behind.
+def killed_after_step_3(run_dir: Path, dst: Path) -> Path:
+    """What a process killed between the saves at step 3 and step 6 leaves behind."""
+    shutil.copytree(run_dir, dst)
     for name in ("checkpoint-6", "checkpoint-final", "train_metrics.json"):
-        target = interrupted / name
+        target = dst / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return dst
+
+
+def test_resume_continues_the_same_loss_curve(lora_run, tmp_path, caplog):
+    """A run killed after checkpoint-3 resumes there and logs the same losses as the uninterrupted run;
+    its train_loss is the mean over all 6 steps, as the uninterrupted run's (issue 11.7)."""
+    cfg, run_dir, _ = lora_run
+    interrupted = killed_after_step_3(run_dir, tmp_path / "run")
     resumed_cfg = compose_cfg(
         [
             *FAST,
@@ -163,6 +171,91 @@ def test_resume_continues_the_same_loss_curve(lora_run, tmp_path, caplog):
     assert sorted(resumed) == sorted(full) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(full[step], rel=1e-4), step
+    uninterrupted = json.loads((run_dir / "train_metrics.json").read_text())["train_loss"]
+    assert uninterrupted == pytest.approx(sum(full.values()) / 6, abs=1e-6)
+    assert metrics["train_loss"] == pytest.approx(uninterrupted, abs=1e-6)
+    assert metrics["train_loss_since_resume"] == pytest.approx(
+        sum(resumed[s] for s in (4, 5, 6)) / 3, abs=1e-6
+    )
+
+
+def test_whole_run_loss_weights_each_logged_window_by_its_steps():
+    # logging_steps=2 with logging_first_step: logs at 1, 2, 4; the checkpoint at step 5 logged too.
+    history = [
+        {"step": 1, "loss": 4.0},
+        {"step": 2, "loss": 3.0},
+        {"step": 4, "loss": 2.5},
+        {"step": 5, "loss": 2.0},
+    ]
+    history += [{"step": 7, "loss": 1.0}, {"step": 7, "train_loss": 1.0}]  # after the resume
+    expected = (4.0 + 3.0 + 2 * 2.5 + 2.0 + 2 * 1.0) / 7
+    assert whole_run_loss(history, 1.0, start_step=5, end_step=7) == pytest.approx(expected, abs=1e-12)
+    assert whole_run_loss(history, 1.25, start_step=0, end_step=7) == 1.25  # not resumed: the Trainer's mean
+
+
+def test_checkpoints_and_final_adapter_have_normal_file_modes(lora_run):
+    """Issue 11.10: safetensors writes 0600; every saved file gets what a plain open() gives (0644)."""
+    _cfg, run_dir, _ = lora_run
+    for ckpt in ("checkpoint-3", "checkpoint-6", "checkpoint-final"):
+        files = [p for p in (run_dir / ckpt).rglob("*") if p.is_file()]
+        assert any(p.suffix == ".safetensors" for p in files), ckpt
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
+        assert set(modes.values()) == {oct(default_file_mode())}, (ckpt, modes)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.lora.r=4", "training.lora.r: 8 -> 4"),
+        ("training.lora.target_modules=[q_proj,v_proj]", "training.lora.target_modules: ["),
+        ("training.peft_mode=full", "training.peft_mode: 'lora' -> 'full'"),
+        (f"training.model.name={SELECTOR}", f"training.model.name: '{TARGET}' -> '{SELECTOR}'"),
+    ],
+)
+def test_resume_with_an_incompatible_change_is_refused_before_loading(
+    lora_run, tmp_path, monkeypatch, override, message
+):
+    """Issue 11.8b: a resume that the checkpoint cannot be loaded into (another LoRA shape, model or mode)
+    is a ConfigError naming the key, old -> new, before any model is loaded or anything written."""
+    cfg, run_dir, _ = lora_run
+    interrupted = killed_after_step_3(run_dir, tmp_path / "run")
+    before = sorted(p.name for p in interrupted.iterdir()), (interrupted / "manifest.json").read_bytes()
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded although the resume must be refused first")
+
+    monkeypatch.setattr("quality_gate.stages.finetune.load_target", no_load)
+    overrides = [*FAST, f"dataset.data_path={cfg.dataset.data_path}", f"output_dir={interrupted}"]
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        fine_tune(compose_cfg([*overrides, "training.max_steps=6", override]))
+    assert "checkpoint-3" in str(err.value) and "new run" in str(err.value)
+    assert (
+        sorted(p.name for p in interrupted.iterdir()),
+        (interrupted / "manifest.json").read_bytes(),
+    ) == before
+
+
+def test_resume_accepts_the_same_settings_written_another_way(lora_run, tmp_path, monkeypatch, caplog):
+    """The same model dir by a relative path, the LoRA modules in another order: not a change."""
+    cfg, run_dir, _ = lora_run
+    interrupted = killed_after_step_3(run_dir, tmp_path / "run")
+    monkeypatch.chdir(TARGET.parent)
+    modules = ",".join(reversed(cfg.training.lora.target_modules))
+    overrides = [o for o in FAST if not o.startswith("training.model.name=")]
+    same = compose_cfg(
+        [
+            *overrides,
+            f"training.model.name=./{TARGET.name}",
+            f"training.lora.target_modules=[{modules}]",
+            f"dataset.data_path={cfg.dataset.data_path}",
+            f"output_dir={interrupted}",
+            "training.max_steps=6",
+            "training.save_steps=3",
+        ]
+    )
+    with caplog.at_level(logging.WARNING, logger="quality_gate.stages.finetune"):
+        check_resume_config(same, interrupted, str(interrupted / "checkpoint-3"))
+    assert "differ" not in caplog.text
 
 
 def test_finished_run_is_reported_not_retrained(lora_run, caplog):

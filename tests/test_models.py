@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
 
 from quality_gate.gate import find_quality_gates, gate_state_dict, record_gates
-from quality_gate.io import atomic_torch_save
+from quality_gate.io import atomic_torch_save, default_file_mode
 from quality_gate.models import (
     GATE_CONFIG_FILE,
     GATE_WEIGHTS_FILE,
@@ -71,6 +72,12 @@ def gate_logits(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return out, rec.logits()
 
 
+def _umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 IDS = torch.tensor([[5, 17, 42, 8, 99, 3], [7, 7, 120, 64, 2, 11]])
 
 
@@ -107,6 +114,8 @@ def test_converted_round_trip(base_dir, tmp_path):
     assert not any("quality_gate" in k or "base_layer" in k for k in base_keys)
     assert sorted(load_file(str(out_dir / GATE_WEIGHTS_FILE))) == sorted(gate_state_dict(model))
     assert json.loads((out_dir / GATE_CONFIG_FILE).read_text())["num_layers"] == LAYERS
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out_dir.iterdir()}
+    assert modes["model.safetensors"] == modes[GATE_WEIGHTS_FILE] == default_file_mode() == 0o666 & ~_umask()
 
     loaded, _ = load_selector(str(out_dir), device="cpu", trust_remote_code=False)
     out, gates = gate_logits(loaded, IDS)

@@ -60,3 +60,31 @@ def test_report_colours_tokens(tmp_path):
     assert "coloured by gate" in text and 'title="token 1: gate' in text
     # report_top_k=2 of 4 samples shows all of them; d_0's markup is escaped token by token.
     assert "<b>bold" not in text and "&lt;" in text and "&amp;" in text
+
+
+def test_a_moved_selector_only_downgrades_the_report_at_once(tmp_path, monkeypatch):
+    """fingerprint.json names a selector dir that is gone since Stage 2 (``models/selector``: one '/',
+    a valid Hub id): the report says why it shows plain text, without asking the Hub."""
+    import socket
+    import time
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the report tried to reach the network: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # the parent is still there, the selector dir is not
+    root = tmp_path / "run"
+    records = [fake_record("d", f"d_{i}", {}) for i in range(4)]
+    fields = {"selector_model_path": "models/selector", "max_sequence_length": 512, "truncation": "right"}
+    g = torch.Generator().manual_seed(0)
+    shard = fake_shard([r["id"] for r in records], [5, 6, 7, 8], 3, g)
+    write_router_dataset(root / "router_data", "d", [shard], fingerprint_fields=fields, records=records)
+    started = time.perf_counter()
+    run_selection(select_config(root_dir=str(root), selection_percentage=0.5, report_top_k=2))
+    assert time.perf_counter() - started < 10
+    text = (root / "selection_report.html").read_text()
+    assert (
+        "Token colouring unavailable (MissingPathError: fingerprint.json selector_model_path=models/selector"
+        in text
+    )

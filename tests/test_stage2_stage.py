@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, SELECTOR, compose
+from helpers import REPO, SELECTOR, compose, select_config
 from helpers import TRAIN as DATA
 
 from quality_gate.errors import RouterDataError
+from quality_gate.selection import compute_selection, run_selection
 from quality_gate.stats.store import find_router_data, iter_shards, load_index
 
 pytestmark = [
@@ -273,3 +278,113 @@ def test_stage1_weights_are_applied_and_fingerprinted(tmp_path: Path) -> None:
     fields = json.loads((tmp_path / "run" / "router_data" / "fingerprint.json").read_text())["fields"]
     assert fields["stage1_weights_sha256"] == sha256_of(weights)
     assert fields["stage1_weights_kind"] == "full_rank"
+
+
+# --------------------------------------------------------------------------------------------- #
+# Issue 11: damaged shards, refused reruns, relative selector paths
+# --------------------------------------------------------------------------------------------- #
+def _copy(run: Path, dst: Path) -> Path:
+    shutil.copytree(run, dst)
+    return dst
+
+
+def _selected_ids(root: Path) -> list[str]:
+    res = compute_selection(select_config(root_dir=str(root), selection_percentage=0.3))
+    return [res.stats.ids[int(i)] for i in res.order]
+
+
+def test_truncated_shard_is_refused_by_selection_and_rescored_by_a_rerun(
+    reference_run: Path, tmp_path: Path
+) -> None:
+    """A shard cut short after its marker was written (a copy that ran out of space): selection names it,
+    a Stage 2 rerun in the same dir rescores that shard alone and the result equals an uninterrupted run."""
+    run = _copy(reference_run, tmp_path / "run")
+    shard = run / "router_data" / "synthetic" / "shard-00003.pt"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    expected = rf"shard {re.escape(str(shard))} .*damaged: {len(data) // 2} bytes, {len(data)} recorded"
+    with pytest.raises(RouterDataError, match=expected):
+        run_selection(select_config(root_dir=str(run), selection_percentage=0.3))
+    assert not (run / "selected_data.jsonl").exists()
+
+    metrics = run_in_process(run, RESUME_OVERRIDES)
+    assert metrics["shards_scored_this_run"] == 1
+    assert metrics["shards_resumed"] == metrics["shards_total"] - 1
+    assert_same_stats(stats_by_id(run), stats_by_id(reference_run), exact=True)
+    assert _selected_ids(run) == _selected_ids(reference_run)
+
+
+def _flip_bytes_inside_a_tensor(path: Path) -> None:
+    """Invert 4 bytes in the middle of the largest tensor record of a ``torch.save`` zip (size unchanged)."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+    middle = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    for k in range(4):
+        raw[middle + k] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_a_shard_with_flipped_bytes_is_never_read_silently(reference_run: Path, tmp_path: Path) -> None:
+    """Same size, other bytes: torch.load reads such a file without complaint (other numbers); the sha256
+    of the marker is what refuses it, in selection and in the seed's per-sample API."""
+    from quality_gate.stats.store import get_sample_router_info, load_router_data
+
+    run = _copy(reference_run, tmp_path / "run")
+    shard = run / "router_data" / "synthetic" / "shard-00001.pt"
+    original = torch.load(shard, weights_only=True)
+    size = shard.stat().st_size
+    _flip_bytes_inside_a_tensor(shard)
+    assert shard.stat().st_size == size
+    damaged = torch.load(shard, weights_only=True)  # no error from torch ...
+    tensors = [k for k, v in original.items() if isinstance(v, torch.Tensor)]
+    assert any(not torch.equal(original[k], damaged[k]) for k in tensors)  # ... but other statistics
+
+    with pytest.raises(RouterDataError, match=rf"shard {re.escape(str(shard))} .*sha256 differs"):
+        run_selection(select_config(root_dir=str(run), selection_percentage=0.3))
+    router = load_router_data(run / "router_data" / "synthetic_router_data.pt")
+    intact_id = load_index(run / "router_data" / "synthetic_router_data.pt")["sample_ids"][0]
+    assert get_sample_router_info(router, intact_id)["length"] > 0  # shard 0 is intact and readable
+    with pytest.raises(RouterDataError, match="sha256 differs"):
+        get_sample_router_info(router, original["sample_ids"][0])
+
+
+def test_refused_rerun_leaves_the_provenance_files_as_they_were(reference_run: Path, tmp_path: Path) -> None:
+    """A rerun into a finished run dir with other data (and 7 bad rows) is refused before it writes its
+    skipped rows or metrics over those of the run that is there."""
+    run = _copy(reference_run, tmp_path / "run")
+    kept = ("skipped_rows.jsonl", "stage2_metrics.json", "dropped_samples.jsonl")
+    before = {name: (run / name).read_bytes() for name in kept}
+    router_before = {p: p.read_bytes() for p in (run / "router_data").rglob("*") if p.is_file()}
+    bad_rows = ["{broken", "[]", '{"messages": []}', '{"foo": 1}', '"text"', "42", '{"messages": [{}]}']
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join([*DATA.read_text().splitlines()[:5], *bad_rows]) + "\n")
+    with pytest.raises(RouterDataError, match="refusing to mix"):
+        run_in_process(
+            run, [*RESUME_OVERRIDES, f"dataset.local.datasets=[{{path: {other}, dataset_name: synthetic}}]"]
+        )
+    assert {name: (run / name).read_bytes() for name in kept} == before
+    assert {p: p.read_bytes() for p in (run / "router_data").rglob("*") if p.is_file()} == router_before
+
+
+def test_report_colours_tokens_when_selection_runs_from_another_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stage 2 run from the repo root with a relative selector path; selection run from elsewhere still
+    finds the tokenizer for the report (fingerprint.json stores the path resolved)."""
+    relative = "assets/models/tiny-qwen3-selector"
+    monkeypatch.chdir(REPO)
+    assert (Path(relative) / "config.json").is_file()
+    run = tmp_path / "run"
+    run_in_process(run, [*SEED_OVERRIDES, f"selector_model.path={relative}"])
+    fields = json.loads((run / "router_data" / "fingerprint.json").read_text())["fields"]
+    assert fields["selector_model_path"] == str((REPO / relative).resolve())
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run_selection(select_config(root_dir=str(run), selection_percentage=0.3))
+    html = (run / "selection_report.html").read_text()
+    assert "coloured by gate" in html and "Token colouring unavailable" not in html
+    assert list(elsewhere.iterdir()) == []

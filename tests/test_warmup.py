@@ -25,6 +25,7 @@ from quality_gate.gate import (
     gate_state_dict,
     record_gates,
 )
+from quality_gate.io import default_file_mode
 from quality_gate.models import apply_stage1_weights, load_selector
 from quality_gate.stages.warmup import QualityGateTrainer, get_peft_config
 from quality_gate.training import NonFiniteLossCallback
@@ -226,6 +227,9 @@ def test_stage1_lora_writes_an_adapter_that_merges(tmp_path):
     apply_stage1_weights(other, str(tmp_path / "checkpoint-final"))
     for k, v in gate_state_dict(other).items():
         torch.testing.assert_close(v, after[k])
+    # Issue 11.10: the adapter's files have the mode a plain open() gives (safetensors writes 0600).
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "checkpoint-final").iterdir()}
+    assert "adapter_model.safetensors" in modes and set(modes.values()) == {default_file_mode()}, modes
 
 
 @needs_assets

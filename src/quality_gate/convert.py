@@ -47,8 +47,9 @@ def convert(
     """
     import torch
 
-    from quality_gate.models import load_selector, save_converted
+    from quality_gate.models import check_model_source, load_selector, save_converted
 
+    model = check_model_source(model, "--model")
     torch.manual_seed(seed)
     if dtype == "auto":
         dtype = checkpoint_dtype(model, trust_remote_code)
@@ -59,6 +60,7 @@ def convert(
         trust_remote_code=trust_remote_code,
         gate_init_mean=init_mean,
         gate_init_std=init_std,
+        key="--model",
     )
     return save_converted(selector, tokenizer, save_path)
 

@@ -1,6 +1,8 @@
 """Atomic file writes: write to a temporary file beside the target, fsync, rename.
 
-A reader never sees a half-written file: it sees the old one, or the complete new one.
+A reader never sees a half-written file: it sees the old one, or the complete new one. Every file
+gets the mode a plain ``open()`` would give it (:func:`default_file_mode`), also the files of model
+and adapter dirs that libraries write privately (:func:`normalize_modes`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,38 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` sets it to read it,
+    and a file another thread creates in between would get the wrong mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def default_file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file: ``0o666 & ~umask`` (0o644 with the usual umask)."""
+    return 0o666 & ~_umask()
+
+
+def normalize_modes(root: str | os.PathLike, pattern: str = "*") -> None:
+    """Give every regular file under ``root`` matching ``pattern`` the mode of :func:`default_file_mode`.
+
+    safetensors writes through a private (0600) temporary file, so the ``*.safetensors`` of a model or
+    adapter saved with ``save_pretrained`` would be unreadable to the group while everything around it
+    is 0644; stages call this on the dirs they save before moving them into place.
+    """
+    mode = default_file_mode()
+    for path in Path(root).rglob(pattern):
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != mode:
+            os.chmod(path, mode)
 
 
 @contextlib.contextmanager
@@ -27,9 +61,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         # mkstemp creates 0600; give the file the mode a plain open() would (0666 & ~umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
+        os.chmod(tmp_path, default_file_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from quality_gate.errors import ConfigError, DataError, MissingPathError
+from quality_gate.errors import ConfigError, DataError, MissingPathError, ModelLoadError
 from quality_gate.gate import (
     GATE_PARAM_KEY,
     attach_quality_gates,
     find_quality_gates,
     gate_state_dict,
 )
-from quality_gate.io import atomic_path, atomic_write_json
+from quality_gate.io import atomic_path, atomic_write_json, normalize_modes
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,135 @@ def resolve_dtype(dtype: str, device: str | torch.device | None = None) -> torch
     return torch.float32
 
 
-def _load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+def _describe(path: str, key: str | None) -> str:
+    return f"{key}={path}" if key else f"model path {path!r}"
+
+
+def looks_local(path: str) -> bool:
+    """True when ``path`` can only mean a local file or dir, so that it must never be sent to the Hub.
+
+    A Hub id is ``name`` or ``namespace/name`` (huggingface_hub's character rules). Anything that
+    exists here, starts with ``.``, ``/`` or ``~``, has more than one ``/`` or is not a valid id is
+    local; so is ``dir/name`` when ``dir`` is a local directory (``assets/tiny-typo`` is a typo in a
+    path, not the Hub namespace ``assets``).
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
+        return True
+    if Path(path).exists():
+        return True
+    if "/" in path and Path(path.split("/", 1)[0]).is_dir():
+        return True
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _relative_note(path: Path) -> str:
+    return "" if path.is_absolute() else f" (relative to the working dir {Path.cwd()})"
+
+
+def _shadow_note(path: str) -> str:
+    """For ``dir/name`` read as local only because ``dir`` exists here: how to reach the Hub id instead."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if path.count("/") != 1 or path.startswith((".", "/", "~")):
+        return ""
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return ""
+    first = path.split("/", 1)[0]
+    return (
+        f". It was read as a local path because ./{first} is a directory here; for the Hub model {path}, "
+        "run from another directory"
+    )
+
+
+def _hub_offline() -> bool:
+    """Offline mode as huggingface_hub reads it at import, or as set in the environment since."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return bool(constants.HF_HUB_OFFLINE) or env.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_model_source(path: str, key: str | None = None, needs: tuple[str, ...] = ("config.json",)) -> str:
+    """Check a model path or Hub id before anything is loaded; returns what to pass to ``from_pretrained``.
+
+    A local-looking ``path`` (:func:`looks_local`) must be a model dir (one of the files ``needs``:
+    ``config.json`` as ``save_pretrained`` writes it; a tokenizer dir has others) and is never sent to
+    the Hub: a missing path, a file or a dir of
+    another kind is a :class:`MissingPathError` / :class:`ModelLoadError` naming ``key``. A Hub id in
+    offline mode (``HF_HUB_OFFLINE=1``) must be in the local cache, else a :class:`ModelLoadError`
+    says how to get it; online, it is left to ``from_pretrained`` (see :func:`_from_pretrained`).
+    """
+    what = _describe(path, key)
+    if looks_local(path):
+        local = Path(path).expanduser()
+        if not local.exists():
+            raise MissingPathError(
+                f"{what} does not exist{_relative_note(local)}; pass a model dir written by save_pretrained "
+                f"(config.json + weights) or a Hub id such as Qwen/Qwen2.5-1.5B{_shadow_note(path)}"
+            )
+        if not local.is_dir():
+            raise MissingPathError(
+                f"{what} is a file, not a model dir; pass the directory that holds config.json and the "
+                "weights (save_pretrained's output)"
+            )
+        if not any((local / name).is_file() for name in needs):
+            raise ModelLoadError(
+                f"{what} is not a model dir: it has no {' or '.join(needs)}; {_kind_hint(local)}"
+            )
+        return str(local)
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if _hub_offline() and not isinstance(try_to_load_from_cache(path, "config.json"), str):
+        raise ModelLoadError(
+            f"{what} is not a local path (no {Path(path).absolute()}) and offline mode is on "
+            f"(HF_HUB_OFFLINE=1), but the Hub model {path!r} is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}). Download it first (`hf download {path}` with network and the "
+            "same HF_HOME), or pass a local model dir."
+        )
+    return path
+
+
+def _kind_hint(local: Path) -> str:
+    """What a dir without config.json holds instead, and where it belongs."""
+    if (local / "adapter_config.json").is_file():
+        return (
+            "it is a LoRA adapter (adapter_config.json): pass its base model here (Stage 4: model_path) and "
+            "the adapter as adapter_path / model_checkpoint_path"
+        )
+    if (local / FULL_RANK_WEIGHTS_FILE).is_file() or (local / "checkpoint-final").is_dir():
+        return "it is a Stage 1 run dir: pass it as model_checkpoint_path of Stage 2"
+    if any(local.glob("*/config.json")):
+        inner = sorted(p.parent.name for p in local.glob("*/config.json"))[:3]
+        return f"did you mean one of its subdirs {inner}?"
+    return "pass the directory save_pretrained wrote (config.json, weights, tokenizer files)"
+
+
+def _from_pretrained(loader: Any, path: str, key: str | None, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(path, **kwargs)`` with load failures as one :class:`ModelLoadError`."""
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        what = _describe(path, key)
+        if looks_local(path):
+            raise ModelLoadError(f"{what} cannot be loaded: {first}") from err
+        raise ModelLoadError(
+            f"{what} could not be loaded from the Hugging Face Hub ({first}). Check the id and the network "
+            "(gated models need `hf auth login` or HF_TOKEN); without network, download it first "
+            f"(`hf download {path}`) and set HF_HUB_OFFLINE=1, or pass a local model dir."
+        ) from err
+
+
+def _load_tokenizer(path: str, trust_remote_code: bool, key: str | None = None) -> PreTrainedTokenizerBase:
+    tokenizer = _from_pretrained(AutoTokenizer, path, key, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(f"tokenizer of {path} has neither a pad nor an eos token; add a pad token")
@@ -87,16 +215,23 @@ def load_options(spec: Any) -> dict[str, Any]:
 
 
 def _load_model_and_tokenizer(
-    path: str, dtype: str, device: str | None, trust_remote_code: bool, attn_implementation: str | None
+    path: str,
+    dtype: str,
+    device: str | None,
+    trust_remote_code: bool,
+    attn_implementation: str | None,
+    key: str | None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    path = check_model_source(path, key)
     model = _load_causal_lm(
         path,
         dtype=dtype,
         device=device,
         trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation,
+        key=key,
     )
-    tokenizer = _load_tokenizer(path, trust_remote_code)
+    tokenizer = _load_tokenizer(path, trust_remote_code, key)
     _sync_pad_token(model, tokenizer)
     return model, tokenizer
 
@@ -108,6 +243,7 @@ def _load_causal_lm(
     device: str | None,
     trust_remote_code: bool,
     attn_implementation: str | None,
+    key: str | None = None,
 ) -> PreTrainedModel:
     device = device or default_device()
     kwargs: dict[str, Any] = {
@@ -118,7 +254,7 @@ def _load_causal_lm(
     }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return _from_pretrained(AutoModelForCausalLM, path, key, **kwargs)
 
 
 def _sync_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -162,14 +298,19 @@ def load_selector(
     attn_implementation: str | None = None,
     gate_init_mean: float = 0.0,
     gate_init_std: float = 0.02,
+    key: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the gated selector model and its tokenizer.
 
     ``path`` is a converted directory (gates loaded from ``quality_gate.safetensors``) or any plain
     base model path / HF id (gates attached with ``Normal(gate_init_mean, gate_init_std)``).
-    ``device=None`` picks :func:`default_device`.
+    ``device=None`` picks :func:`default_device`. ``key`` (e.g. ``selector_model.path``) names the
+    config key in errors (:func:`check_model_source`).
     """
-    model, tokenizer = _load_model_and_tokenizer(path, dtype, device, trust_remote_code, attn_implementation)
+    path = check_model_source(path, key)
+    model, tokenizer = _load_model_and_tokenizer(
+        path, dtype, device, trust_remote_code, attn_implementation, key
+    )
     if is_converted_dir(path):
         gate_config = json.loads((Path(path) / GATE_CONFIG_FILE).read_text())
         attach_quality_gates(model, gate_config.get("init_mean", 0.0), gate_config.get("init_std", 0.02))
@@ -205,6 +346,7 @@ def save_converted(
         for wrapper, (parent, attr) in parents.items():
             setattr(parent, attr, wrapper)
     tokenizer.save_pretrained(out_dir)
+    normalize_modes(out_dir, "*.safetensors")
     with atomic_path(out_dir / GATE_WEIGHTS_FILE) as tmp:
         save_file(gates, str(tmp), metadata={"format": FORMAT_VERSION})
     first_gate = wrappers[0].quality_gate
@@ -242,10 +384,22 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _resolve_stage1_checkpoint(checkpoint_path: str) -> tuple[str, Path]:
-    """``(kind, path)``: ``("full_rank", <file.pt>)`` or ``("lora", <adapter dir>)``."""
-    path = Path(checkpoint_path)
+def resolve_stage1_checkpoint(checkpoint_path: str) -> tuple[str, Path]:
+    """``(kind, path)``: ``("full_rank", <file.pt>)`` or ``("lora", <adapter dir>)``.
+
+    Only the layout is checked here (cheap: stages call it before loading any model): a file must be
+    a zip archive, the format ``torch.save`` writes; its content is checked when
+    :func:`apply_stage1_weights` reads it.
+    """
+    path = Path(checkpoint_path).expanduser()
+    if not path.exists():
+        raise MissingPathError(
+            f"model_checkpoint_path={checkpoint_path} does not exist{_relative_note(path)}; pass the Stage 1 "
+            f"run dir, its {FULL_RANK_WEIGHTS_FILE} or its LoRA checkpoint-final/ dir"
+        )
     if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise DataError(_not_stage1(checkpoint_path, f"{path.name} is not a torch checkpoint"))
         return "full_rank", path
     if (path / "adapter_config.json").is_file():
         return "lora", path
@@ -258,6 +412,31 @@ def _resolve_stage1_checkpoint(checkpoint_path: str) -> tuple[str, Path]:
         f"{FULL_RANK_WEIGHTS_FILE} file, a LoRA checkpoint dir (adapter_config.json), or a Stage 1 "
         f"run dir containing one of them"
     )
+
+
+def _not_stage1(checkpoint_path: str, reason: str) -> str:
+    return (
+        f"model_checkpoint_path={checkpoint_path} is not a Stage 1 output: {reason}. Pass the Stage 1 run "
+        f"dir, its {FULL_RANK_WEIGHTS_FILE}, or its LoRA checkpoint-final/ dir."
+    )
+
+
+def _read_full_rank(path: Path, checkpoint_path: str) -> dict[str, Tensor]:
+    """The gate tensors of a ``full_rank_weights.pt``; anything else is a :class:`DataError`."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    # torch.load raises UnpicklingError, RuntimeError, EOFError, ValueError, ... depending on what the
+    # bytes are; every one means "not a Stage 1 checkpoint". Its own message is not shown: for an
+    # unreadable file it advises weights_only=False, which would run arbitrary pickled code.
+    except Exception as err:
+        reason = f"{path.name} is not a torch checkpoint ({type(err).__name__} while reading it)"
+        raise DataError(_not_stage1(checkpoint_path, reason)) from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("model_state_dict"), dict):
+        raise DataError(
+            f"model_checkpoint_path={checkpoint_path}: {path} has no 'model_state_dict'; is it a Stage 1 "
+            f"{FULL_RANK_WEIGHTS_FILE}?"
+        )
+    return payload["model_state_dict"]
 
 
 def _merge_lora_adapter(model: nn.Module, adapter_dir: Path) -> None:
@@ -313,12 +492,9 @@ def apply_stage1_weights(model: PreTrainedModel, checkpoint_path: str) -> dict[s
     """
     if not find_quality_gates(model):
         raise ValueError("model has no quality gates; load it with load_selector() first")
-    kind, path = _resolve_stage1_checkpoint(checkpoint_path)
+    kind, path = resolve_stage1_checkpoint(checkpoint_path)
     if kind == "full_rank":
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or "model_state_dict" not in payload:
-            raise DataError(f"{path} has no 'model_state_dict'; is it a Stage 1 {FULL_RANK_WEIGHTS_FILE}?")
-        state = payload["model_state_dict"]
+        state = _read_full_rank(path, checkpoint_path)
         _load_gate_tensors(model, state, str(path))
         weights_file = path
         count = len(state)
@@ -345,6 +521,8 @@ def load_target(
     device: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    key: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a plain causal LM (no gates) and its tokenizer, for Stages 3 and 4."""
-    return _load_model_and_tokenizer(name_or_path, dtype, device, trust_remote_code, attn_implementation)
+    """Load a plain causal LM (no gates) and its tokenizer, for Stages 3 and 4 (``key``: see
+    :func:`load_selector`)."""
+    return _load_model_and_tokenizer(name_or_path, dtype, device, trust_remote_code, attn_implementation, key)

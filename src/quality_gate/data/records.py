@@ -36,6 +36,12 @@ class BadRecord(DataError):
         self.reason = reason
 
 
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters: reasons stay one short line whatever the row."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
 def _check_content(content: Any, role: str, turn: int) -> str:
     if not isinstance(content, str):
         raise BadRecord(f"turn {turn} ({role}): content is {type(content).__name__}, not a string")
@@ -54,7 +60,9 @@ def _from_messages(messages: Any) -> list[dict[str, str]]:
             raise BadRecord(f"turn {turn}: message is {type(msg).__name__}, not an object with role/content")
         role = msg.get("role")
         if role not in ROLES:
-            raise BadRecord(f"turn {turn}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+            raise BadRecord(
+                f"turn {turn}: unknown role {short_repr(role)} (expected one of {', '.join(ROLES)})"
+            )
         out.append({"role": role, "content": _check_content(msg.get("content"), role, turn)})
     return out
 
@@ -69,9 +77,8 @@ def _from_sharegpt(conversations: Any) -> list[dict[str, str]]:
         speaker = msg.get("from")
         role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None:
-            raise BadRecord(
-                f"turn {turn}: unknown role {speaker!r} (expected one of {', '.join(SHAREGPT_ROLES)})"
-            )
+            expected = ", ".join(SHAREGPT_ROLES)
+            raise BadRecord(f"turn {turn}: unknown role {short_repr(speaker)} (expected one of {expected})")
         out.append({"role": role, "content": _check_content(msg.get("value"), role, turn)})
     return out
 
@@ -127,10 +134,10 @@ def normalize_record(raw: dict[str, Any], dataset_name: str, row: int) -> dict[s
         raise BadRecord(f"row is {type(raw).__name__}, not an object")
     fmt = detect_format(raw)
     if fmt is None:
-        present = sorted(k for k, v in raw.items() if v is not None)[:8]
+        present = [short_repr(k, 30) for k in sorted(str(k) for k, v in raw.items() if v is not None)[:8]]
         raise BadRecord(
             "missing or empty messages: the row has none of `messages`, `conversations` (ShareGPT), "
-            f"`instruction`/`output` (Alpaca) or `question`/`answer`; keys: {present}"
+            f"`instruction`/`output` (Alpaca) or `question`/`answer`; keys: [{', '.join(present)}]"
         )
     consumed, parse = _FORMATS[fmt]
     messages = parse(raw)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from quality_gate.data.records import BadRecord, normalize_record
+from quality_gate.data.records import BadRecord, normalize_record, short_repr
 from quality_gate.errors import ConfigError, DataError, MissingPathError
 from quality_gate.io import atomic_write_jsonl
 from quality_gate.names import check_name
@@ -29,6 +30,12 @@ SKIPPED_ROWS_FILE = "skipped_rows.jsonl"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 # How many skipped rows (and duplicate ids) are spelled out in the log / error before a summary.
 SHOW_FIRST = 5
+# Rows nested deeper than this are refused: no real conversation is, and Python's json (and so every
+# later dump of the record's meta) fails with RecursionError near depth 1000.
+MAX_NESTING = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# A \ud800..\udfff escape in the raw text: the only way a lone surrogate gets into a parsed row.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB]")
 
 
 @dataclass
@@ -53,39 +60,89 @@ class SkippedRow:
 _RawRow = tuple[int, int | None, Any, str | None]
 
 
+def _needs_structure_check(text: str) -> bool:
+    """Cheap scan of raw JSON text: could the parsed value hold a lone surrogate or be deeply nested?"""
+    return bool(_SURROGATE_ESCAPE.search(text)) or text.count("[") + text.count("{") > MAX_NESTING
+
+
+def structure_problem(value: Any) -> str | None:
+    """Why a parsed row cannot be kept whatever its format, or None: nesting deeper than
+    :data:`MAX_NESTING`, or a string with an unpaired surrogate (not valid Unicode: writing the record
+    as UTF-8 or tokenizing it would fail later, far from the row)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found:
+                return f"unpaired UTF-16 surrogate {found.group()!r} (from a \\u escape): not valid Unicode"
+        elif isinstance(item, (dict, list)):
+            if depth > MAX_NESTING:
+                return f"nested deeper than {MAX_NESTING} levels"
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def _parse_json(text: str) -> tuple[Any, str | None]:
+    """``(value, None)``, or ``(None, reason)`` for text that is not usable JSON."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        return None, f"broken JSON ({err.msg} at column {err.colno})"
+    except (ValueError, RecursionError) as err:  # a 5,000-digit number; arrays nested ~1000 deep
+        return None, f"broken JSON ({str(err)[:120]})"
+    problem = structure_problem(value) if _needs_structure_check(text) else None
+    return (None, problem) if problem else (value, None)
+
+
 def _jsonl_rows(path: Path) -> Iterator[_RawRow]:
     # Bytes, not text: one non-UTF-8 line must cost that line only, not the whole file.
     with path.open("rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
             try:
-                # utf-8-sig on the first line: editors on Windows start files with a byte-order mark.
-                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 yield line_no - 1, line_no, None, f"not UTF-8 ({err.reason} at byte {err.start})"
                 continue
+            # A byte-order mark: editors on Windows start files with one, and `cat a.jsonl b.jsonl` of
+            # two such files puts one at the start of a later line.
+            text = text.removeprefix("\ufeff")
             if not text.strip():
                 continue
-            try:
-                yield line_no - 1, line_no, json.loads(text), None
-            except json.JSONDecodeError as err:
-                yield line_no - 1, line_no, None, f"broken JSON ({err.msg} at column {err.colno})"
+            row, problem = _parse_json(text)
+            yield line_no - 1, line_no, row, problem
 
 
-def _list_rows(rows: Iterable[Any]) -> Iterator[_RawRow]:
+def _list_rows(rows: Iterable[Any], check_structure: bool = False) -> Iterator[_RawRow]:
     for index, row in enumerate(rows):
-        yield index, None, row, None
+        problem = structure_problem(row) if check_structure else None
+        yield index, None, (None if problem else row), problem
 
 
-def _read_json_list(path: Path) -> list[Any]:
+def _read_json_list(path: Path) -> tuple[list[Any], bool]:
+    """The rows of a .json file, and whether they need :func:`structure_problem` checked."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a leading byte-order mark is allowed
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is allowed
+        data = json.loads(text)
+    # A list cannot be read row by row: one broken byte costs the file, and the error says where.
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise DataError(
-            f"{path}: not a valid UTF-8 JSON file ({err}); a .json dataset must be a list of rows"
-        ) from err
+            f"{path}: not a valid UTF-8 JSON file ({str(err)[:200]}); a .json dataset must be a list of rows"
+        ) from None
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json dataset must be a list of rows, found {type(data).__name__}")
-    return data
+    return data, _needs_structure_check(text)
+
+
+def _read_parquet(path: Path) -> list[Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({str(err)[:200]})") from None
 
 
 @dataclass
@@ -147,11 +204,10 @@ def _load_local(path: Path, dataset_name: str, strict: bool) -> _Loaded:
     if suffix == ".jsonl":
         rows: Iterable[_RawRow] = _jsonl_rows(path)
     elif suffix == ".json":
-        rows = _list_rows(_read_json_list(path))
+        rows = _list_rows(*_read_json_list(path))
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = _list_rows(pq.read_table(path).to_pylist())
+        # Arrow strings are valid UTF-8 and nesting is bounded by the schema: no structure check needed.
+        rows = _list_rows(_read_parquet(path))
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
     return _normalize_rows(rows, str(path), dataset_name, strict)
@@ -167,8 +223,9 @@ def _dedupe(sources: list[_Loaded], strict: bool) -> _Loaded:
             rid = record["id"]
             if rid in first:
                 reason = (
-                    f"duplicate id {rid!r}, first seen at {_where(*first[rid])}; ids must be unique across "
-                    "all datasets read together (the same file read twice, or rows sharing an `id` field)"
+                    f"duplicate id {short_repr(rid)}, first seen at {_where(*first[rid])}; ids must be "
+                    "unique across all datasets read together (the same file read twice, or rows sharing "
+                    "an `id` field)"
                 )
                 out.skipped.append(_bad(*where, record["dataset"], reason, strict))
                 continue

@@ -242,9 +242,14 @@ def _load_encoder(res: SelectionResult) -> tuple[Any, Any, dict[str, Any]]:
     from transformers import AutoTokenizer
 
     from quality_gate.data.encode import encode_record
+    from quality_gate.models import check_model_source
 
     settings = _stage2_settings(res)
-    tok = AutoTokenizer.from_pretrained(settings["path"], trust_remote_code=settings["trust_remote_code"])
+    # A selector dir moved or deleted since Stage 2 fails here at once, not after Hub retries.
+    path = check_model_source(
+        settings["path"], "fingerprint.json selector_model_path", ("tokenizer_config.json", "tokenizer.json")
+    )
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=settings["trust_remote_code"])
     return tok, encode_record, settings
 
 

@@ -56,10 +56,12 @@ from quality_gate.errors import RouterDataError
 from quality_gate.io import atomic_write_json, atomic_write_jsonl
 from quality_gate.models import (
     apply_stage1_weights,
+    check_model_source,
     default_device,
     is_converted_dir,
     load_options,
     load_selector,
+    resolve_stage1_checkpoint,
 )
 from quality_gate.runs import PhaseTimer, init_run, is_main_process, rank, update_manifest, world_size
 from quality_gate.stats.collect import collect_batch, concat_batch_stats, embedding_projection
@@ -111,6 +113,7 @@ def _load_model(cfg: DictConfig, device: str) -> tuple[Any, Any, dict[str, Any]]
         **load_options(sel),
         gate_init_mean=float(cfg.quality_gate.init_mean),
         gate_init_std=float(cfg.quality_gate.init_std),
+        key="selector_model.path",
     )
     ensure_chat_template(tokenizer, cfg.dataset.chat_template)
     if cfg.model_checkpoint_path:
@@ -500,6 +503,10 @@ def run(cfg: DictConfig) -> None:
     dp = cfg.data_process
     timer = PhaseTimer()
     with timer("init"):
+        # Paths first: a typo must not cost a model load, nor leave a run dir behind.
+        check_model_source(str(cfg.selector_model.path), "selector_model.path")
+        if cfg.model_checkpoint_path:
+            resolve_stage1_checkpoint(str(cfg.model_checkpoint_path))
         run_dir = init_run(cfg, "collect")
     started = time.perf_counter()
     device, own_group = _init_distributed()

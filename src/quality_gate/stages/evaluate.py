@@ -52,7 +52,7 @@ from quality_gate.data.encode import IGNORE_INDEX
 from quality_gate.errors import AdapterError, DataError, MissingPathError
 from quality_gate.generation import greedy_replies
 from quality_gate.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from quality_gate.models import load_options, load_target, sha256_of
+from quality_gate.models import check_model_source, load_options, load_target, sha256_of
 from quality_gate.nll import chunked_token_nll
 from quality_gate.runs import init_run, update_manifest
 from quality_gate.synthetic import exact_match
@@ -90,7 +90,7 @@ def _check_adapter_base(model: PreTrainedModel, adapter_dir: Path) -> dict[str, 
 def load_model(cfg: DictConfig) -> tuple[nn.Module, PreTrainedTokenizerBase, dict[str, Any]]:
     """Base model from ``model_path`` plus the adapter at ``adapter_path`` (if any), in eval mode."""
     spec = cfg.model
-    model, tokenizer = load_target(str(cfg.model_path), **load_options(spec))
+    model, tokenizer = load_target(str(cfg.model_path), **load_options(spec), key="model_path")
     ensure_chat_template(tokenizer, cfg.chat_template)
     info: dict[str, Any] = {"model_path": str(cfg.model_path), "adapter_path": None}
     if cfg.adapter_path:
@@ -377,6 +377,7 @@ def results_markdown(results: dict[str, Any]) -> str:
 def run(cfg: DictConfig) -> None:
     """Stage 4: load base (+ adapter), check the adapter matters, compute and write the metrics."""
     validate(cfg)
+    check_model_source(str(cfg.model_path), "model_path")  # before the run dir is made
     run_dir = init_run(cfg, "evaluate", model_path=str(cfg.model_path), adapter_path=cfg.adapter_path)
     started = time.perf_counter()
     set_seed(int(cfg.seed))

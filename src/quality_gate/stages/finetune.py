@@ -14,11 +14,15 @@
   RNG state), ``checkpoint-final/`` (adapter_config.json + adapter_model.safetensors + tokenizer, or
   the full model), ``train_metrics.json``, ``config.yaml``, ``manifest.json``.
 * Rerunning with ``output_dir=<run dir>`` resumes from the last checkpoint; a run whose
-  ``checkpoint-final/`` exists is reported as finished and not retrained.
+  ``checkpoint-final/`` exists is reported as finished and not retrained. A resume whose settings
+  change what the checkpoint holds (model, peft_mode, LoRA rank or target modules) is refused before
+  anything is loaded; other changes are warnings. ``train_loss`` is the mean over every step of the
+  run, also after a resume.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -30,7 +34,16 @@ from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.training_args import ParallelMode
 
 from quality_gate.config import validate
@@ -45,9 +58,9 @@ from quality_gate.data import (
 )
 from quality_gate.data.encode import IGNORE_INDEX
 from quality_gate.data.sources import SKIPPED_ROWS_FILE
-from quality_gate.errors import DataError, MissingPathError
-from quality_gate.io import atomic_write_json, atomic_write_jsonl
-from quality_gate.models import load_options, load_target, sha256_of
+from quality_gate.errors import ConfigError, DataError, MissingPathError
+from quality_gate.io import atomic_write_json, atomic_write_jsonl, normalize_modes
+from quality_gate.models import check_model_source, load_options, load_target, sha256_of
 from quality_gate.runs import init_run, is_main_process, run_dir_of, update_manifest, world_size
 from quality_gate.training import NonFiniteLossCallback, last_checkpoint, lora_config, training_arguments
 
@@ -60,7 +73,7 @@ METRICS_FILE = "train_metrics.json"
 def get_model_and_tokenizer(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The plain target model (``training.model.*``) and its tokenizer, with a chat template."""
     spec = cfg.training.model
-    model, tokenizer = load_target(str(spec.name), **load_options(spec))
+    model, tokenizer = load_target(str(spec.name), **load_options(spec), key="training.model.name")
     ensure_chat_template(tokenizer, cfg.dataset.chat_template)
     return model, tokenizer
 
@@ -153,6 +166,7 @@ def save_final(trainer: Trainer, run_dir: Path) -> Path:
     trainer.save_model(str(tmp))
     trainer.accelerator.wait_for_everyone()
     if is_main_process():
+        normalize_modes(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -169,15 +183,47 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
-def _warn_on_changed_config(cfg: DictConfig, run_dir: Path) -> None:
-    """Warn when a resumed run's training / dataset settings differ from the ones it started with."""
+# Settings that decide the shapes or the kind of what a checkpoint holds: resuming with another value
+# would fail inside torch (size mismatch) or silently train another model.
+RESUME_INCOMPATIBLE = ("training.model.name", "training.peft_mode")
+RESUME_INCOMPATIBLE_LORA = ("training.lora.r", "training.lora.target_modules")
+
+
+def _same_setting(key: str, before: Any, now: Any) -> bool:
+    """Equal as far as the checkpoint is concerned: one model dir given two ways, modules in any order."""
+    if before == now:
+        return True
+    if key == "training.model.name" and isinstance(before, str) and isinstance(now, str):
+        a, b = Path(before).expanduser(), Path(now).expanduser()
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    if key == "training.lora.target_modules" and isinstance(before, list) and isinstance(now, list):
+        return sorted(map(str, before)) == sorted(map(str, now))
+    return False
+
+
+def check_resume_config(cfg: DictConfig, run_dir: Path, checkpoint: str) -> None:
+    """Compare a resumed run's ``training`` / ``dataset`` settings with those it started with.
+
+    Changes that make ``checkpoint`` unloadable or another model (:data:`RESUME_INCOMPATIBLE`, and the
+    LoRA shape when both runs use LoRA) are a :class:`ConfigError` naming each key, old -> new; other
+    changes are a warning. Runs before anything is loaded or written.
+    """
     saved_file = run_dir / "config.yaml"
     if not saved_file.is_file():
         return
     saved = OmegaConf.load(saved_file)
     before = _flatten(OmegaConf.to_container(OmegaConf.masked_copy(saved, ["training", "dataset"])))
     now = _flatten(OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["training", "dataset"]), resolve=True))
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    changed = sorted(k for k in before.keys() | now.keys() if not _same_setting(k, before.get(k), now.get(k)))
+    lora_both = before.get("training.peft_mode") == now.get("training.peft_mode") == "lora"
+    fatal = [k for k in changed if k in RESUME_INCOMPATIBLE or (lora_both and k in RESUME_INCOMPATIBLE_LORA)]
+    if fatal:
+        raise ConfigError(
+            f"output_dir={run_dir} cannot be resumed from {Path(checkpoint).name} with these settings: "
+            + "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in fatal)
+            + ". The checkpoint was trained with the old values: rerun with them, or start a new run "
+            "(drop output_dir / hydra.run.dir)."
+        )
     if changed:
         log.warning(
             "resuming %s with settings that differ from its start: %s; the optimizer and scheduler state "
@@ -186,6 +232,69 @@ def _warn_on_changed_config(cfg: DictConfig, run_dir: Path) -> None:
             run_dir,
             ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed),
         )
+
+
+class CheckpointCallback(TrainerCallback):
+    """What each ``checkpoint-<step>/`` needs beyond the Trainer's own saving.
+
+    * A log entry at its step: the Trainer logs the mean loss every ``logging_steps`` only, so a
+      checkpoint between two logs would carry a log history without its last steps, and the
+      whole-run loss of a run resumed from it (:func:`whole_run_loss`) would miss them.
+    * Normal file modes (:func:`quality_gate.io.normalize_modes`): safetensors writes the weights 0600.
+    """
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if control.should_save:
+            control.should_log = True
+
+    on_epoch_end = on_step_end
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            normalize_modes(checkpoint)
+
+
+def whole_run_loss(
+    history: list[dict[str, Any]], loss_this_call: float, start_step: int, end_step: int
+) -> float:
+    """Mean training loss per optimizer step over steps ``1 .. end_step``, also after a resume.
+
+    ``Trainer.train`` returns the mean over the steps of its own call (``start_step + 1 .. end_step``);
+    the steps before the checkpoint it resumed from are read from the log history, where each ``loss``
+    is the mean over the steps since the previous entry. :class:`CheckpointCallback` logs at every
+    save, so the history of a checkpoint covers every step up to it.
+    """
+    if start_step <= 0:
+        return loss_this_call
+    total, last = 0.0, 0
+    for entry in history:
+        step = entry.get("step")
+        if "loss" in entry and step is not None and last < step <= start_step:
+            total += float(entry["loss"]) * (step - last)
+            last = step
+    if last != start_step:
+        log.warning(
+            "the log history of the resumed checkpoint ends at step %d, not %d (a checkpoint written "
+            "by an older version); train_loss leaves out steps %d..%d",
+            last,
+            start_step,
+            last + 1,
+            start_step,
+        )
+    steps = last + (end_step - start_step)
+    return (total + loss_this_call * (end_step - start_step)) / max(steps, 1)
+
+
+def _checkpoint_step(checkpoint: str | None) -> int:
+    if not checkpoint:
+        return 0
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return int(state["global_step"])
 
 
 def _distributed_kind(args: TrainingArguments) -> str:
@@ -224,9 +333,10 @@ def fine_tune(cfg: DictConfig) -> Trainer | None:
         return None
     if cfg.dataset.mode == "subset":
         _subset_file(cfg)
+    check_model_source(str(cfg.training.model.name), "training.model.name")
     resume_from = last_checkpoint(run_dir)
     if resume_from:
-        _warn_on_changed_config(cfg, run_dir)
+        check_resume_config(cfg, run_dir, resume_from)
     run_dir = init_run(cfg, "finetune", target_model=str(cfg.training.model.name), resumed_from=resume_from)
     started = time.perf_counter()
     set_seed(int(cfg.seed))
@@ -254,10 +364,11 @@ def fine_tune(cfg: DictConfig) -> Trainer | None:
         train_dataset=train_dataset,
         data_collator=SFTDataCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[NonFiniteLossCallback()],
+        callbacks=[NonFiniteLossCallback(), CheckpointCallback()],
     )
     if resume_from:
         log.info("resuming Stage 3 from %s (optimizer, scheduler and RNG state)", resume_from)
+    start_step = _checkpoint_step(resume_from)
     result = trainer.train(resume_from_checkpoint=resume_from)
     final = save_final(trainer, run_dir)
     if not is_main_process():
@@ -269,13 +380,16 @@ def fine_tune(cfg: DictConfig) -> Trainer | None:
         **data_info,
         "global_step": trainer.state.global_step,
         "epochs": trainer.state.epoch,
-        "train_loss": result.training_loss,
+        "train_loss": whole_run_loss(
+            trainer.state.log_history, result.training_loss, start_step, trainer.state.global_step
+        ),
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "flops_estimate": flops_estimate(
             model, int(trainer.state.num_input_tokens_seen), str(cfg.training.peft_mode)
         ),
         "loss": _loss_summary(trainer.state.log_history),
         "resumed_from": resume_from,
+        **({"train_loss_since_resume": result.training_loss} if resume_from else {}),
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 3),
         "wall_time_s": round(time.perf_counter() - started, 3),
         "world_size": world_size(),

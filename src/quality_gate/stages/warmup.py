@@ -50,9 +50,15 @@ from quality_gate.gate import (
     gate_state_dict,
     record_gates,
 )
-from quality_gate.io import atomic_torch_save, atomic_write_json
+from quality_gate.io import atomic_torch_save, atomic_write_json, normalize_modes
 from quality_gate.loss import quality_loss
-from quality_gate.models import FULL_RANK_WEIGHTS_FILE, GATE_BASE_FILE, load_options, load_selector
+from quality_gate.models import (
+    FULL_RANK_WEIGHTS_FILE,
+    GATE_BASE_FILE,
+    check_model_source,
+    load_options,
+    load_selector,
+)
 from quality_gate.runs import init_run, is_main_process, update_manifest, world_size
 from quality_gate.training import NonFiniteLossCallback, lora_config, training_arguments
 
@@ -114,6 +120,7 @@ def get_model_and_tokenizer(cfg: DictConfig) -> tuple[PreTrainedModel, PreTraine
         **load_options(sel),
         gate_init_mean=float(cfg.quality_gate.init_mean),
         gate_init_std=float(cfg.quality_gate.init_std),
+        key="selector_model.path",
     )
     ensure_chat_template(tokenizer, cfg.dataset.chat_template)
     freeze_backbone(model)
@@ -270,6 +277,7 @@ def save_stage1_weights(model: nn.Module, cfg: DictConfig, run_dir: Path) -> Pat
         # The adapter holds only lora_A/lora_B; the gate weights it was trained on go beside it, so
         # that Stage 2 rebuilds exactly these gates whatever its seed or init settings.
         save_gate_base(model, tmp)
+        normalize_modes(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -280,6 +288,7 @@ def save_stage1_weights(model: nn.Module, cfg: DictConfig, run_dir: Path) -> Pat
 def run(cfg: DictConfig) -> None:
     """Stage 1: load the selector, train its gates (backbone frozen), save the gate weights."""
     validate(cfg)
+    check_model_source(str(cfg.selector_model.path), "selector_model.path")  # before the run dir is made
     run_dir = init_run(cfg, "warmup", selector_model=str(cfg.selector_model.path))
     started = time.perf_counter()
     set_seed(int(cfg.seed))

@@ -315,30 +315,46 @@ def iter_shards(index_path: str | Path, verify_checksum: bool = True) -> Iterato
     index_path = Path(index_path)
     index = load_index(index_path)
     for rel in index["shards"]:
-        p = index_path.parent / rel
-        problem = shard_problem(p, index.get("fingerprint"), verify_checksum)
-        if problem is not None:
-            raise RouterDataError(
-                f"shard {p} of {index_path.name} is {problem}. Rerun Stage 2 with output_dir=<its run dir>: "
-                "it rescores missing and damaged shards and rewrites the index."
-            )
-        yield _load_shard(p)
+        yield _checked_shard(index_path.parent / rel, index, index_path, verify_checksum)
+
+
+def _checked_shard(
+    path: Path, index: dict[str, Any], index_path: Path, verify_checksum: bool = True
+) -> RouterShard:
+    """The shard at ``path`` after :func:`shard_problem` found it intact; else :class:`RouterDataError`.
+
+    torch.load does not notice flipped bytes inside a tensor (it reads them as other values), so the
+    size and sha256 of the marker are the only guard against silently reading damaged statistics.
+    """
+    problem = shard_problem(path, index.get("fingerprint"), verify_checksum)
+    if problem is not None:
+        raise RouterDataError(
+            f"shard {path} of {index_path.name} is {problem}. Rerun Stage 2 with output_dir=<its run dir>: "
+            "it rescores missing and damaged shards and rewrites the index."
+        )
+    return _load_shard(path)
 
 
 class RaggedView(Sequence):
     """Per-sample, lazy access to one ragged field over all shards of a dataset."""
 
-    def __init__(self, index_path: Path, index: dict[str, Any], field: str) -> None:
+    def __init__(
+        self, index_path: Path, index: dict[str, Any], field: str, cache: dict[int, RouterShard] | None = None
+    ) -> None:
+        self._index_path = index_path
+        self._index = index
         self._dir = index_path.parent
         self._shards: list[str] = index["shards"]
         counts = torch.tensor([0, *index["shard_num_samples"]], dtype=torch.int64)
         self._starts = torch.cumsum(counts, 0)
         self._field = field
-        self._cache: dict[int, RouterShard] = {}
+        # Shared by the views of one dataset, so that each shard is checked and opened once.
+        self._cache: dict[int, RouterShard] = {} if cache is None else cache
 
     def _shard(self, k: int) -> RouterShard:
         if k not in self._cache:
-            self._cache[k] = _load_shard(self._dir / self._shards[k])
+            # Checked like iter_shards: a damaged shard is an error, never read silently.
+            self._cache[k] = _checked_shard(self._dir / self._shards[k], self._index, self._index_path)
         return self._cache[k]
 
     def __len__(self) -> int:
@@ -374,11 +390,12 @@ def load_router_data(router_data_path: str | Path) -> dict[str, Any]:
             )
         path = found[0]
     index = load_index(path)
+    shards: dict[int, RouterShard] = {}
     return {
         **index,
-        "quality_gates": RaggedView(path, index, "quality_gates"),
-        "perplexities": RaggedView(path, index, "perplexities"),
-        "assistant_mask": RaggedView(path, index, "assistant_mask"),
+        "quality_gates": RaggedView(path, index, "quality_gates", shards),
+        "perplexities": RaggedView(path, index, "perplexities", shards),
+        "assistant_mask": RaggedView(path, index, "assistant_mask", shards),
         "index_path": str(path),
     }
 
