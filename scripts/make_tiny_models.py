@@ -28,7 +28,8 @@ open-ended ones; surprising corruptions garbage 9.5, repetition 9.1, truncated 5
 wrong_answer 1.2; predictable ones generic 0.32, refusal 0.28, echo 0.66 (as likely as clean answers:
 its prior has seen such chatter); selector exact match 0.56 on the checkable held-out records; target
 exact match 0.021 before fine-tuning, 0.164 after 15 epochs on 600 clean records, 0.086 after 15
-epochs on 600 records of which 30 % are corrupted. ``--bench-only`` re-measures models already in ``--out-dir``.
+epochs on 600 records of which 30 % are corrupted.
+``--bench-only`` re-measures models already in ``--out-dir``.
 """
 
 from __future__ import annotations
