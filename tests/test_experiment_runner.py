@@ -103,10 +103,8 @@ def test_runner_every_arm_matched_compute_and_traceable_numbers(tmp_path):
             random_losses = arms["random"]["eval_loss_per_seed"]
             assert diff["difference"] == pytest.approx(sum(losses) / 2 - sum(random_losses) / 2)
     # The full arm is the pool; the random arm averages its two seeds' selections.
-    assert (
-        arms["full"]["corrupted_kept_share"] is None
-        and arms["base (no fine-tune)"].get("finetune_steps") is None
-    )
+    assert arms["full"]["kept"] == 80 and arms["full"]["corrupted_kept_share"] == pytest.approx(24 / 80)
+    assert arms["base (no fine-tune)"].get("finetune_steps") is None
     # Per-family AUROC for every selector and family planted in the pool.
     assert set(summary["families"]) == {
         "garbage",

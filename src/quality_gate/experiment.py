@@ -632,6 +632,12 @@ def regime_summary(
     runs = run_finetunes(cfg, prep, sel, root, steps)
     arms = summarise_arms(cfg, sel, runs)
     records = _read_jsonl(prep["train_path"])
+    labelled = [corruption_of(r) for r in records if corruption_of(r) is not None]
+    if "full" in arms:  # the full arm keeps the whole pool
+        arms["full"]["kept"] = len(records)
+        arms["full"]["corrupted_kept_share"] = (
+            sum(k != "none" for k in labelled) / len(labelled) if labelled else None
+        )
     warm = _read_json(prep["warmup"] / "warmup_metrics.json")
     return {
         "name": str(cfg.name),
