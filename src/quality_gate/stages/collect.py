@@ -64,6 +64,7 @@ from quality_gate.stats.store import (
     shard_path,
     shard_problem,
     write_index,
+    write_plan,
     write_shard,
 )
 
@@ -184,6 +185,16 @@ def assign_shards(jobs: list[ShardJob], num_workers: int) -> list[list[ShardJob]
     for part in out:
         part.sort(key=lambda j: (j.dataset, j.index))
     return out
+
+
+def _plan_entries(parts: list[list[ShardJob]]) -> list[dict[str, Any]]:
+    """``plan.json``'s shard list: dataset, index, number of samples and the part that scores it."""
+    entries = [
+        {"dataset": j.dataset, "index": j.index, "samples": len(j.rows), "part": p}
+        for p, part in enumerate(parts)
+        for j in part
+    ]
+    return sorted(entries, key=lambda e: (e["dataset"], e["index"]))
 
 
 def _fingerprint_fields(
@@ -508,14 +519,16 @@ def run(cfg: DictConfig) -> None:
         jobs = plan_shards(datasets, int(dp.shard_size))
         router_dir = run_dir / "router_data"
         fields = _fingerprint_fields(cfg, tokenizer, weights, next(model.parameters()).dtype, datasets)
+        parts = assign_shards(jobs, int(dp.num_parts))
         if is_main_process():
             # Refuse a run dir of another setup before writing anything into it.
-            check_or_write_fingerprint(router_dir, fields)
+            fp = check_or_write_fingerprint(router_dir, fields)
             report_skipped(skipped, run_dir)
+            # Every part writes the same plan: selection reads it to name what is still missing.
+            write_plan(router_dir, fp, int(dp.num_parts), _plan_entries(parts))
         _barrier()
         fingerprint = check_or_write_fingerprint(router_dir, fields)  # every rank verifies
         part = list(range(int(dp.num_parts))) if dp.part_index is None else [int(dp.part_index)]
-        parts = assign_shards(jobs, int(dp.num_parts))
         mine = assign_shards([j for p in part for j in parts[p]], world_size())[rank()]
         if dp.finalize_only:
             mine = []
