@@ -10,7 +10,7 @@
   vocabulary is the real 151,936, larger than the tokenizer's, which only uses the first ids);
 * samples whose token count after the chat template is about ``--seq`` (long synthetic text);
 * each stage (1 warmup, 2 collect, select, 3 finetune LoRA r=128, 4 evaluate) as a fresh subprocess
-  ``python -m quality_gate <stage> ...``: its peak RSS (``ru_maxrss`` of the child, from ``wait4``) and
+  ``python -m quality_gate <stage> ...``: its peak RSS (``VmHWM``, read by the child at exit) and
   seconds per sample (inference) or per optimizer step (training), from the stage's own metrics;
 * the saved-activation bytes per token and layer of the two training stages, measured with
   ``torch.autograd.graph.saved_tensors_hooks`` on the same models;
@@ -107,11 +107,25 @@ def model_config(shape: dict[str, Any], layers: int, tokenizer_dir: Path) -> Any
 
 
 def save_random_model(shape: dict[str, Any], layers: int, tokenizer_dir: Path, out: Path, seed: int) -> Path:
-    """Random-init a causal LM of ``shape`` (float32) and save it with the tokenizer of ``tokenizer_dir``."""
-    from transformers import AutoModelForCausalLM
+    """Random-init a causal LM of ``shape`` (float32) and save it with the tokenizer of ``tokenizer_dir``.
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(model_config(shape, layers, tokenizer_dir), dtype=torch.float32)
+    Weights ~ Normal(0, initializer_range) (norm weights 1, biases 0), drawn here: transformers' own
+    init of a 151,936 x 2,048 embedding takes twice as long on one CPU thread.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = model_config(shape, layers, tokenizer_dir)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # a tied weight is listed once
+            if param.ndim > 1:
+                param.normal_(0.0, float(config.initializer_range), generator=gen)
+            else:
+                param.fill_(1.0 if "norm" in name else 0.0)
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tokenizer_dir / name).exists():
@@ -192,45 +206,81 @@ def build_assets(
 # --------------------------------------------------------------------------------------------- #
 # Stage runs: one fresh subprocess each, peak RSS from wait4
 # --------------------------------------------------------------------------------------------- #
-def run_stage(stage: str, overrides: list[str], log_dir: Path, threads: int) -> dict[str, Any]:
-    """``python -m quality_gate <stage> <overrides>`` in a fresh process; wall seconds and peak RSS."""
-    env = {
+# The child reads its own high-water mark at exit. Not ru_maxrss from wait4: Linux carries the
+# parent's RSS at fork into the child's maxrss, so a child of a big parent reports the parent's size.
+_HWM_PRELUDE = """
+import atexit, json, os, sys
+def _write_hwm():
+    fields = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                fields[key] = int(value.split()[0]) * 1024
+    with open(os.environ["QG_HWM_FILE"], "w") as out:
+        json.dump(fields, out)
+atexit.register(_write_hwm)
+"""
+_STAGE_MAIN = (
+    _HWM_PRELUDE
+    + """
+import runpy
+sys.argv = ["quality-gate", *sys.argv[1:]]
+runpy.run_module("quality_gate", run_name="__main__", alter_sys=True)
+"""
+)
+_IMPORTS_ONLY = (
+    _HWM_PRELUDE
+    + """
+import quality_gate.stages.warmup, quality_gate.stages.finetune, quality_gate.stages.collect
+"""
+)
+
+
+def _child_env(threads: int, hwm_file: Path) -> dict[str, str]:
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",
         "HYDRA_FULL_ERROR": "1",
+        "QG_HWM_FILE": str(hwm_file),
     }
+
+
+def run_stage(stage: str, overrides: list[str], log_dir: Path, threads: int) -> dict[str, Any]:
+    """``python -m quality_gate <stage> <overrides>`` in a fresh process; wall seconds and peak RSS
+    (``VmHWM`` of the child, read by itself at exit)."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_file = log_dir / f"{stage}.log"
-    cmd = [sys.executable, "-m", "quality_gate", stage, *overrides]
+    log_file, hwm_file = log_dir / f"{stage}.log", log_dir / f"{stage}.hwm.json"
     start = time.perf_counter()
     with open(log_file, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        # wait4 gives this child's own rusage (ru_maxrss in KiB), not the max over all children.
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        code = subprocess.call(
+            [sys.executable, "-c", _STAGE_MAIN, stage, *overrides],
+            cwd=REPO,
+            env=_child_env(threads, hwm_file),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
+    if code != 0:
         tail = log_file.read_text()[-3000:]
-        raise SystemExit(f"{stage} failed (exit {proc.returncode}); log {log_file}:\n{tail}")
+        raise SystemExit(f"{stage} failed (exit {code}); log {log_file}:\n{tail}")
+    hwm = json.loads(hwm_file.read_text())
     return {
         "command": " ".join(["python -m quality_gate", stage, *overrides]),
         "wall_s": round(wall, 2),
-        "peak_rss_gb": round(usage.ru_maxrss * 1024 / GiB, 3),
+        "peak_rss_gb": round(hwm["VmHWM"] / GiB, 3),
         "log": str(log_file),
     }
 
 
-def runtime_floor_gb(threads: int) -> float:
+def runtime_floor_gb(threads: int, work: Path) -> float:
     """Peak RSS of a process that only imports what the stages import (torch, transformers, peft)."""
-    code = "import quality_gate.stages.warmup, quality_gate.stages.finetune, quality_gate.stages.collect"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    hwm_file = work / "imports.hwm.json"
+    if subprocess.call([sys.executable, "-c", _IMPORTS_ONLY], env=_child_env(threads, hwm_file)) != 0:
         raise SystemExit("import of the stages failed")
-    return round(usage.ru_maxrss * 1024 / GiB, 3)
+    return round(json.loads(hwm_file.read_text())["VmHWM"] / GiB, 3)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -601,6 +651,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['model_28_layers_gpu_bf16_gb']['total']:.2f} GB ({setting}) | "
             f"{t['value']:.1f} {t['unit']} | {r['timing_28_layers_cpu_extrapolated']:.0f} {t['unit']} |"
         )
+    eff = report.get("stage2_cpu_efficiency")
+    if eff:
+        lines += [
+            "",
+            f"Stage 2 at this width: {eff['achieved_gflop_per_s']} GFLOP/s vs float32 matmul "
+            f"{eff['matmul']['shape']} {eff['matmul']['gflop_per_s']} GFLOP/s on {eff['matmul']['threads']} "
+            f"threads: ratio {eff['ratio_to_matmul']}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -630,7 +688,12 @@ def main() -> None:
             stages[stage] = run_stage(stage, overrides[stage], work / "logs", args.threads)
             stages[stage]["timing"] = stage_timing(stage, work / "runs", args.samples)
             print(f"{stage}: {json.dumps(stages[stage])}", flush=True)
-        floor = runtime_floor_gb(args.threads)
+        floor = runtime_floor_gb(args.threads, work)
+        from flops import matmul_flops_per_s
+
+        matmul = matmul_flops_per_s(
+            args.seq, SELECTOR_SHAPE["hidden_size"], SELECTOR_SHAPE["intermediate_size"]
+        )
         probe = activation_probe(paths, max(lengths["selector"]))
         report = {
             "date": dt.date.today().isoformat(),
@@ -653,6 +716,15 @@ def main() -> None:
             "runs": stages,
         }
         report["stages"] = build_report(args, stages, probe, floor, lengths)
+        collect = report["stages"]["collect"]
+        achieved = collect["forward_gflop_per_sample_here"] / collect["timing_here"]["value"]
+        report["stage2_cpu_efficiency"] = {
+            "achieved_gflop_per_s": round(achieved, 2),
+            "matmul": matmul,
+            "ratio_to_matmul": round(achieved / matmul["gflop_per_s"], 3),
+            "note": "Stage 2's s/sample includes encoding and writing the shard (bench_stage2.py (d) times "
+            "the forward alone)",
+        }
         report["table_md"] = markdown(report)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
