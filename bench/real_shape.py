@@ -445,17 +445,22 @@ def memory_model(
         else:
             acts = bt * (act_first + (layers - 1) * act_layer) * scale
         terms["activations"] = acts / GiB
-        # transformers' causal-LM loss: logits (B, T, V) in the model dtype, their float32 upcast, the
-        # float32 log-softmax saved for backward, and its float32 gradient.
-        terms["logits_and_loss"] = bt * v * (b + 12) / GiB
+        # transformers' causal-LM loss runs the head on every position: (B, T, V) logits in the model
+        # dtype, upcast to float32 for the log-softmax, which is saved for backward. The peak is in
+        # backward: the saved float32 log-probs, their gradient and the logits' gradient (3 x 4 bytes),
+        # plus the gradient cast back to bf16 when the model is bf16.
+        terms["logits_and_loss"] = bt * v * (12 + (b if b < 4 else 0)) / GiB
         # Trained parameters in float32 (peft keeps adapters in float32): value, grad, Adam m and v.
         terms["optimizer"] = trained_params * 16 / GiB
     elif stage in ("collect", "evaluate"):
         # Inference: the hidden stream (residual + normed, B x T x H) and the widest transient of a
         # layer, the MLP's gate, up and their product (3 x B x T x I); the LM head runs on
-        # nll_chunk_tokens positions at a time: a (C, V) chunk in the model dtype and in float32.
+        # nll_chunk_tokens positions at a time: a (C, V) float32 chunk, plus the head's own output in
+        # the model dtype when that is narrower.
         terms["activations"] = bt * (2 * h * b + 3 * i * b) / GiB
-        terms["logits_and_loss"] = min(nll_chunk_tokens, bt) * v * (b + 4) / GiB
+        chunk = min(nll_chunk_tokens, bt) * v * (4 + (b if b < 4 else 0))
+        # Stage 4 first checks the adapter: one chunk with the adapter on and one with it off.
+        terms["logits_and_loss"] = chunk * (2 if stage == "evaluate" else 1) / GiB
         terms["optimizer"] = 0.0
     terms["total"] = sum(terms.values())
     return {k: round(val, 3) for k, val in terms.items()}
@@ -577,6 +582,10 @@ def build_report(
             stage, shape, FULL_LAYERS, bytes_per_weight=4, batch=1, tokens=seq,
             trained_params=trained(FULL_LAYERS), nll_chunk_tokens=chunk, floor_gb=floor_gb, **act,
         )  # fmt: skip
+        cpu28_ckpt = memory_model(
+            stage, shape, FULL_LAYERS, bytes_per_weight=4, batch=1, tokens=seq, checkpointing=True,
+            trained_params=trained(FULL_LAYERS), nll_chunk_tokens=chunk, floor_gb=floor_gb, **act,
+        )  # fmt: skip
         if stage == "collect":
             gpu_batch, gpu_tokens = 1, gpu["tokens_per_batch"]
         else:
@@ -595,6 +604,7 @@ def build_report(
             "measured_peak_rss_gb": stages[stage]["peak_rss_gb"],
             "model_here_gb": here,
             "model_28_layers_cpu_fp32_batch1_gb": cpu28,
+            "model_28_layers_cpu_fp32_batch1_checkpointing_gb": cpu28_ckpt,
             "model_28_layers_gpu_bf16_gb": gpu28,
             "gpu_setting": {"batch": gpu_batch, "tokens": gpu_tokens, **gpu},
             "forward_gflop_per_sample_here": round(flops_here / 1e9, 1),
@@ -640,6 +650,11 @@ def markdown(report: dict[str, Any]) -> str:
             )
             continue
         g = r["gpu_setting"]
+        ckpt = (
+            f" ({r['model_28_layers_cpu_fp32_batch1_checkpointing_gb']['total']:.2f} GB with grad. ckpt)"
+            if stage in ("warmup", "finetune")
+            else ""
+        )
         setting = (
             f"{g['tokens']} tokens/batch"
             if stage == "collect"
@@ -647,7 +662,7 @@ def markdown(report: dict[str, Any]) -> str:
         )
         lines.append(
             f"| {names[stage]} | {r['measured_peak_rss_gb']:.2f} GB | {r['model_here_gb']['total']:.2f} GB | "
-            f"{r['model_28_layers_cpu_fp32_batch1_gb']['total']:.2f} GB | "
+            f"{r['model_28_layers_cpu_fp32_batch1_gb']['total']:.2f} GB{ckpt} | "
             f"{r['model_28_layers_gpu_bf16_gb']['total']:.2f} GB ({setting}) | "
             f"{t['value']:.1f} {t['unit']} | {r['timing_28_layers_cpu_extrapolated']:.0f} {t['unit']} |"
         )
@@ -662,6 +677,37 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def finish_report(report: dict[str, Any], out: Path) -> None:
+    """Add the model (params, memory terms, extrapolations, CPU efficiency) to the measured ``report``
+    and write ``out`` (JSON) and ``out.md`` (the table). ``--report-only`` reruns just this."""
+    ns = argparse.Namespace(layers=report["layers"], seq=report["seq"])
+    report["params"] = {
+        "selector_here": param_counts(SELECTOR_SHAPE, ns.layers),
+        "selector_28": param_counts(SELECTOR_SHAPE, FULL_LAYERS),
+        "target_here": param_counts(TARGET_SHAPE, ns.layers),
+        "target_28": param_counts(TARGET_SHAPE, FULL_LAYERS),
+        "lora_r128_28": lora_params(TARGET_SHAPE, FULL_LAYERS, LORA_RANK),
+    }
+    report["stages"] = build_report(
+        ns, report["runs"], report["activation_probe"], report["runtime_floor_gb"], report["encoded_lengths"]
+    )
+    collect, matmul = report["stages"]["collect"], report["matmul"]
+    achieved = collect["forward_gflop_per_sample_here"] / collect["timing_here"]["value"]
+    report["stage2_cpu_efficiency"] = {
+        "achieved_gflop_per_s": round(achieved, 2),
+        "matmul": matmul,
+        "ratio_to_matmul": round(achieved / matmul["gflop_per_s"], 3),
+        "note": "Stage 2's s/sample includes encoding and writing the shard (bench_stage2.py (d) times "
+        "the forward alone)",
+    }
+    report["table_md"] = markdown(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(report["table_md"])
+    print(report["table_md"])
+    print(f"written: {out} and {out.with_suffix('.md')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -673,7 +719,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temp dir, removed at the end")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "real_shape.json")
+    parser.add_argument(
+        "--report-only",
+        type=Path,
+        default=None,
+        help="recompute the model and the table from the measurements in this JSON (no runs)",
+    )
     args = parser.parse_args()
+    if args.report_only:
+        finish_report(json.loads(args.report_only.read_text()), args.out)
+        return
 
     torch.set_num_threads(args.threads)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="real_shape_"))
@@ -706,31 +761,10 @@ def main() -> None:
             "encoded_lengths": lengths,
             "runtime_floor_gb": floor,
             "activation_probe": probe,
-            "params": {
-                "selector_here": param_counts(SELECTOR_SHAPE, args.layers),
-                "selector_28": param_counts(SELECTOR_SHAPE, FULL_LAYERS),
-                "target_here": param_counts(TARGET_SHAPE, args.layers),
-                "target_28": param_counts(TARGET_SHAPE, FULL_LAYERS),
-                "lora_r128_28": lora_params(TARGET_SHAPE, FULL_LAYERS, LORA_RANK),
-            },
+            "matmul": matmul,
             "runs": stages,
         }
-        report["stages"] = build_report(args, stages, probe, floor, lengths)
-        collect = report["stages"]["collect"]
-        achieved = collect["forward_gflop_per_sample_here"] / collect["timing_here"]["value"]
-        report["stage2_cpu_efficiency"] = {
-            "achieved_gflop_per_s": round(achieved, 2),
-            "matmul": matmul,
-            "ratio_to_matmul": round(achieved / matmul["gflop_per_s"], 3),
-            "note": "Stage 2's s/sample includes encoding and writing the shard (bench_stage2.py (d) times "
-            "the forward alone)",
-        }
-        report["table_md"] = markdown(report)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(report["table_md"])
-        print(report["table_md"])
-        print(f"written: {args.out} and {args.out.with_suffix('.md')}")
+        finish_report(report, args.out)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -7,10 +7,12 @@ array: ``data_process.num_parts=N data_process.part_index=i output_dir=<shared d
 
 Recipe: load the gated selector and its Stage 1 weights -> read every dataset's records -> cut each
 dataset into shards of ``data_process.shard_size`` records -> fingerprint the setup (a rerun with
-other settings refuses to mix, before anything is written) -> for the shards of this job (part) and
-rank that are not finished and intact: encode the shard's records (the next shard is encoded in a
-background thread while this one is scored), score them in token-budget batches (one backbone
-forward each), write the shard atomically with a marker holding its size and sha256 -> once every
+other settings refuses to mix, before anything is written) and write the shard plan
+(``router_data/plan.json``: every shard and its part, so that selection can name what an unfinished
+run still lacks) -> for the shards of this job (part) and rank that are not finished and intact:
+encode the shard's records (the next shard is encoded in a background thread while this one is
+scored), score them in token-budget batches (one backbone forward each), write the shard atomically
+with a marker holding its size and sha256 -> once every
 shard is finished (here, or by the other parts), rank 0 writes each dataset's index
 (``router_data/<dataset>_router_data.pt``), the scored records (``router_data/<dataset>_records.jsonl``),
 ``dropped_samples.jsonl`` and ``stage2_metrics.json``.
