@@ -529,7 +529,13 @@ def stage_timing(stage: str, work: Path, samples: int) -> dict[str, Any]:
         return {"unit": "s/step", "value": m["train_runtime_s"] / max(m["global_step"], 1)}
     if stage == "collect":
         m = json.loads((work / "collect" / "stage2_metrics.json").read_text())
-        return {"unit": "s/sample", "value": 1 / m["samples_per_s"], "tokens_per_s": m["tokens_per_s"]}
+        # From tokens/s (samples_per_s is rounded to 0.01, too coarse at ~0.06 samples/s).
+        seconds = m["tokens_scored_this_run"] / m["tokens_per_s"]
+        return {
+            "unit": "s/sample",
+            "value": seconds / m["samples_scored_this_run"],
+            "tokens_per_s": m["tokens_per_s"],
+        }
     if stage == "evaluate":
         m = json.loads((work / "evaluate" / "eval_results.json").read_text())
         # wall_time_s covers the adapter check (2 forwards of 1 sample) and the held-out loss.
