@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -84,7 +85,11 @@ GPU_SETTINGS = {
 }
 LORA_RANK = 128  # Stage 3's default (the seed's)
 # Words of the long synthetic samples (any text works; the tiny tokenizer splits these into few tokens).
-WORDS = "the model reads every sample once and the gates say how far each layer had to open for each token while perplexity of next weighs them data selection keeps best share records river house music mouse number answer question order digits letters sort reverse count words".split()  # noqa: E501, SIM905
+TEXT = (
+    "the model reads every sample once and the gates say how far each layer had to open for each token "
+    "while perplexity of next weighs them data selection keeps best share records river house music "
+    "mouse number answer question order digits letters sort reverse count words"
+)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -140,9 +145,10 @@ def long_records(tokenizer: Any, n: int, tokens: int, seed: int, dataset: str) -
     from quality_gate.data import encode_record
 
     rng = random.Random(seed)
+    words_list = TEXT.split()
 
     def text(words: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(words))
+        return " ".join(rng.choice(words_list) for _ in range(words))
 
     out = []
     for i in range(n):
@@ -175,8 +181,6 @@ def build_assets(
 
     ``which`` limits the models built (``"selector"``, ``"target"``); empty: both.
     """
-    from quality_gate.models import load_target
-
     out_dir.mkdir(parents=True, exist_ok=True)
     which = which or ("selector", "target")
     paths: dict[str, Path] = {}
@@ -194,7 +198,6 @@ def build_assets(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    del load_target
     for split, n, s in (("train", num_samples, seed), ("eval", num_samples, seed + 100)):
         rows = long_records(tokenizer, n, tokens, s, f"long_{split}")
         path = out_dir / f"{split}.jsonl"
@@ -556,6 +559,43 @@ def encoded_lengths(paths: dict[str, Path], seq: int) -> dict[str, list[int]]:
     return out
 
 
+def trained_params(stage: str, layers: int) -> int:
+    """Parameters a training stage updates: Stage 1 the gates (one H-vector per layer), Stage 3 LoRA."""
+    if stage == "warmup":
+        return layers * SELECTOR_SHAPE["hidden_size"]
+    if stage == "finetune":
+        return lora_params(TARGET_SHAPE, layers, LORA_RANK)
+    return 0
+
+
+def _stage_model(
+    stage: str,
+    shape: dict[str, Any],
+    act: dict[str, float],
+    layers: int,
+    b: int,
+    batch: int,
+    tokens: int,
+    checkpointing: bool,
+    chunk: int,
+    floor_gb: float,
+) -> dict[str, float]:
+    """:func:`memory_model` of ``stage`` with its trained parameters at ``layers`` layers."""
+    return memory_model(
+        stage,
+        shape,
+        layers,
+        bytes_per_weight=b,
+        batch=batch,
+        tokens=tokens,
+        checkpointing=checkpointing,
+        trained_params=trained_params(stage, layers),
+        nll_chunk_tokens=chunk,
+        floor_gb=floor_gb,
+        **act,
+    )
+
+
 def build_report(
     args: argparse.Namespace,
     stages: dict[str, dict[str, Any]],
@@ -563,55 +603,39 @@ def build_report(
     floor_gb: float,
     lengths: dict[str, list[int]],
 ) -> dict[str, Any]:
+    """Per stage: the measured peak and time, the model at the measured setting, and its
+    extrapolations to 28 layers (CPU float32 batch 1, with and without checkpointing; GPU bf16)."""
     seq, n = args.seq, args.layers
-    tok = {"warmup": "selector", "collect": "selector", "finetune": "target", "evaluate": "target"}
-    model_rows = {}
-    for stage in ("warmup", "collect", "finetune", "evaluate"):
-        shape = SELECTOR_SHAPE if tok[stage] == "selector" else TARGET_SHAPE
-        tokens = max(lengths[tok[stage]])
-        act: dict[str, Any] = {}
-        trained = lambda layers: 0  # noqa: E731
+    model_of = {"warmup": "selector", "collect": "selector", "finetune": "target", "evaluate": "target"}
+    rows: dict[str, Any] = {}
+    for stage, which in model_of.items():
+        shape = SELECTOR_SHAPE if which == "selector" else TARGET_SHAPE
+        tokens = max(lengths[which])
+        act: dict[str, float] = {}
         if stage in probe:
             per = [x / probe["tokens"] for x in probe[stage]["per_layer"]]
             act = {"act_first": per[0], "act_layer": per[-1]}
-        if stage == "warmup":
-            trained = lambda layers: layers * SELECTOR_SHAPE["hidden_size"]  # noqa: E731
-        elif stage == "finetune":
-            trained = lambda layers: lora_params(TARGET_SHAPE, layers, LORA_RANK)  # noqa: E731
         gpu = GPU_SETTINGS[stage]
-        chunk = {"collect": 1024, "evaluate": 1024}.get(stage, 1024)
-        here = memory_model(
-            stage, shape, n, bytes_per_weight=4, batch=1, tokens=tokens, trained_params=trained(n),
-            nll_chunk_tokens=chunk, floor_gb=floor_gb, **act,
-        )  # fmt: skip
-        cpu28 = memory_model(
-            stage, shape, FULL_LAYERS, bytes_per_weight=4, batch=1, tokens=seq,
-            trained_params=trained(FULL_LAYERS), nll_chunk_tokens=chunk, floor_gb=floor_gb, **act,
-        )  # fmt: skip
-        cpu28_ckpt = memory_model(
-            stage, shape, FULL_LAYERS, bytes_per_weight=4, batch=1, tokens=seq, checkpointing=True,
-            trained_params=trained(FULL_LAYERS), nll_chunk_tokens=chunk, floor_gb=floor_gb, **act,
-        )  # fmt: skip
-        if stage == "collect":
-            gpu_batch, gpu_tokens = 1, gpu["tokens_per_batch"]
-        else:
-            gpu_batch, gpu_tokens = gpu["batch"], seq
-        gpu28 = memory_model(
-            stage, shape, FULL_LAYERS, bytes_per_weight=2, batch=gpu_batch, tokens=gpu_tokens,
-            trained_params=trained(FULL_LAYERS), checkpointing=bool(gpu.get("checkpointing")),
-            nll_chunk_tokens=int(gpu.get("nll_chunk_tokens", 1024)), floor_gb=1.0, **act,
-        )  # fmt: skip
+
+        model = functools.partial(_stage_model, stage, shape, act)
+        gpu_batch, gpu_tokens = (1, gpu["tokens_per_batch"]) if stage == "collect" else (gpu["batch"], seq)
+        gpu_ckpt, gpu_chunk = bool(gpu.get("checkpointing")), int(gpu.get("nll_chunk_tokens", 1024))
         # Every position reaches the LM head: HF's training loss and Stage 2 (all positions are scored).
         flops_here = forward_flop_per_sample(shape, n, tokens, tokens)
         flops_28 = forward_flop_per_sample(shape, FULL_LAYERS, seq, seq)
         timing = stages[stage]["timing"]
-        model_rows[stage] = {
+        rows[stage] = {
             "tokens_per_sample": tokens,
             "measured_peak_rss_gb": stages[stage]["peak_rss_gb"],
-            "model_here_gb": here,
-            "model_28_layers_cpu_fp32_batch1_gb": cpu28,
-            "model_28_layers_cpu_fp32_batch1_checkpointing_gb": cpu28_ckpt,
-            "model_28_layers_gpu_bf16_gb": gpu28,
+            "model_here_gb": model(n, 4, 1, tokens, False, 1024, floor_gb),
+            "model_28_layers_cpu_fp32_batch1_gb": model(FULL_LAYERS, 4, 1, seq, False, 1024, floor_gb),
+            "model_28_layers_cpu_fp32_batch1_checkpointing_gb": model(
+                FULL_LAYERS, 4, 1, seq, True, 1024, floor_gb
+            ),
+            # 1 GB for the CUDA context and the allocator's slack.
+            "model_28_layers_gpu_bf16_gb": model(
+                FULL_LAYERS, 2, gpu_batch, gpu_tokens, gpu_ckpt, gpu_chunk, 1.0
+            ),
             "gpu_setting": {"batch": gpu_batch, "tokens": gpu_tokens, **gpu},
             "forward_gflop_per_sample_here": round(flops_here / 1e9, 1),
             "forward_gflop_per_sample_28_layers": round(flops_28 / 1e9, 1),
@@ -619,11 +643,11 @@ def build_report(
             # Same FLOP rate assumed: time scales with the forward FLOPs.
             "timing_28_layers_cpu_extrapolated": round(timing["value"] * flops_28 / flops_here, 1),
         }
-    model_rows["select"] = {
+    rows["select"] = {
         "measured_peak_rss_gb": stages["select"]["peak_rss_gb"],
         "timing_here": {"unit": "s (whole run)", "value": stages["select"]["wall_s"]},
     }
-    return model_rows
+    return rows
 
 
 def markdown(report: dict[str, Any]) -> str:
