@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser test test-fast lint format demo sweep assets bench clean wheel-test
+.PHONY: install browser test test-fast test-cluster lint format demo sweep assets bench clean wheel-test
 
 # The report explorer's browser test needs chromium + chromedriver; without them it is skipped.
 # install tries `make browser` once per venv and never fails because of it.
@@ -39,6 +39,10 @@ $(STAMP): pyproject.toml Makefile
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+# More than one machine and real shapes (docs/cluster.md, docs/real_shape.md): also part of `make test`.
+test-cluster: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_cluster.py tests/test_stage2_parts.py tests/test_real_shape.py
 
 test-fast: install
 	$(PY) -m pytest -q tests -m "not slow and not dist"

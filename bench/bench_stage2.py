@@ -8,6 +8,12 @@
 (b) peak RSS of collection on a tiny model with a 151,936-entry vocabulary at 8,192 tokens per
     batch, measured in a fresh subprocess. Target: < 1.5 GB (dense float32 logits alone: 5 GB).
 (c) bytes on disk per scored token in the shards of run (a). Target: <= 2 x layers + 8.
+(d) CPU efficiency: the achieved FLOP/s of Stage 2's forward (``collect_batch`` over the stage's own
+    token-budget batches of the same samples) against a float32 ``torch.matmul`` of
+    (tokens, hidden) x (hidden, intermediate) measured in the same run with the same thread count;
+    prints the ratio. FLOPs per batch (bench/flops.py): 2 x P_lin x B x S (every decoder Linear,
+    gates included, per padded token) + 4 x L x heads x head_dim x B x S^2 (scores and values, the
+    dense square) + 2 x V x H x scored positions (the LM head); "useful" counts real tokens only.
 """
 
 from __future__ import annotations
@@ -99,6 +105,69 @@ def bench_throughput(num_samples: int, threads: int) -> dict:
     }
 
 
+def bench_flops(num_samples: int, threads: int) -> dict:
+    """(d) achieved FLOP/s of Stage 2's forward vs a matmul of the same width, same thread count."""
+    from flops import batch_flops, decoder_dims, matmul_flops_per_s
+
+    from quality_gate.data import encode_records, load_records, pad_batch, token_budget_batches
+    from quality_gate.models import load_selector
+    from quality_gate.stats.collect import collect_batch
+
+    torch.set_num_threads(threads)
+    cfg = stage2_config([])
+    dp = cfg.data_process
+    model, tokenizer = load_selector(str(cfg.selector_model.path), dtype="float32", device="cpu")
+    model.eval()
+    records = load_records(cfg.dataset, seed=int(cfg.seed), report_dir=None)
+    samples, _, _ = encode_records(
+        records, tokenizer, int(cfg.dataset.max_sequence_length), str(cfg.dataset.truncation)
+    )
+    samples = samples[:num_samples]
+    batches = token_budget_batches(
+        [len(s.input_ids) for s in samples],
+        int(dp.max_tokens_per_batch),
+        int(dp.batch_size),
+        bool(cfg.dataset.sort_by_length),
+    )
+    dims = decoder_dims(model)
+    padded = [pad_batch([samples[i] for i in rows], int(tokenizer.pad_token_id)) for rows in batches]
+
+    def forward(batch: dict) -> None:
+        collect_batch(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            chunk_tokens=int(dp.nll_chunk_tokens),
+        )
+
+    forward(padded[0])  # warm-up
+    seconds, executed, useful, slots = 0.0, 0.0, 0.0, 0
+    for batch in padded:
+        start = time.perf_counter()
+        forward(batch)
+        seconds += time.perf_counter() - start
+        b, width = batch["input_ids"].shape
+        f = batch_flops(dims, width, batch["attention_mask"].sum(1).tolist())
+        executed, useful, slots = executed + f["executed"], useful + f["useful"], slots + b * width
+    tokens = max(1, round(slots / len(padded)))  # the mean padded batch: the shape the forward ran
+    matmul = matmul_flops_per_s(tokens, dims["hidden"], dims["intermediate"])
+    achieved = executed / seconds / 1e9
+    return {
+        "model": dims,
+        "batches": len(padded),
+        "samples": len(samples),
+        "forward_seconds": round(seconds, 3),
+        "executed_gflop": round(executed / 1e9, 2),
+        "useful_gflop": round(useful / 1e9, 2),
+        "achieved_gflop_per_s": round(achieved, 2),
+        "achieved_useful_gflop_per_s": round(useful / seconds / 1e9, 2),
+        "matmul": matmul,
+        "ratio_to_matmul": round(achieved / matmul["gflop_per_s"], 3),
+        "threads": threads,
+    }
+
+
 def rss_child(vocab: int, tokens_per_batch: int, chunk: int) -> None:
     """(b), in a fresh process: collect one 8,192-token batch on a tiny 151,936-vocab model."""
     from transformers import AutoModelForCausalLM, Qwen3Config
@@ -175,6 +244,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "rss": bench_rss(args.vocab, args.tokens, args.chunk),
         "throughput": bench_throughput(args.num_samples, args.threads),
+        "flops": bench_flops(args.num_samples, args.threads),
     }
     results["targets_met"] = {
         "speedup_ge_5x": results["throughput"]["speedup"] >= 5,
@@ -185,6 +255,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+    f = results["flops"]
+    print(
+        f"Stage 2 forward: {f['achieved_gflop_per_s']} GFLOP/s executed "
+        f"({f['achieved_useful_gflop_per_s']} useful) vs matmul {f['matmul']['shape']} "
+        f"{f['matmul']['gflop_per_s']} GFLOP/s on {f['threads']} thread(s): ratio {f['ratio_to_matmul']}"
+    )
 
 
 if __name__ == "__main__":

@@ -43,6 +43,25 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "convert": ["--init-std", "0"],
         "warmup": ["quality_gate.init_std=0", "training.epochs=6"],
     },
+    # Zero init and a cosine decay to 0: the last batches (their order differs by seed) move the gates less.
+    "zero_init_cosine": {
+        "convert": ["--init-std", "0"],
+        "warmup": ["quality_gate.init_std=0", "training.lr_scheduler_type=cosine"],
+    },
+    # Zero init and a 4x larger batch (less order noise per step, 4x fewer steps).
+    "zero_init_bs64": {
+        "convert": ["--init-std", "0"],
+        "warmup": ["quality_gate.init_std=0", "training.batch_size=64", "training.per_device_batch_size=16"],
+    },
+    # Zero init, cosine decay and a higher peak learning rate.
+    "zero_init_cosine_lr1e-3": {
+        "convert": ["--init-std", "0"],
+        "warmup": [
+            "quality_gate.init_std=0",
+            "training.lr_scheduler_type=cosine",
+            "training.learning_rate=1e-3",
+        ],
+    },
     # Zero init, higher learning rate (the gradient is the only signal, so let it move further).
     "zero_init_lr1e-3": {
         "convert": ["--init-std", "0"],

@@ -88,6 +88,7 @@ def hydra_app(config_name: str | None, argv: Sequence[str] | None = None) -> Non
         print(stage_help(name or "warmup", f"{sys.argv[0]} --config-name {name}"))
         return
     args = [("--help" if a == "--hydra-help" else a) for a in args]
+    _check_multi_node_run_dir(_config_name_in(args) or config_name, args)
     register_configs()
     sys.argv = [sys.argv[0], *args]
     main: Callable[[], None] = hydra.main(
@@ -98,6 +99,25 @@ def hydra_app(config_name: str | None, argv: Sequence[str] | None = None) -> Non
     finally:
         if not os.environ.get("QG_NO_FREEZE"):
             gc.freeze()  # see run_stage: what the run allocated need not be walked again at exit
+
+
+# Stages that make a run dir (selection writes into its input dir).
+_RUN_DIR_STAGES = {"warmup", "collect", "finetune", "evaluate", "experiment"}
+
+
+def _check_multi_node_run_dir(config_name: str | None, args: Sequence[str]) -> None:
+    """Under a multi-node launch, exit before Hydra makes a run dir unless one is named on the command
+    line: each node's default dir would carry its own start time (see runs.check_shared_run_dir)."""
+    from quality_gate.runs import MULTI_NODE_RUN_DIR_HELP, is_multi_node, local_world_size, world_size
+
+    if CONFIG_STAGES.get(config_name or "") not in _RUN_DIR_STAGES or not is_multi_node():
+        return
+    keys = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
+    if keys & {"output_dir", "hydra.run.dir"}:
+        return
+    message = MULTI_NODE_RUN_DIR_HELP.format(world=world_size(), local=local_world_size())
+    log.error("%s", message)
+    raise SystemExit(f"error: {message}")
 
 
 def _config_name_in(args: Sequence[str]) -> str | None:

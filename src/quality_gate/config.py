@@ -859,9 +859,29 @@ def _asset(relative: str) -> str:
     return str(path)
 
 
+def _rank_suffix() -> str:
+    """``""`` on global rank 0, ``.rank<N>`` on the others: every rank of a launch writes its own log
+    file into the shared run dir (``<stage>.log``, ``<stage>.rank1.log``, ...) instead of all of them
+    appending to one file, which a shared (network) filesystem does not keep intact across nodes."""
+    rank = os.environ.get("RANK", "0")
+    return "" if rank == "0" else f".rank{rank}"
+
+
+def _hydra_subdir() -> str | None:
+    """Hydra's ``.hydra/`` record of the composed config: written by global rank 0 only."""
+    return ".hydra" if os.environ.get("RANK", "0") == "0" else None
+
+
 def register_resolvers() -> None:
     """Register the OmegaConf resolvers the configs use (idempotent)."""
-    for name, fn in (("qg_or", _first_set), ("qg_now", _now), ("qg_suffix", _suffix), ("qg_asset", _asset)):
+    for name, fn in (
+        ("qg_or", _first_set),
+        ("qg_now", _now),
+        ("qg_suffix", _suffix),
+        ("qg_asset", _asset),
+        ("qg_rank_suffix", _rank_suffix),
+        ("qg_hydra_subdir", _hydra_subdir),
+    ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

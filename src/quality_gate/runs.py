@@ -4,7 +4,10 @@ Every stage writes into ``outputs/<run_name>/YYYY-MM-DD/HH-MM-SS-<key overrides>
 see ``configs/_run_dir.yaml``; ``run_name`` is the stage name) and starts with :func:`init_run`, which
 saves the resolved config (``config.yaml``) and a ``manifest.json`` (git commit, package versions,
 models, dataset fingerprints, seed). All ranks of a ``torchrun`` launch share one run dir (the
-``qg_now`` resolver of :mod:`quality_gate.config` takes the launcher's start time).
+``qg_now`` resolver of :mod:`quality_gate.config` takes the launcher's start time); a launch over
+several nodes must name it (``output_dir``, on a filesystem every node mounts): the nodes' launchers
+start at different times. Only global rank 0 (``RANK=0``) writes the shared files; see
+docs/cluster.md for who writes what.
 """
 
 from __future__ import annotations
@@ -50,7 +53,41 @@ def world_size() -> int:
 
 
 def is_main_process() -> bool:
+    """Global rank 0: the one process of a launch (over all nodes) that writes the shared files."""
     return rank() == 0
+
+
+def local_world_size() -> int:
+    """Processes of this launch on this node (``LOCAL_WORLD_SIZE``, set by torchrun / accelerate)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+
+
+def is_multi_node() -> bool:
+    """The launch spans several nodes (more processes in all than on this node)."""
+    return world_size() > local_world_size()
+
+
+MULTI_NODE_RUN_DIR_HELP = (
+    "this launch spans several nodes (WORLD_SIZE={world}, LOCAL_WORLD_SIZE={local}): set "
+    "output_dir=<a dir on a filesystem every node mounts>. Each node composes its own config, and the "
+    "default run dir (outputs/<stage>/<date>/<time>) is named after that node's own start time, so "
+    "the nodes would write into different dirs. See docs/cluster.md"
+)
+
+
+def check_shared_run_dir(cfg: DictConfig) -> None:
+    """Under a multi-node launch, refuse a run dir that is not given explicitly (``output_dir`` or
+    ``hydra.run.dir``): the ranks of all nodes must write into one shared dir."""
+    if not is_multi_node() or cfg.get("output_dir"):
+        return
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if any(o.startswith("hydra.run.dir=") for o in HydraConfig.get().overrides.hydra):
+            return
+    except (ImportError, ValueError):
+        pass
+    raise ConfigError(MULTI_NODE_RUN_DIR_HELP.format(world=world_size(), local=local_world_size()))
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -107,6 +144,7 @@ def init_run(cfg: DictConfig, stage: str, **manifest_fields: Any) -> Path:
     instead of being replaced, so a refused or failed rerun never rewrites the provenance of the
     outputs already in the dir.
     """
+    check_shared_run_dir(cfg)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():

@@ -53,7 +53,7 @@ from quality_gate.selection.selectors import (
     select_detailed,
     selector_scores,
 )
-from quality_gate.stats.store import INDEX_SUFFIX, find_router_data, load_index
+from quality_gate.stats.store import INDEX_SUFFIX, PLAN_FILE, find_router_data, load_index, unfinished_run
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +100,20 @@ def _input_dir(cfg: DictConfig) -> tuple[Path, list[Path]]:
             )
         found = find_router_data(path)
         key = "root_dir"
+        plans = sorted(path.rglob(PLAN_FILE))
     else:
         path = Path(flat)
         if not path.is_dir():
             raise SelectionError(f"router_data_dir={flat} is not a directory")
         found = sorted(p for p in path.glob(f"*{INDEX_SUFFIX}") if p.is_file())
         key = "router_data_dir"
+        plans = [path / PLAN_FILE] if (path / PLAN_FILE).is_file() else []
+    # A Stage 2 run split into parts (job array) has no index until its last part finished: say which
+    # parts and shards are missing instead of "no router data".
+    for plan in plans:
+        problem = unfinished_run(plan.parent)
+        if problem:
+            raise SelectionError(f"{key}={path}: {problem}")
     if not found:
         raise SelectionError(
             f"{key}={path} holds no router data (*{INDEX_SUFFIX}); "

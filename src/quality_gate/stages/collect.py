@@ -7,10 +7,12 @@ array: ``data_process.num_parts=N data_process.part_index=i output_dir=<shared d
 
 Recipe: load the gated selector and its Stage 1 weights -> read every dataset's records -> cut each
 dataset into shards of ``data_process.shard_size`` records -> fingerprint the setup (a rerun with
-other settings refuses to mix, before anything is written) -> for the shards of this job (part) and
-rank that are not finished and intact: encode the shard's records (the next shard is encoded in a
-background thread while this one is scored), score them in token-budget batches (one backbone
-forward each), write the shard atomically with a marker holding its size and sha256 -> once every
+other settings refuses to mix, before anything is written) and write the shard plan
+(``router_data/plan.json``: every shard and its part, so that selection can name what an unfinished
+run still lacks) -> for the shards of this job (part) and rank that are not finished and intact:
+encode the shard's records (the next shard is encoded in a background thread while this one is
+scored), score them in token-budget batches (one backbone forward each), write the shard atomically
+with a marker holding its size and sha256 -> once every
 shard is finished (here, or by the other parts), rank 0 writes each dataset's index
 (``router_data/<dataset>_router_data.pt``), the scored records (``router_data/<dataset>_records.jsonl``),
 ``dropped_samples.jsonl`` and ``stage2_metrics.json``.
@@ -72,6 +74,7 @@ from quality_gate.stats.store import (
     shard_path,
     shard_problem,
     write_index,
+    write_plan,
     write_shard,
 )
 
@@ -191,6 +194,16 @@ def assign_shards(jobs: list[ShardJob], num_workers: int) -> list[list[ShardJob]
     for part in out:
         part.sort(key=lambda j: (j.dataset, j.index))
     return out
+
+
+def _plan_entries(parts: list[list[ShardJob]]) -> list[dict[str, Any]]:
+    """``plan.json``'s shard list: dataset, index, number of samples and the part that scores it."""
+    entries = [
+        {"dataset": j.dataset, "index": j.index, "samples": len(j.rows), "part": p}
+        for p, part in enumerate(parts)
+        for j in part
+    ]
+    return sorted(entries, key=lambda e: (e["dataset"], e["index"]))
 
 
 def _fingerprint_fields(
@@ -519,14 +532,16 @@ def run(cfg: DictConfig) -> None:
         jobs = plan_shards(datasets, int(dp.shard_size))
         router_dir = run_dir / "router_data"
         fields = _fingerprint_fields(cfg, tokenizer, weights, next(model.parameters()).dtype, datasets)
+        parts = assign_shards(jobs, int(dp.num_parts))
         if is_main_process():
             # Refuse a run dir of another setup before writing anything into it.
-            check_or_write_fingerprint(router_dir, fields)
+            fp = check_or_write_fingerprint(router_dir, fields)
             report_skipped(skipped, run_dir)
+            # Every part writes the same plan: selection reads it to name what is still missing.
+            write_plan(router_dir, fp, int(dp.num_parts), _plan_entries(parts))
         _barrier()
         fingerprint = check_or_write_fingerprint(router_dir, fields)  # every rank verifies
         part = list(range(int(dp.num_parts))) if dp.part_index is None else [int(dp.part_index)]
-        parts = assign_shards(jobs, int(dp.num_parts))
         mine = assign_shards([j for p in part for j in parts[p]], world_size())[rank()]
         if dp.finalize_only:
             mine = []

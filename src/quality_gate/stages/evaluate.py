@@ -143,7 +143,9 @@ def adapter_output_change(
         logits_on = head(on[start : start + chunk_tokens]).float()  # (C, V)
         with model.disable_adapter():
             logits_off = head(off[start : start + chunk_tokens]).float()  # (C, V)
-        change = max(change, (logits_on - logits_off).abs().max().item())
+        # In place: two (C, V) float32 buffers at the peak, not four (a difference and its abs).
+        change = max(change, logits_on.sub_(logits_off).abs_().max().item())
+        del logits_on, logits_off
     return change
 
 

@@ -3,6 +3,7 @@
 Layout of one Stage 2 run (``<run>/router_data/``)::
 
     fingerprint.json                       what produced the statistics (model, weights, tokenizer, ...)
+    plan.json                              every shard of the run and the part (job) that scores it
     <dataset>_router_data.pt               the index of one dataset (the seed's file name)
     <dataset>/shard-00000.pt               a shard: the statistics of a slice of the samples
     <dataset>/shard-00000.pt.done          completion marker, written after the shard itself: JSON with the
@@ -53,6 +54,7 @@ from quality_gate.io import atomic_torch_save, atomic_write_json
 
 FORMAT = "quality-gate/router-data/v2"
 INDEX_SUFFIX = "_router_data.pt"
+PLAN_FILE = "plan.json"
 SHARD_KEYS = ("sample_ids", "lengths", "gates", "perplexities", "assistant_mask", "valid", "invalid_reason")
 
 
@@ -89,6 +91,68 @@ def check_or_write_fingerprint(router_dir: Path, fields: dict[str, Any]) -> str:
         return fp
     atomic_write_json(path, {"fingerprint": fp, "fields": fields})
     return fp
+
+
+# --------------------------------------------------------------------------------------------- #
+# Plan: which shards make up the run, and which part (job) scores each
+# --------------------------------------------------------------------------------------------- #
+def write_plan(router_dir: Path, fingerprint: str, num_parts: int, shards: list[dict[str, Any]]) -> None:
+    """Store the shard plan of a Stage 2 run (``plan.json``), so that readers (selection) can tell an
+    unfinished run from a finished one and name what is missing without reading the records.
+
+    ``shards``: ``{"dataset", "index", "samples", "part"}`` per shard. Every job writes the same plan
+    (it is a function of the records, ``shard_size`` and ``num_parts``); the write is atomic.
+    """
+    atomic_write_json(
+        Path(router_dir) / PLAN_FILE,
+        {
+            "format": FORMAT,
+            "fingerprint": fingerprint,
+            "num_parts": int(num_parts),
+            "datasets": sorted({s["dataset"] for s in shards}),
+            "shards": shards,
+        },
+    )
+
+
+def unfinished_run(router_dir: Path) -> str | None:
+    """Why the Stage 2 run in ``router_dir`` cannot be read yet, or None when it can (or has no plan).
+
+    Checks that every dataset of the plan has its index and, when one is missing, lists the shards
+    that are not finished (size against the marker; the full checksum is verified when shards are
+    read) with the part that scores each.
+    """
+    router_dir = Path(router_dir)
+    plan_file = router_dir / PLAN_FILE
+    if not plan_file.is_file():
+        return None
+    plan = json.loads(plan_file.read_text(encoding="utf-8"))
+    missing_index = [d for d in plan["datasets"] if not (router_dir / f"{d}{INDEX_SUFFIX}").is_file()]
+    if not missing_index:
+        return None
+    fp, num_parts = plan.get("fingerprint"), int(plan.get("num_parts", 1))
+    missing = []
+    for s in plan["shards"]:
+        path = shard_path(router_dir, s["dataset"], int(s["index"]))
+        problem = shard_problem(path, fp, verify_checksum=False)
+        if problem is not None:
+            missing.append((path, int(s["part"]), problem))
+    run_dir = router_dir.parent
+    if not missing:
+        return (
+            f"every shard of the Stage 2 run {run_dir} is finished but the index of {missing_index} was not "
+            "written (the last part was interrupted while finishing?); run Stage 2 with "
+            f"data_process.finalize_only=true output_dir={run_dir} to write it"
+        )
+    parts = sorted({p for _, p, _ in missing})
+    listed = "; ".join(f"{p.relative_to(router_dir)} (part {part}): {why}" for p, part, why in missing[:5])
+    more = f"; ... ({len(missing)} in all)" if len(missing) > 5 else ""
+    return (
+        f"the Stage 2 run {run_dir} is not finished: {len(missing)} of {len(plan['shards'])} shards are not "
+        f"scored yet, in part(s) {parts} of data_process.num_parts={num_parts}: {listed}{more}. Run those "
+        f"parts (data_process.part_index=<i> output_dir={run_dir}); the last one to finish writes the "
+        "indexes (or run data_process.finalize_only=true afterwards)"
+    )
 
 
 # --------------------------------------------------------------------------------------------- #
