@@ -111,7 +111,7 @@ def one_run(work: Path, pool: Path, variant: dict[str, list[str]], seed: int, k:
         "per_kind": {f: v["auroc"] for f, v in audit["per_kind"].items()},
         "corrupted_share_of_kept": audit["corrupted_share_of_kept"],
         "gate_movement": {
-            k2: warm["gate_movement"][k2] for k2 in ("spread_ratio", "mean_shift", "late_share")
+            k2: warm["gate_movement"][k2] for k2 in ("learned_spread", "mean_shift", "late_share")
         },
         "perplexity_auroc": res.summary["corruption_audit"]["selectors"]["perplexity"]["auroc"],
     }

@@ -222,7 +222,7 @@ def test_stage1_lora_writes_an_adapter_that_merges(tmp_path):
     # gates before the merge) ends with the same merged gates.
     assert (tmp_path / "checkpoint-final" / "quality_gate_base.safetensors").is_file()
     torch.manual_seed(12345)
-    other, _ = load_selector(str(SELECTOR), device="cpu")
+    other, _ = load_selector(str(SELECTOR), device="cpu", gate_init_std=0.02)  # other, random gates
     assert any(not torch.equal(v, before[k]) for k, v in gate_state_dict(other).items())
     apply_stage1_weights(other, str(tmp_path / "checkpoint-final"))
     for k, v in gate_state_dict(other).items():

@@ -93,8 +93,9 @@ class GateInitConfig:
         0.0, "mean of the gate weight init when gates are attached on load (plain base model)"
     )
     init_std: float = opt(
-        0.02,
-        "std of that init; 0.02 starts every gate near sigmoid(0) = 0.5; 0 starts them all at exactly 0.5",
+        0.0,
+        "std of that init; 0 (default) starts every gate at exactly sigmoid(0) = 0.5, so the score does not "
+        "depend on a random init; method.md's 0.02 does (docs/method.md)",
         ge=0.0,
     )
 

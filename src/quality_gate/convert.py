@@ -17,6 +17,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from quality_gate.gate import DEFAULT_GATE_INIT_STD
+
 log = logging.getLogger(__name__)
 
 
@@ -35,7 +37,7 @@ def convert(
     save_path: str | Path,
     *,
     init_mean: float = 0.0,
-    init_std: float = 0.02,
+    init_std: float = DEFAULT_GATE_INIT_STD,
     dtype: str = "auto",
     seed: int = 0,
     trust_remote_code: bool = False,
@@ -72,7 +74,12 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
     parser.add_argument("--model", required=True, help="base model: HF id or local path")
     parser.add_argument("--save-path", required=True, help="output directory of the converted selector")
     parser.add_argument("--init-mean", type=float, default=0.0, help="mean of the gate weight init")
-    parser.add_argument("--init-std", type=float, default=0.02, help="std of the gate weight init")
+    parser.add_argument(
+        "--init-std",
+        type=float,
+        default=DEFAULT_GATE_INIT_STD,
+        help="std of the gate weight init (default 0: every gate starts at 0.5; method.md's was 0.02)",
+    )
     parser.add_argument(
         "--dtype",
         default="auto",

@@ -30,20 +30,24 @@ from quality_gate.errors import ConfigError
 log = logging.getLogger(__name__)
 
 GATE_PARAM_KEY = "quality_gate.gate"
+#: Std of the gate weight init. 0: every gate starts at exactly sigmoid(0) = 0.5 and the warmup's
+#: gradient alone shapes them, so the score does not depend on a random init (method.md's 0.02 made
+#: the selection move with the seed; docs/method.md has the figures).
+DEFAULT_GATE_INIT_STD = 0.0
 
 
 class QualityGate(nn.Module):
     """``Linear(hidden_size, 1, bias=False)`` producing one gate logit per token.
 
-    The weight starts at ``Normal(init_mean, init_std)``; with the defaults (0, 0.02) every gate is
-    close to ``sigmoid(0) = 0.5`` at the start of warmup.
+    The weight starts at ``Normal(init_mean, init_std)``; with the defaults (0, 0) every gate is
+    exactly ``sigmoid(0) = 0.5`` at the start of warmup.
     """
 
     def __init__(
         self,
         hidden_size: int,
         init_mean: float = 0.0,
-        init_std: float = 0.02,
+        init_std: float = DEFAULT_GATE_INIT_STD,
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -162,7 +166,7 @@ def _hidden_size(model: nn.Module, block: nn.Module) -> int:
 
 
 def attach_quality_gates(
-    model: nn.Module, init_mean: float = 0.0, init_std: float = 0.02
+    model: nn.Module, init_mean: float = 0.0, init_std: float = DEFAULT_GATE_INIT_STD
 ) -> list[QualityGatedMLP]:
     """Wrap the ``mlp`` of every decoder layer in a :class:`QualityGatedMLP` (in place).
 

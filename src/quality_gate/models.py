@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from quality_gate.errors import ConfigError, DataError, MissingPathError, ModelLoadError
 from quality_gate.gate import (
+    DEFAULT_GATE_INIT_STD,
     GATE_PARAM_KEY,
     attach_quality_gates,
     find_quality_gates,
@@ -297,7 +298,7 @@ def load_selector(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     gate_init_mean: float = 0.0,
-    gate_init_std: float = 0.02,
+    gate_init_std: float = DEFAULT_GATE_INIT_STD,
     key: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the gated selector model and its tokenizer.
@@ -313,7 +314,9 @@ def load_selector(
     )
     if is_converted_dir(path):
         gate_config = json.loads((Path(path) / GATE_CONFIG_FILE).read_text())
-        attach_quality_gates(model, gate_config.get("init_mean", 0.0), gate_config.get("init_std", 0.02))
+        attach_quality_gates(
+            model, gate_config.get("init_mean", 0.0), gate_config.get("init_std", DEFAULT_GATE_INIT_STD)
+        )
         _load_gate_tensors(model, load_file(str(Path(path) / GATE_WEIGHTS_FILE)), str(path))
         log.info("loaded converted selector from %s", path)
     else:
