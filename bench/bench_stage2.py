@@ -7,7 +7,8 @@
     data-juicer do (full float32 logits of one sample at a time). Target: >= 5x.
 (b) peak RSS of collection on a tiny model with a 151,936-entry vocabulary at 8,192 tokens per
     batch, measured in a fresh subprocess. Target: < 1.5 GB (dense float32 logits alone: 5 GB).
-(c) bytes on disk per scored token in the shards of run (a). Target: <= 2 x layers + 8.
+(c) bytes on disk per scored token in the shards of run (a), the per-sample embeddings counted apart
+    (bytes per sample). Target: <= 2 x layers + 8.
 (d) CPU efficiency: the achieved FLOP/s of Stage 2's forward (``collect_batch`` over the stage's own
     token-budget batches of the same samples) against a float32 ``torch.matmul`` of
     (tokens, hidden) x (hidden, intermediate) measured in the same run with the same thread count;
@@ -58,14 +59,17 @@ def bench_throughput(num_samples: int, threads: int) -> dict:
         raise SystemExit(f"only {metrics['samples']} samples in dataset.local.datasets; need {num_samples}")
 
     # (c) bytes per scored position, from the shards written by the run above.
-    shard_bytes, positions, layers = 0, 0, None
+    # The per-sample embeddings (diversity selection) are counted apart: they scale with samples, not tokens.
+    shard_bytes, positions, layers, embedding_bytes, stored_samples = 0, 0, None, 0, 0
     for index_path in find_router_data(out_dir):
         index = load_index(index_path)
         layers = index["num_layers"]
         positions += int(index["lengths"].sum())
         shard_bytes += sum((index_path.parent / rel).stat().st_size for rel in index["shards"])
-        for _ in iter_shards(index_path):
-            pass
+        for shard in iter_shards(index_path):
+            stored_samples += len(shard)
+            if shard.embeddings is not None:
+                embedding_bytes += shard.embeddings.numel() * shard.embeddings.element_size()
 
     # Baseline: the same model and samples, one sample at a time, full float32 logits.
     from quality_gate.models import load_selector
@@ -97,7 +101,9 @@ def bench_throughput(num_samples: int, threads: int) -> dict:
         "baseline_batch1_tokens_per_s": round(baseline_tps, 1),
         "baseline_samples": len(samples),
         "speedup": round(metrics["tokens_per_s"] / baseline_tps, 2),
-        "bytes_per_scored_token": round(shard_bytes / max(positions, 1), 3),
+        "bytes_per_scored_token": round((shard_bytes - embedding_bytes) / max(positions, 1), 3),
+        "embedding_bytes_per_sample": round(embedding_bytes / max(stored_samples, 1), 1),
+        "bytes_per_scored_token_with_embeddings": round(shard_bytes / max(positions, 1), 3),
         "bytes_per_token_limit": 2 * layers + 8 if layers else None,
         "num_layers": layers,
         "scored_positions": positions,
