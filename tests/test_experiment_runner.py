@@ -57,6 +57,7 @@ def test_runner_every_arm_matched_compute_and_traceable_numbers(tmp_path):
     arms = summary["arms"]
     assert list(arms) == [
         "quality_gate",
+        "quality_gate+cluster",
         "perplexity",
         "ifd",
         "random",
@@ -66,7 +67,15 @@ def test_runner_every_arm_matched_compute_and_traceable_numbers(tmp_path):
         "quality_gate (unwarmed gates)",
     ]
     pool = {r["id"]: r for r in _read_jsonl(run_dir / "data" / "train.jsonl")}
-    for arm in ("quality_gate", "perplexity", "ifd", "random_seed0", "random_seed1", "quality_gate_alpha0"):
+    arms_on_disk = (
+        "quality_gate",
+        "quality_gate+cluster",
+        "perplexity",
+        "ifd",
+        "random_seed0",
+        "random_seed1",
+    )
+    for arm in (*arms_on_disk, "quality_gate_alpha0"):
         kept = [r["id"] for r in _read_jsonl(run_dir / "select" / arm / "selected_data.jsonl")]
         assert len(kept) == 20  # ceil(0.25 * 80)
         # The audit in the selection's own summary is the one the runner reports (one rule, one place).
@@ -74,13 +83,17 @@ def test_runner_every_arm_matched_compute_and_traceable_numbers(tmp_path):
             "corruption_audit"
         ]
         selector = "random" if arm.startswith("random") else "quality_gate" if "alpha0" in arm else arm
+        selector = selector.partition("+")[0]
+        assert json.loads((run_dir / "select" / arm / "selection_summary.json").read_text())["diversity"][
+            "mode"
+        ] == ("cluster" if arm.endswith("+cluster") else "none")
         share = sum(pool[i]["meta"]["corruption"] != "none" for i in kept) / len(kept)
         assert audit["selectors"][selector]["corrupted_share_of_kept"] == pytest.approx(share)
         if arm in arms:
             assert arms[arm]["corrupted_kept_share"] == pytest.approx(share)
             assert arms[arm]["auroc"] == pytest.approx(audit["selectors"][selector]["auroc"])
     # Compute matched by steps: every fine-tuned arm, the full data included, trained 3 steps per seed.
-    for arm in ("quality_gate", "perplexity", "ifd", "random", "full"):
+    for arm in ("quality_gate", "quality_gate+cluster", "perplexity", "ifd", "random", "full"):
         assert arms[arm]["finetune_steps"] == 3, arm
         assert arms[arm]["finetune_tokens"] > 0 and arms[arm]["finetune_flops"] > 0
         losses = []

@@ -75,8 +75,8 @@ def test_verdict_only_outside_the_interval(metric, diff, word):
 def test_compute_matching_by_steps_and_epochs(tmp_path):
     cfg = make_config("experiment", {"compute.match": "steps", "compute.epochs": 10})
     data = {"quality_gate": tmp_path / "a", "full": tmp_path / "b"}
-    # batch 16 (overrides.finetune): ceil(10 * 600 / 16) = 375 steps for every arm, full data included.
-    assert finetune_plan(cfg, 600, data) == {a: {"training.max_steps": 375} for a in data}
+    # batch 32 (overrides.finetune): ceil(10 * 600 / 32) = 188 steps for every arm, full data included.
+    assert finetune_plan(cfg, 600, data) == {a: {"training.max_steps": 188} for a in data}
     cfg = make_config("experiment", {"compute.match": "epochs", "compute.epochs": 3})
     assert finetune_plan(cfg, 600, data)["full"] == {"training.epochs": 3.0, "training.max_steps": -1}
 
@@ -99,7 +99,7 @@ def test_compute_matching_by_tokens_gives_longer_samples_fewer_steps(tmp_path):
     short, long = write(tmp_path / "s.jsonl", "3"), write(tmp_path / "l.jsonl", "three " * 40)
     cfg = make_config("experiment", {"compute.match": "tokens", "compute.epochs": 10})
     plan = finetune_plan(cfg, 160, {"random": short, "verbose": long})
-    assert plan["random"]["training.max_steps"] == 100  # the reference keeps the steps budget
+    assert plan["random"]["training.max_steps"] == 50  # ceil(10 * 160 / 32): the reference keeps the steps
     # Same trained tokens: steps scale with the inverse of the mean sample length (target tokenizer).
     from helpers import TARGET
     from transformers import AutoTokenizer
@@ -115,7 +115,7 @@ def test_compute_matching_by_tokens_gives_longer_samples_fewer_steps(tmp_path):
         )
 
     assert length(long) > 2 * length(short)
-    assert plan["verbose"]["training.max_steps"] == round(100 * length(short) / length(long))
+    assert plan["verbose"]["training.max_steps"] == round(50 * length(short) / length(long))
 
 
 def test_render_markdown_states_compute_intervals_and_families():
@@ -156,3 +156,13 @@ def test_render_markdown_states_compute_intervals_and_families():
     assert "echo (predictable, held out)" in md and "0.400 (0.60)" in md
     assert "quality_gate (alpha=0) (selection only)" in md
     assert "- quality_gate is better than random on held-out loss" in md
+
+
+def test_an_arm_is_a_selector_optionally_with_a_diversity_rule():
+    from quality_gate.errors import ConfigError
+
+    cfg = make_config("experiment", {"selectors": ["quality_gate+cluster", "ifd+threshold", "random"]})
+    assert list(cfg.selectors) == ["quality_gate+cluster", "ifd+threshold", "random"]
+    for bad, named in (("quality_gate+kmeans", "kmeans"), ("gates+cluster", "gates")):
+        with pytest.raises(ConfigError, match=rf"unknown \['{named}'\].*<selector>\+threshold or \+cluster"):
+            make_config("experiment", {"selectors": [bad]})

@@ -269,8 +269,7 @@ class DataProcess:
     num_parts: int = opt(
         1,
         "split the shards into this many parts, scored by independent jobs (a Slurm array, any scheduler) "
-        "with "
-        "part_index; no rendezvous between them",
+        "with part_index; no rendezvous between them",
         ge=1,
     )
     part_index: int | None = opt(
@@ -675,7 +674,9 @@ class ExperimentConfig:
     target_model: str = opt(asset("models/tiny-qwen2-target"), "model fine-tuned on each selection")
     selection_percentage: float = opt(0.3, "budget k: every arm keeps ceil(k * N) samples", gt=0.0, le=1.0)
     selectors: list[str] = opt(
-        ["quality_gate", "perplexity", "ifd", "random"], "arms fine-tuned and compared at the same compute"
+        ["quality_gate", "quality_gate+cluster", "perplexity", "ifd", "random"],
+        "arms fine-tuned and compared at the same compute: a selector, or <selector>+cluster / +threshold "
+        "for that selector with a diversity rule (the select overrides apply to every arm)",
     )
     ablations: list[str] = opt(
         ["unwarmed", "alpha0"],
@@ -694,9 +695,15 @@ class ExperimentConfig:
 
     @staticmethod
     def check(cfg: Any) -> None:
-        unknown = sorted(set(cfg.selectors) - set(SELECTORS))
+        arms = [str(a).partition("+") for a in cfg.selectors]
+        unknown = sorted({s for s, _, _ in arms} - set(SELECT_SELECTORS)) + sorted(
+            {d for _, plus, d in arms if plus and d not in DIVERSITY[1:]}
+        )
         if unknown:
-            raise ConfigError(f"selectors={list(cfg.selectors)}: unknown {unknown}; choose from {SELECTORS}")
+            raise ConfigError(
+                f"selectors={list(cfg.selectors)}: unknown {unknown}; an arm is a selector of "
+                f"{SELECT_SELECTORS}, optionally with a diversity rule: <selector>+threshold or +cluster"
+            )
         bad = sorted(set(cfg.ablations) - {"unwarmed", "alpha0"})
         if bad:
             raise ConfigError(

@@ -147,7 +147,7 @@ def prepare(cfg: DictConfig, root: Path, steps: Steps) -> dict[str, Any]:
     collect = {
         **common,
         "selector_model.path": selector,
-        "collect_ifd": "ifd" in cfg.selectors,
+        "collect_ifd": any(str(a).partition("+")[0] in ("ifd", "combined") for a in cfg.selectors),
         "output_dir": str(stats),
     }
     with steps.step("Stage 2 statistics"):
@@ -224,15 +224,17 @@ def run_selections(
     rows: dict[str, Any] = {}
     files: dict[str, dict[int, Path]] = {}
     audit = None
-    for selector in cfg.selectors:
+    for name in cfg.selectors:
+        selector, _, diversity = str(name).partition("+")
+        extra = {"diversity": diversity} if diversity else {}
         seeds = list(cfg.seeds) if selector == "random" else [int(cfg.seed)]
         for seed in seeds:
-            arm = f"random_seed{seed}" if selector == "random" else selector
+            arm = f"{name}_seed{seed}" if selector == "random" else name
             with steps.step(f"select: {arm}"):
-                res = _select(cfg, prep["collect"], root / "select" / arm, k, selector, seed)
+                res = _select(cfg, prep["collect"], root / "select" / arm, k, selector, seed, **extra)
             rows[arm] = _audit_row(res.summary, selector)
             audit = audit or res.summary.get("corruption_audit")
-            files.setdefault(selector, {})[seed] = root / "select" / arm / "selected_data.jsonl"
+            files.setdefault(name, {})[seed] = root / "select" / arm / "selected_data.jsonl"
     if "alpha0" in cfg.ablations:
         with steps.step("select: quality_gate, alpha=0"):
             res = _select(
