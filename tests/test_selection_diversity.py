@@ -409,6 +409,44 @@ def test_cluster_end_to_end_per_dataset(stage2):
     assert np.array_equal(again.selected, res.selected)
 
 
+@pytest.mark.parametrize("pool", [1.0, 1.5, 2.0, 100.0])
+def test_cluster_pool_quotas_follow_the_top_of_the_ranking(stage2, pool):
+    """``diversity_pool=P``: the candidates are the top ``ceil(P x budget)`` by score (pure Python
+    reference); quotas follow their clusters; ``P = 1`` keeps exactly the plain top by score."""
+    root, _ = stage2
+    out = root / f"pool{pool:g}"
+    res = run_selection(
+        select_config(
+            root_dir=str(root),
+            diversity="cluster",
+            diversity_clusters=4,
+            diversity_pool=pool,
+            selection_percentage=0.25,
+            output_dir=str(out),
+        )
+    )
+    table = _table(out)
+    walk = _walk_order(table)  # eligible ids, best first
+    budget = math.ceil(0.25 * len(table))
+    top = walk[: math.ceil(pool * budget)]
+    cluster = dict(zip(table.id, table.cluster))
+    sizes = [sum(cluster[i] == c for i in top) for c in range(4)]
+    quotas = quotas_reference(sizes, budget)
+    want = {i for c in range(4) for i in [j for j in top if cluster[j] == c][: quotas[c]]}
+    kept = set(table[table.selected].id)
+    assert kept == want and len(kept) == budget == res.selected.sum()
+    if pool == 1.0:
+        assert kept == set(walk[:budget])
+    summary = json.loads((out / "selection_summary.json").read_text())
+    assert summary["diversity"]["pool"] == pool and summary["parameters"]["diversity_pool"] == pool
+    assert summary["diversity"]["groups"]["all"]["candidates"] == len(top)
+
+
+def test_cluster_pool_between_0_and_1_is_refused():
+    with pytest.raises(ConfigError, match=r"diversity_pool=0.5: 0 \(all valid samples\) or a factor >= 1"):
+        select_config(root_dir="x", diversity="cluster", diversity_pool=0.5)
+
+
 def test_combined_end_to_end(stage2):
     from scipy.stats import rankdata
 

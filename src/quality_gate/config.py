@@ -365,6 +365,12 @@ class SelectConfig:
         le=1.0,
     )
     diversity_clusters: int = opt(100, "diversity=cluster: number of k-means clusters", ge=1)
+    diversity_pool: float = opt(
+        0.0,
+        "diversity=cluster: 0 splits the budget over the clusters by all their valid samples; P >= 1 by "
+        "their share of the top P x budget samples by score, and keeps only those (1: no diversity)",
+        ge=0.0,
+    )
     alpha: float = opt(1.0, "token weight exponent: w = ppl^alpha / (sum ppl^alpha + eps)")
     eps: float = opt(1e-8, "eps of the token weights and of the column denominators", ge=0.0)
     tau: float = opt(0.0, "0: denominator factor max(mu_l, eps); > 0: (mu_l + tau)", ge=0.0)
@@ -404,6 +410,10 @@ class SelectConfig:
             w > 0 for w in weights.values()
         ):
             raise ConfigError(f"combined_weights={weights}: weights must be finite, >= 0, and one > 0")
+        if 0 < float(cfg.diversity_pool) < 1 or float(cfg.diversity_pool) == float("inf"):
+            raise ConfigError(
+                f"diversity_pool={cfg.diversity_pool}: 0 (all valid samples) or a factor >= 1 of the budget"
+            )
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -14,7 +14,10 @@ Modes (config key ``diversity``):
 * ``cluster``: k-means of the L2-normalised embeddings (spherical k-means: Euclidean k-means on unit
   vectors, the cosine geometry of ``threshold``) into ``k`` clusters; the budget is split over the
   clusters in proportion to their number of candidates (largest-remainder rounding, the total is
-  exactly the budget); within each cluster the best scores are kept.
+  exactly the budget); within each cluster the best scores are kept. The candidates are all valid
+  samples (``diversity_pool=0``: the selection keeps the pool's make-up, junk clusters included), or
+  only the top ``P x budget`` by score (``diversity_pool=P >= 1``: a quality floor first, then the
+  clusters' shares of what passed it; ``P = 1`` is the plain top by score).
 
 Scale (1,000,000 x 256 on 2 cores, ``bench/bench_diversity.py``): ``threshold`` compares blocks of
 candidates against the kept set with float32 matrix products (never an N x N matrix) and stops as
@@ -311,7 +314,8 @@ class Diversity:
     """How :func:`quality_gate.selection.selectors.select` spreads the budget.
 
     ``embeddings`` (N, D) (float16 as stored) for ``threshold``; ``labels`` (N,) the cluster of every
-    valid sample (-1 for the others) and ``num_clusters`` for ``cluster``; ``kmeans``: how it was fitted.
+    valid sample (-1 for the others) and ``num_clusters`` for ``cluster``; ``kmeans``: how it was fitted;
+    ``pool``: 0, or the factor of the budget that ``cluster`` draws its candidates from (best first).
     """
 
     mode: str = "none"
@@ -320,6 +324,7 @@ class Diversity:
     labels: np.ndarray | None = None
     num_clusters: int = 0
     kmeans: dict[str, Any] | None = None
+    pool: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in DIVERSITY_MODES:

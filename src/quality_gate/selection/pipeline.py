@@ -272,7 +272,9 @@ def _diversity(cfg: DictConfig, stats: SampleStats) -> Diversity:
         return Diversity(mode, float(cfg.diversity_threshold), embeddings=stats.embeddings)
     if mode == "cluster":
         assert stats.embeddings is not None
-        return cluster_diversity(stats.embeddings, stats.valid, int(cfg.diversity_clusters), int(cfg.seed))
+        div = cluster_diversity(stats.embeddings, stats.valid, int(cfg.diversity_clusters), int(cfg.seed))
+        div.pool = float(cfg.diversity_pool)
+        return div
     return Diversity()
 
 
@@ -367,7 +369,11 @@ def diversity_summary(res: SelectionResult) -> dict[str, Any]:
         out["pool_exhausted"] = any(g["pool_exhausted"] for g in groups.values())
     else:
         out["kmeans"] = div.kmeans
-        out["rule"] = "budget split over clusters by candidates (largest remainder); best score within each"
+        out["pool"] = div.pool
+        out["rule"] = (
+            "budget split over clusters by candidates (largest remainder), best score within each; "
+            "candidates: " + (f"the top {div.pool:g} x budget by score" if div.pool else "every valid sample")
+        )
     out["groups"] = groups
     return out
 
@@ -436,7 +442,11 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
         "input": str(cfg.root_dir or cfg.router_data_dir),
         "diversity": res.diversity.mode,
         **({"diversity_threshold": res.diversity.threshold} if res.diversity.mode == "threshold" else {}),
-        **({"diversity_clusters": int(cfg.diversity_clusters)} if res.diversity.mode == "cluster" else {}),
+        **(
+            {"diversity_clusters": int(cfg.diversity_clusters), "diversity_pool": float(cfg.diversity_pool)}
+            if res.diversity.mode == "cluster"
+            else {}
+        ),
         **({"combined_weights": dict(cfg.combined_weights)} if res.selector == "combined" else {}),
         "tau_rule": "denominator factor max(mu_l, eps) if tau == 0 else mu_l + tau",
     }

@@ -210,11 +210,13 @@ def select_detailed(
             }
         else:
             assert diversity is not None and diversity.labels is not None
+            candidates = np.zeros(len(ids), dtype=bool)
+            candidates[order[: math.ceil(diversity.pool * budget)] if diversity.pool else order] = True
             chosen, per_cluster = cluster_select(
-                scores.score, ids, scores.eligible & members, diversity.labels, diversity.num_clusters, budget
+                scores.score, ids, candidates, diversity.labels, diversity.num_clusters, budget
             )
             selected |= chosen
-            report[group] = {"budget": budget, "candidates": len(order), "kept": int(chosen.sum())}
+            report[group] = {"budget": budget, "candidates": int(candidates.sum()), "kept": int(chosen.sum())}
             report[group].update({f"cluster_{k}": v for k, v in per_cluster.items()})
     return Selection(rank, selected, skipped, report if mode != "none" else None)
 
