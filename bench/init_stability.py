@@ -1,6 +1,6 @@
 """How much does the quality-gate score depend on the gate's random init (and the warmup's data order)?
 
-    .venv/bin/python bench/init_stability.py --variants default zero_init --seeds 0 1 2 3 4 \
+    .venv/bin/python bench/init_stability.py --variants normal_init zero_init --seeds 0 1 2 3 4 \
         --pool-seed 100 --families held_out --out outputs/bench/init_stability.json
 
 For every variant and warmup seed: convert the tiny selector with that seed (gate init), run Stage 1
@@ -32,12 +32,15 @@ sys.path.insert(0, str(REPO / "src"))
 import numpy as np  # noqa: E402
 
 VARIANTS: dict[str, dict[str, list[str]]] = {
-    # The defaults as they are.
-    "default": {"convert": [], "warmup": []},
-    # Every gate starts at exactly sigmoid(0) = 0.5: the gradient alone shapes them.
+    # method.md's init, Normal(0, 0.02): the default until 2026-11-26 (the study's "default" rows).
+    "normal_init": {"convert": ["--init-std", "0.02"], "warmup": ["quality_gate.init_std=0.02"]},
+    # Every gate starts at exactly sigmoid(0) = 0.5: the gradient alone shapes them (the default since).
     "zero_init": {"convert": ["--init-std", "0"], "warmup": ["quality_gate.init_std=0"]},
-    # The default init, a warmup three times as long.
-    "long_warmup": {"convert": [], "warmup": ["training.epochs=6"]},
+    # method.md's init, a warmup three times as long.
+    "long_warmup": {
+        "convert": ["--init-std", "0.02"],
+        "warmup": ["quality_gate.init_std=0.02", "training.epochs=6"],
+    },
     # Zero init and the long warmup.
     "zero_init_long": {
         "convert": ["--init-std", "0"],
@@ -128,7 +131,7 @@ def spearman_mean(qs: list[dict[str, float]]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", nargs="+", default=["default", "zero_init"])
+    ap.add_argument("--variants", nargs="+", default=["normal_init", "zero_init"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--pool-seed", type=int, default=3)
     ap.add_argument("--families", nargs="+", default=["tuning"])
