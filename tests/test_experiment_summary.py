@@ -166,3 +166,32 @@ def test_an_arm_is_a_selector_optionally_with_a_diversity_rule():
     for bad, named in (("quality_gate+kmeans", "kmeans"), ("gates+cluster", "gates")):
         with pytest.raises(ConfigError, match=rf"unknown \['{named}'\].*<selector>\+threshold or \+cluster"):
             make_config("experiment", {"selectors": [bad]})
+
+
+def test_composition_hand_example(tmp_path):
+    import json
+
+    from quality_gate.experiment import composition
+
+    pool = [{"id": f"a{i}", "meta": {"task": "add"}} for i in range(6)] + [
+        {"id": f"d{i}", "meta": {"task": "describe"}} for i in range(4)
+    ]
+    pool.append({"id": "x", "meta": {}})  # no task: not counted
+
+    def write(name, ids):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"id": i}) + "\n" for i in ids))
+        return path
+
+    files = {
+        "qg": {0: write("qg.jsonl", ["a0", "a1", "a2", "a3"])},  # only "add"
+        "random": {0: write("r0.jsonl", ["a0", "d0"]), 1: write("r1.jsonl", ["a1", "a2", "a3", "d1"])},
+    }
+    comp = composition(pool, files, "task")
+    assert comp["pool_share"] == {"add": 0.6, "describe": 0.4}
+    # qg keeps 100 % add: ratio 1 / 0.6, 0 / 0.4; distance 0.5 * (0.4 + 0.4) = 0.4.
+    assert comp["arms"]["qg"]["ratio"] == {"add": pytest.approx(1.667, abs=1e-3), "describe": 0.0}
+    assert comp["arms"]["qg"]["distance"] == pytest.approx(0.4)
+    # random: mean of (0.5, 0.5) and (0.75, 0.25) = (0.625, 0.375): distance 0.025.
+    assert comp["arms"]["random"]["distance"] == pytest.approx(0.025)
+    assert composition(pool, files, "") is None and composition(pool, files, "category") is None

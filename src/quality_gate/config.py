@@ -700,6 +700,11 @@ class ExperimentConfig:
     statistics: Statistics = opt(Statistics(), "intervals of the differences to random")
     include_full: bool = opt(True, "also fine-tune on all candidates (no selection), at the same compute")
     include_base: bool = opt(True, "also evaluate the target without fine-tuning")
+    composition_key: str = opt(
+        "task",
+        "meta key that splits the pool into kinds (task, category, source): the summary compares each "
+        "selection's make-up with the pool's; '' = off",
+    )
     sweep: Sweep = opt(Sweep(), "a grid over noise rate and budget (make sweep)")
     overrides: StageOverrides = opt(StageOverrides(), "extra key=value overrides per stage")
 

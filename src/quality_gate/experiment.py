@@ -547,6 +547,19 @@ def render_markdown(summary: dict[str, Any]) -> str:
                 for f in names
             ]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    comp = summary.get("composition")
+    if comp:
+        values = list(comp["pool_share"])
+        lines += [
+            "",
+            f"## Make-up of each selection by meta.{comp['key']}: kept share / pool share (1 = as in pool)",
+            "",
+            "| arm | distance to the pool's make-up | " + " | ".join(values) + " |",
+            "|---|---|" + "---|" * len(values),
+        ]
+        for arm, row in comp["arms"].items():
+            cells = [_fmt(row["ratio"][v], 2) for v in values]
+            lines.append(f"| {arm} | {_fmt(row['distance'], 3)} | " + " | ".join(cells) + " |")
     cost = summary.get("selection_cost") or {}
     if cost:
         lines += [
@@ -624,6 +637,53 @@ def _families_of(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]
     }
 
 
+MAX_COMPOSITION_VALUES = 20
+
+
+def composition(
+    records: Sequence[dict[str, Any]], files: dict[str, dict[int, Path]], key: str
+) -> dict[str, Any] | None:
+    """Each selection's make-up by ``meta[key]`` against the pool's.
+
+    Per arm and value: kept share / pool share (1 = as in the pool; 0 = none of that kind kept),
+    averaged over the arm's selection files (random: one per seed), and ``distance``: the total
+    variation distance between the kept shares and the pool's (0 = the pool's make-up, 1 = disjoint).
+    Values beyond the ``MAX_COMPOSITION_VALUES`` largest are pooled as ``(other)``. None when no record
+    carries the key.
+    """
+    if not key:
+        return None
+
+    def kind(record: dict[str, Any]) -> str | None:
+        value = (record.get("meta") or {}).get(key)
+        return None if value is None else str(value)
+
+    kinds = {str(r["id"]): kind(r) for r in records}
+    counts: dict[str, int] = {}
+    for v in kinds.values():
+        if v is not None:
+            counts[v] = counts.get(v, 0) + 1
+    if not counts:
+        return None
+    top = sorted(counts, key=lambda v: (-counts[v], v))[:MAX_COMPOSITION_VALUES]
+    values = sorted(top) + (["(other)"] if len(counts) > len(top) else [])
+
+    def shares(ids: Sequence[str]) -> np.ndarray:
+        vs = [kinds.get(str(i)) for i in ids]
+        vs = [v if v in top else "(other)" for v in vs if v is not None]
+        return np.array([vs.count(v) for v in values], dtype=float) / max(len(vs), 1)
+
+    pool = shares(list(kinds))
+    arms: dict[str, Any] = {}
+    for arm, by_seed in files.items():
+        kept = np.mean([shares([r["id"] for r in _read_jsonl(f)]) for f in by_seed.values()], axis=0)
+        arms[arm] = {
+            "ratio": {v: round(float(k / p), 3) for v, k, p in zip(values, kept, pool)},
+            "distance": round(float(0.5 * np.abs(kept - pool).sum()), 4),
+        }
+    return {"key": key, "pool_share": dict(zip(values, pool.round(4).tolist())), "arms": arms}
+
+
 def regime_summary(
     cfg: DictConfig, root: Path, prep: dict[str, Any], k: float, steps: Steps
 ) -> dict[str, Any]:
@@ -649,6 +709,7 @@ def regime_summary(
         "num_candidates": len(records),
         "corrupted_candidates": sum(corruption_of(r) not in (None, "none") for r in records),
         "families": _families_of(records),
+        "composition": composition(records, sel["files"], str(cfg.composition_key)),
         "held_out_families": list(HELD_OUT_FAMILIES),
         "seeds": list(cfg.seeds),
         "compute": OmegaConf.to_container(cfg.compute),
