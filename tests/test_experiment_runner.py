@@ -163,6 +163,7 @@ def test_sweep_runs_stages_1_2_once_per_noise_rate_and_plots(tmp_path):
         assert cell["corrupted_candidates"] == round(cell["noise_rate"] * 80)
     page = (run_dir / "sweep_summary.html").read_text()
     assert page.count("data:image/png;base64,") == 1 and "noise rate" in page
+    assert "<td>0.5</td><td>0.25</td><td>quality_gate</td>" in page  # the table, as an HTML table
     assert "| 0.5 | 0.25 | quality_gate |" in (run_dir / "sweep_summary.md").read_text()
 
 

@@ -195,3 +195,14 @@ def test_composition_hand_example(tmp_path):
     # random: mean of (0.5, 0.5) and (0.75, 0.25) = (0.625, 0.375): distance 0.025.
     assert comp["arms"]["random"]["distance"] == pytest.approx(0.025)
     assert composition(pool, files, "") is None and composition(pool, files, "category") is None
+
+
+def test_markdown_to_html_tables_lists_and_escaping():
+    from quality_gate.experiment import markdown_to_html
+
+    md = "# T <x>\n\n| a | b |\n|---|---|\n| 1 | `c&d` |\n\n- one\n- two <b>\n\nplain"
+    page = markdown_to_html(md)
+    assert "<h2>T &lt;x&gt;</h2>" in page
+    table = "<table><tr><th>a</th><th>b</th></tr><tr><td>1</td><td><code>c&amp;d</code></td></tr></table>"
+    assert table in page
+    assert "<ul><li>one</li><li>two &lt;b&gt;</li></ul>" in page and "<p>plain</p>" in page

@@ -604,20 +604,68 @@ def _arms_figure(summary: dict[str, Any]) -> str:
     return _png(fig)
 
 
-def render_html(summary: dict[str, Any], figures: dict[str, str]) -> str:
-    """A self-contained page: the Markdown tables as HTML-escaped text and the figures as PNGs."""
+def markdown_to_html(md: str) -> str:
+    """The summaries' Markdown (headings, pipe tables, ``-`` lists, paragraphs, `code`) as HTML; every
+    piece of text escaped."""
+
+    def inline(text: str) -> str:
+        parts = html.escape(text).split("`")
+        return "".join(f"<code>{t}</code>" if i % 2 else t for i, t in enumerate(parts))
+
+    out: list[str] = []
+    table: list[list[str]] = []
+    items: list[str] = []
+
+    def flush() -> None:
+        if table:
+            head, *rows = [r for r in table if not all(set(c) <= set("-: ") for c in r)]
+            out.append(
+                "<table><tr>"
+                + "".join(f"<th>{inline(c)}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                + "</table>"
+            )
+            table.clear()
+        if items:
+            out.append("<ul>" + "".join(f"<li>{inline(i)}</li>" for i in items) + "</ul>")
+            items.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        if line.startswith("- "):
+            items.append(line[2:])
+            continue
+        flush()
+        if line.startswith("#"):
+            level = min(len(line) - len(line.lstrip("#")) + 1, 4)
+            out.append(f"<h{level}>{inline(line.lstrip('#').strip())}</h{level}>")
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    flush()
+    return "\n".join(out)
+
+
+def _page(title: str, figures: dict[str, str], md: str) -> str:
+    """A self-contained page: the figures as embedded PNGs, then the Markdown summary as HTML."""
     imgs = "".join(
-        f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"
-        for title, png in figures.items()
+        f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='data:image/png;base64,{png}'>"
+        for t, png in figures.items()
     )
-    body = html.escape(render_markdown(summary))
     return (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Quality-Gate experiment</title>"
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:0 auto;padding:16px}"
-        "pre{white-space:pre-wrap;font-size:12px}img{max-width:100%}</style></head><body>"
-        f"<h1>Quality-Gate experiment: {html.escape(str(summary['name']))}</h1>{imgs}<pre>{body}</pre>"
-        "</body></html>"
+        "table{border-collapse:collapse;font-size:12px;margin:8px 0}td,th{border:1px solid #ccc;"
+        "padding:2px 6px;text-align:left}img{max-width:100%}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>{imgs}{markdown_to_html(md)}</body></html>"
     )
+
+
+def render_html(summary: dict[str, Any], figures: dict[str, str]) -> str:
+    """The experiment's page: its figures and its Markdown summary."""
+    return _page(f"Quality-Gate experiment: {summary['name']}", figures, render_markdown(summary))
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -831,6 +879,7 @@ def render_sweep_html(sweep: dict[str, Any]) -> str:
     import matplotlib.pyplot as plt
 
     figures = {}
+    base = "base (no fine-tune)"
     for k in sweep["budgets"]:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
         for ax, metric in zip(axes, ("eval_loss", "exact_match")):
@@ -841,6 +890,11 @@ def render_sweep_html(sweep: dict[str, Any]) -> str:
                         p["noise"], p["low"], p["high"], color="#bbb", alpha=0.5, label="random (seed range)"
                     )
                     ax.plot(p["noise"], p["mean"], color="#777", ls="--")
+                elif arm == base and metric == "eval_loss":
+                    # Far above every fine-tuned arm: drawn, it would flatten them all; named instead.
+                    ax.set_title(f"{base}: {np.mean(p['mean']):.2f}", fontsize=9)
+                elif arm == base:
+                    ax.plot(p["noise"], p["mean"], color="k", ls=":", label=base)
                 else:
                     ax.plot(p["noise"], p["mean"], marker="o", label=arm)
             ax.set_xlabel("noise rate of the pool")
@@ -848,17 +902,7 @@ def render_sweep_html(sweep: dict[str, Any]) -> str:
             ax.legend(fontsize=8)
         fig.suptitle(f"budget k = {k:g}")
         figures[f"held-out metrics against noise rate, k = {k:g}"] = _png(fig)
-    imgs = "".join(
-        f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='data:image/png;base64,{png}'>"
-        for t, png in figures.items()
-    )
-    return (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Quality-Gate sweep</title>"
-        "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:0 auto;padding:16px}"
-        "pre{white-space:pre-wrap;font-size:12px}img{max-width:100%}</style></head><body>"
-        f"<h1>Quality-Gate sweep: {html.escape(str(sweep['name']))}</h1>{imgs}"
-        f"<pre>{html.escape(render_sweep_markdown(sweep))}</pre></body></html>"
-    )
+    return _page(f"Quality-Gate sweep: {sweep['name']}", figures, render_sweep_markdown(sweep))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
