@@ -176,3 +176,38 @@ def test_ifd_losses_match_cherry_llm_definition() -> None:
             uncond = model(input_ids=r, labels=r).loss
             torch.testing.assert_close(stats.ifd_loss_cond[i], cond, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(stats.ifd_loss_uncond[i], uncond, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", ["prompt", "response", "all"])
+def test_embeddings_average_the_chosen_tokens_of_each_sample_alone(tokens: str) -> None:
+    """Each sample's embedding = the mean last hidden state over its ``tokens``, computed one sample at a
+    time with no padding (a sample without labels falls back to all its tokens); ``prompt`` embeddings
+    do not depend on the response at all (causal attention)."""
+    model = tiny_gated_model()
+    seqs, labels = random_samples(5)
+    seqs.append([5, 6, 7, 8])
+    labels.append([-100] * 4)  # no assistant token
+    ids, am, lab = right_pad(seqs, labels)
+    got = collect_batch(model, ids, am, lab, embed=True, embedding_tokens=tokens).embeddings
+    assert got.shape == (6, 32) and got.dtype == torch.float16
+    for i, (s, lb) in enumerate(zip(seqs, labels)):
+        with torch.no_grad():
+            h = model.model(input_ids=torch.tensor([s])).last_hidden_state[0]  # (T, H)
+        first = next((t for t, x in enumerate(lb) if x != -100), None)
+        if first is None:
+            rows = list(range(len(s)))
+        else:
+            rows = {
+                "prompt": list(range(first)),
+                "response": [t for t, x in enumerate(lb) if x != -100],
+                "all": list(range(len(s))),
+            }[tokens]
+        want = h[rows].mean(0)
+        torch.testing.assert_close(got[i].float(), want, atol=2e-3, rtol=2e-3)
+    if tokens == "prompt":  # another response after the same prompt: the same embedding
+        s, lb = seqs[0], labels[0]
+        first = next(t for t, x in enumerate(lb) if x != -100)
+        other = s[:first] + [(x % 90) + 3 for x in s[first:]]
+        ids2, am2, lab2 = right_pad([other], [[-100] * first + other[first:]])
+        again = collect_batch(model, ids2, am2, lab2, embed=True, embedding_tokens="prompt").embeddings
+        torch.testing.assert_close(again[0], got[0], atol=2e-3, rtol=0)

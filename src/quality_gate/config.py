@@ -261,9 +261,15 @@ class DataProcess:
     )
     embedding_dim: int = opt(
         256,
-        "store one embedding per sample (last hidden state, mean over assistant tokens, random projection to "
-        "this many dims, float16) for diversity selection; 0: none",
+        "store one embedding per sample (last hidden state, mean over embedding_tokens, random projection "
+        "to this many dims, float16) for diversity selection; 0: none",
         ge=0,
+    )
+    embedding_tokens: str = opt(
+        "prompt",
+        "tokens the embedding averages: prompt (before the first assistant token: what the sample asks, "
+        "blind to the answer) | response | all",
+        choices=["prompt", "response", "all"],
     )
     prefetch: bool = opt(True, "encode the next shard in a background thread while the current one is scored")
     num_parts: int = opt(

@@ -1,7 +1,7 @@
 """Quality *and* diversity: which of the best-scoring samples to keep so that the selection is not
 a pile of near-duplicates. Works on any selector's ranking, with Stage 2's per-sample embeddings
 (``embeddings`` (N, D) float16 in the shards: the selector's last hidden state mean-pooled over the
-assistant tokens, randomly projected to D <= 256).
+prompt tokens by default, ``data_process.embedding_tokens``; randomly projected to D <= 256).
 
 Modes (config key ``diversity``):
 

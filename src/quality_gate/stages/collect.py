@@ -227,6 +227,11 @@ def _fingerprint_fields(
         "dtype": str(dtype).removeprefix("torch."),
         "collect_ifd": bool(cfg.collect_ifd),
         "embedding_dim": int(cfg.data_process.embedding_dim),
+        **(
+            {"embedding_tokens": str(cfg.data_process.embedding_tokens)}
+            if int(cfg.data_process.embedding_dim)
+            else {}
+        ),
         "shard_size": int(cfg.data_process.shard_size),
         "records": {
             name: {"n": len(rows), "sha256": records_fingerprint(rows)} for name, rows in datasets.items()
@@ -295,6 +300,7 @@ class Scorer:
                 collect_ifd=bool(self.cfg.collect_ifd),
                 embed=self.embed,
                 projection=self.projection,
+                embedding_tokens=str(dp.embedding_tokens),
             )
             parts.append((list(batch_rows), stats))
             counters["tokens"] += int(batch["attention_mask"].sum())

@@ -103,16 +103,36 @@ def embedding_projection(hidden_size: int, dim: int, device: torch.device | str)
     return (torch.randn(hidden_size, dim, generator=gen) / dim**0.5).to(device)
 
 
+EMBEDDING_TOKENS = ("prompt", "response", "all")
+
+
 def _sample_embeddings(
-    hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, proj: torch.Tensor | None
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    proj: torch.Tensor | None,
+    tokens: str = "prompt",
 ) -> torch.Tensor:
-    """``(B, D)`` float16: the mean final hidden state over each sample's assistant (labelled) tokens,
-    over all its tokens when it has none, projected by ``proj`` ``(H, D)``."""
-    weight = (labels != IGNORE_INDEX).float()  # (B, S)
+    """``(B, D)`` float16: the mean final hidden state over each sample's ``tokens``, projected by
+    ``proj`` ``(H, D)``.
+
+    ``prompt``: the tokens before the first assistant (labelled) token; in a causal LM their hidden
+    states never saw a response, so the embedding says what the sample asks, not how well it is
+    answered. ``response``: the assistant tokens. ``all``: every real token. A sample with none of
+    the chosen tokens falls back to all of its tokens.
+    """
+    labelled = labels != IGNORE_INDEX  # (B, S)
+    if tokens == "prompt":
+        weight = ((labelled.long().cumsum(1) == 0) & mask.bool()).float()  # (B, S)
+    elif tokens == "response":
+        weight = labelled.float()
+    elif tokens == "all":
+        weight = mask.float()
+    else:
+        raise ValueError(f"embedding tokens {tokens!r}; expected one of {EMBEDDING_TOKENS}")
     weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, mask.float())  # (B, S)
-    pooled = torch.einsum("bsh,bs->bh", hidden.float(), weight) / weight.sum(1, keepdim=True).clamp_min(
-        1
-    )  # (B, H)
+    total = weight.sum(1, keepdim=True).clamp_min(1)  # (B, 1)
+    pooled = torch.einsum("bsh,bs->bh", hidden.float(), weight) / total  # (B, H)
     if proj is not None:
         pooled = pooled @ proj  # (B, D)
     return pooled.to(torch.float16)
@@ -165,6 +185,7 @@ def collect_batch(
     collect_ifd: bool = False,
     embed: bool = False,
     projection: torch.Tensor | None = None,
+    embedding_tokens: str = "prompt",
 ) -> BatchStats:
     """Run one right-padded batch through the gated model and pack its statistics.
 
@@ -175,7 +196,8 @@ def collect_batch(
         labels: ``(B, S)``, ``-100`` outside assistant content (from the data layer's encoder).
         chunk_tokens: scored positions per LM-head call (``data_process.nll_chunk_tokens``).
         collect_ifd: also compute the conditioned / unconditioned response losses.
-        embed: also return one embedding per sample (:func:`embedding_projection` gives ``projection``).
+        embed: also return one embedding per sample (:func:`embedding_projection` gives ``projection``),
+            the mean hidden state over ``embedding_tokens`` (see :func:`_sample_embeddings`).
 
     Returns:
         :class:`BatchStats` on the CPU. A sample with no scored position or no assistant token, or
@@ -202,7 +224,9 @@ def collect_batch(
     num_bad = _segment_sum(bad_position, segment, batch)  # (B,)
     num_assistant = _segment_sum(assistant, segment, batch)  # (B,)
 
-    embeddings = _sample_embeddings(hidden, labels, attention_mask, projection).cpu() if embed else None
+    embeddings = None
+    if embed:
+        embeddings = _sample_embeddings(hidden, labels, attention_mask, projection, embedding_tokens).cpu()
     cond = uncond = None
     if collect_ifd:
         label_pos = pos & target_has_label  # (B, S-1)
