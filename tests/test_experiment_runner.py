@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO
+from omegaconf import OmegaConf
 
 from quality_gate.config import make_config
-from quality_gate.experiment import run_experiment
+from quality_gate.experiment import cell_fingerprint, run_experiment
 
 SMALL_FT = [
     "training.batch_size=8",
@@ -165,6 +166,26 @@ def test_sweep_runs_stages_1_2_once_per_noise_rate_and_plots(tmp_path):
     assert page.count("data:image/png;base64,") == 1 and "noise rate" in page
     assert "<td>0.5</td><td>0.25</td><td>quality_gate</td>" in page  # the table, as an HTML table
     assert "| 0.5 | 0.25 | quality_gate |" in (run_dir / "sweep_summary.md").read_text()
+    assert sweep["resumed_cells"] == []
+
+    # Resume: the run was cut short after the first cell (no sweep summary, the last cell unfinished).
+    first = json.loads((run_dir / "noise0.2/k0.25/summary.json").read_text())
+    (run_dir / "sweep_summary.json").unlink()
+    (run_dir / "noise0.5/k0.25/summary.json").unlink()
+    again = run_experiment(cfg)
+    assert again["resumed_cells"] == ["noise0.2/k0.25"]
+    assert again["cells"][0] == first  # read back, not rerun
+    for noise in ("noise0.2", "noise0.5"):  # Stages 1-2 finished for both rates: reused, not rerun
+        assert "reruns" not in json.loads((run_dir / noise / "warmup/manifest.json").read_text())
+        assert "reruns" not in json.loads((run_dir / noise / "collect/manifest.json").read_text())
+    rerun = json.loads((run_dir / "noise0.5/k0.25/summary.json").read_text())  # the unfinished cell ran
+    assert rerun["arms"]["random"]["kept"] == sweep["cells"][1]["arms"]["random"]["kept"]
+    assert rerun["selection_cost"]["stage1_wall_s"] == sweep["cells"][1]["selection_cost"]["stage1_wall_s"]
+    assert "Read back from an earlier run" in (run_dir / "sweep_summary.md").read_text()
+
+    # A changed config does not reuse a cell made with another one.
+    changed = OmegaConf.merge(cfg, {"statistics": {"bootstrap": 100}})
+    assert cell_fingerprint(changed, 0.25) != first["config_fingerprint"]
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ def test_gpu_check_small_on_cpu(tmp_path):
     cmd = [
         sys.executable, "bench/gpu_check.py", "--small", "--device", "cpu", "--num-samples", "24",
         "--max-len", "96", "--max-tokens-per-batch", "1024", "--warmup-batches", "1", "--out", str(out),
+        "--batch1-samples", "6", "--ft-steps", "2", "--ft-batch", "2", "--ft-len", "32", "--lora-r", "4",
     ]  # fmt: skip
     proc = subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
@@ -30,3 +32,38 @@ def test_gpu_check_small_on_cpu(tmp_path):
     # The floor is what the stated peak allows; a CPU is far below it.
     assert 0 < figures["fraction_of_floor"] < 1
     assert figures["gflop_per_token"] == pytest.approx(2 * figures["parameters"] / 1e9, rel=1e-3)
+    # The batch-1 loop over an even spread of the same samples, and the ratio.
+    assert figures["batch1"]["samples"] == 6 and figures["batch1"]["tokens"] > 0
+    assert figures["batch1"]["speedup_of_collect"] == pytest.approx(
+        figures["tokens_per_s"] / figures["batch1"]["tokens_per_s"], rel=0.01
+    )
+    # Stage 3's LoRA steps with and without gradient checkpointing: the loss is finite, LoRA only trains.
+    for setting in ("gradient_checkpointing=False", "gradient_checkpointing=True"):
+        ft = figures["finetune"][setting]
+        assert ft["steps"] == 2 and ft["median_step_s"] > 0 and ft["tokens_per_step"] == 64
+        assert all(math.isfinite(x) for x in ft["loss_first_last"])
+        assert 0 < ft["trainable_parameters"] < figures["parameters"]
+
+
+@pytest.mark.slow
+def test_gpu_pipeline_check_compares_two_runs(tmp_path):
+    """The prepared pipeline check (CUDA vs CPU) run as CPU vs CPU: identical selections."""
+    cmd = [
+        sys.executable,
+        "bench/gpu_pipeline_check.py",
+        "--devices",
+        "cpu",
+        "cpu",
+        "--small",
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = json.loads((tmp_path / "pipeline_check.json").read_text())
+    agreement = figures["agreement"]
+    assert agreement["samples_scored_by_both"] == 80
+    assert agreement["spearman_q"] == pytest.approx(1.0) and agreement["selected_overlap"] == 1.0
+    assert agreement["selected"] == [20, 20]
+    first, second = figures["runs"]
+    assert first["quality_gate_eval_loss"] == pytest.approx(second["quality_gate_eval_loss"])

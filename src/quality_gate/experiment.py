@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import html
 import io
 import json
@@ -114,34 +115,51 @@ def _params(model_path: str) -> int:
 # --------------------------------------------------------------------------------------------- #
 # Pool, Stages 1-2
 # --------------------------------------------------------------------------------------------- #
-def prepare(cfg: DictConfig, root: Path, steps: Steps) -> dict[str, Any]:
-    """The pool, the converted selector, Stage 1 and Stage 2 (warmed, and unwarmed when ablated)."""
-    name = str(cfg.data.dataset_name)
-    with steps.step("data"):
-        if cfg.data.generate:
-            from quality_gate.synthetic import make_records
+PREPARED_FILE = "prepared.json"
 
-            train_path = root / "data" / "train.jsonl"
-            families = list(cfg.data.families) or None
-            records = make_records(
-                int(cfg.data.num_samples), float(cfg.data.noise_rate), int(cfg.seed), name, families=families
-            )
-            atomic_write_jsonl(train_path, records)
-        else:
-            train_path = Path(str(cfg.data.train_path))
+
+def prepare(cfg: DictConfig, root: Path, steps: Steps, reuse: bool = False) -> dict[str, Any]:
+    """The pool, the converted selector, Stage 1 and Stage 2 (warmed, and unwarmed when ablated).
+
+    ``reuse``: when ``root/prepared.json`` says these steps finished with the same config (a sweep
+    resuming), return their outputs without running anything (their timings are read back).
+    """
+    name = str(cfg.data.dataset_name)
+    train_path = root / "data" / "train.jsonl" if cfg.data.generate else Path(str(cfg.data.train_path))
     common = {
         "seed": int(cfg.seed),
         "dataset.dataset_from": "local",
         "dataset.local.datasets": [{"path": str(train_path), "dataset_name": name}],
     }
+    selector = str(root / "converted_selector") if cfg.convert_selector else str(cfg.selector_model)
+    warm, stats = root / "warmup", root / "collect"
+    out = {"train_path": train_path, "common": common, "selector": selector, "warmup": warm, "collect": stats}
+    if "unwarmed" in cfg.ablations:
+        out["collect_unwarmed"] = root / "collect_unwarmed"
+    fingerprint = cell_fingerprint(cfg, -1.0)
+    marker = root / PREPARED_FILE
+    if reuse and marker.is_file():
+        done = _read_json(marker)
+        if done.get("config_fingerprint") == fingerprint:
+            log.info("Stages 1-2 in %s finished before with this config: reused", root)
+            steps.timings.update(done.get("timings_s") or {})
+            return out
+
+    with steps.step("data"):
+        if cfg.data.generate:
+            from quality_gate.synthetic import make_records
+
+            families = list(cfg.data.families) or None
+            records = make_records(
+                int(cfg.data.num_samples), float(cfg.data.noise_rate), int(cfg.seed), name, families=families
+            )
+            atomic_write_jsonl(train_path, records)
     with steps.step("convert the selector"):
-        selector = str(cfg.selector_model)
         if cfg.convert_selector:
             from quality_gate.convert import convert
 
             # The new gates' init is seeded: the run is reproducible per seed.
-            selector = str(convert(selector, root / "converted_selector", seed=int(cfg.seed)))
-    warm, stats = root / "warmup", root / "collect"
+            convert(str(cfg.selector_model), Path(selector), seed=int(cfg.seed))
     with steps.step("Stage 1 warmup"):
         _run(cfg, "warmup", {**common, "selector_model.path": selector, "output_dir": str(warm)})
     collect = {
@@ -152,13 +170,12 @@ def prepare(cfg: DictConfig, root: Path, steps: Steps) -> dict[str, Any]:
     }
     with steps.step("Stage 2 statistics"):
         _run(cfg, "collect", {**collect, "model_checkpoint_path": str(warm)})
-    out = {"train_path": train_path, "common": common, "selector": selector, "warmup": warm, "collect": stats}
-    if "unwarmed" in cfg.ablations:
+    if "collect_unwarmed" in out:
         with steps.step("Stage 2 statistics, unwarmed gates"):
-            out["collect_unwarmed"] = root / "collect_unwarmed"
             _run(
                 cfg, "collect", {**collect, "collect_ifd": False, "output_dir": str(out["collect_unwarmed"])}
             )
+    atomic_write_json(marker, {"config_fingerprint": fingerprint, "timings_s": dict(steps.timings)})
     return out
 
 
@@ -793,21 +810,62 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def cell_fingerprint(cfg: DictConfig, k: float) -> str:
+    """What a sweep cell's results depend on: the resolved config (less ``output_dir``) and the budget."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(values, dict)
+    values.pop("output_dir", None)
+    text = json.dumps([values, float(k)], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _finished_cell(cell_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The cell's summary when a previous run into this dir finished it with the same config."""
+    path = cell_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = _read_json(path)
+    except (OSError, json.JSONDecodeError) as err:
+        log.warning("%s is unreadable (%s); the cell runs again", path, err)
+        return None
+    if summary.get("config_fingerprint") != fingerprint:
+        log.warning("%s was made with another config; the cell runs again", path)
+        return None
+    return summary
+
+
 def run_sweep(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Stages 1-2 once per noise rate, then every budget; ``sweep_summary.{json,md,html}`` with the plot."""
+    """Stages 1-2 once per noise rate, then every budget; ``sweep_summary.{json,md,html}`` with the plot.
+
+    Resumable: rerun with ``output_dir=<this run dir>`` and the cells that finished with the same config
+    (their ``summary.json`` carries its fingerprint) are read back instead of run again; a noise rate
+    whose cells are all finished skips its Stages 1-2 too.
+    """
     noise_rates = list(cfg.sweep.noise_rates) or [float(cfg.data.noise_rate)]
     budgets = list(cfg.sweep.budgets) or [float(cfg.selection_percentage)]
-    cells = []
+    cells, resumed = [], []
     started = time.perf_counter()
     for noise in noise_rates:
         sub = OmegaConf.merge(cfg, {"data": {"noise_rate": float(noise)}})
         noise_dir = run_dir / f"noise{noise:g}"
-        steps = Steps()
-        prep = prepare(sub, noise_dir, steps)
+        todo = {}
         for k in budgets:
+            fingerprint = cell_fingerprint(sub, k)
+            done = _finished_cell(noise_dir / f"k{k:g}", fingerprint)
+            todo[k] = (fingerprint, done)
+        prep, steps = None, Steps()
+        for k, (fingerprint, summary) in todo.items():
             cell_dir = noise_dir / f"k{k:g}"
-            summary = regime_summary(sub, cell_dir, prep, float(k), steps)
-            _write(cell_dir, summary)
+            if summary is not None:
+                log.info("sweep cell noise %g, k %g: finished before, read from %s", noise, k, cell_dir)
+                resumed.append(str(cell_dir.relative_to(run_dir)))
+            else:
+                if prep is None:
+                    prep = prepare(sub, noise_dir, steps, reuse=True)
+                summary = regime_summary(sub, cell_dir, prep, float(k), steps)
+                summary["config_fingerprint"] = fingerprint
+                _write(cell_dir, summary)
             cells.append(summary)
     sweep = {
         "name": str(cfg.name),
@@ -816,6 +874,7 @@ def run_sweep(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "budgets": budgets,
         "cells": cells,
         "wall_time_s": round(time.perf_counter() - started, 1),
+        "resumed_cells": resumed,
     }
     atomic_write_json(run_dir / "sweep_summary.json", sweep)
     atomic_write_text(run_dir / "sweep_summary.md", render_sweep_markdown(sweep))
@@ -843,6 +902,8 @@ def sweep_points(sweep: dict[str, Any], k: float, metric: str) -> dict[str, dict
 
 def render_sweep_markdown(sweep: dict[str, Any]) -> str:
     lines = [f"# Quality-Gate sweep: {sweep['name']} ({sweep['wall_time_s']:.0f} s)", ""]
+    if sweep.get("resumed_cells"):
+        lines += [f"Read back from an earlier run into this dir: {', '.join(sweep['resumed_cells'])}.", ""]
     head = [
         "noise",
         "k",
@@ -852,9 +913,12 @@ def render_sweep_markdown(sweep: dict[str, Any]) -> str:
         "exact match",
         "EM - random [CI]",
         "AUROC",
+        "corrupted kept",
+        "make-up distance to pool",
     ]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell in sweep["cells"]:
+        distances = {a: v["distance"] for a, v in ((cell.get("composition") or {}).get("arms") or {}).items()}
         for arm, row in cell["arms"].items():
             if row.get("selection_only"):
                 continue
@@ -867,6 +931,8 @@ def render_sweep_markdown(sweep: dict[str, Any]) -> str:
                 _fmt(row.get("exact_match")),
                 _ci(row, "exact_match"),
                 _fmt(row.get("auroc"), 3),
+                _fmt(row.get("corrupted_kept_share"), 3),
+                _fmt(distances.get(arm), 3),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
