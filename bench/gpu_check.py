@@ -34,39 +34,16 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from real_shape import FULL_LAYERS, SELECTOR_SHAPE, TARGET_SHAPE
+
 from quality_gate.data.batching import token_budget_batches
 from quality_gate.gate import attach_quality_gates, remove_quality_gates
 from quality_gate.stats.collect import collect_batch
 
-# Qwen/Qwen3-1.7B config.json (public), written out so that nothing is downloaded.
-QWEN3_1P7B = dict(
-    vocab_size=151936,
-    hidden_size=2048,
-    intermediate_size=6144,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=40960,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-    hidden_act="silu",
-)
-# Qwen/Qwen2.5-1.5B config.json (public): Stage 3's target.
-QWEN25_1P5B = dict(
-    vocab_size=151936,
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-    hidden_act="silu",
-)
+# The public config.json values of both models (bench/real_shape.py), 28 layers each; no download.
+LAYERS = {"num_hidden_layers": FULL_LAYERS}
+QWEN3_1P7B = {k: v for k, v in SELECTOR_SHAPE.items() if k != "model_type"} | LAYERS
+QWEN25_1P5B = {k: v for k, v in TARGET_SHAPE.items() if k != "model_type"} | LAYERS
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMALL_TARGET = dict(
     QWEN25_1P5B,

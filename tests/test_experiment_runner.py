@@ -183,6 +183,15 @@ def test_sweep_runs_stages_1_2_once_per_noise_rate_and_plots(tmp_path):
     assert rerun["selection_cost"]["stage1_wall_s"] == sweep["cells"][1]["selection_cost"]["stage1_wall_s"]
     assert "Read back from an earlier run" in (run_dir / "sweep_summary.md").read_text()
 
+    # Cut short inside Stages 1-2 of a rate (no prepared.json): they run again into the same dirs, and
+    # Stage 1's weights come out byte-identical, so Stage 2 resumes instead of refusing to mix.
+    (run_dir / "noise0.5/prepared.json").unlink()
+    (run_dir / "noise0.5/k0.25/summary.json").unlink()
+    third = run_experiment(cfg)
+    assert third["resumed_cells"] == ["noise0.2/k0.25"]
+    assert "reruns" in json.loads((run_dir / "noise0.5/warmup/manifest.json").read_text())
+    assert third["cells"][1]["arms"]["random"]["kept"] == sweep["cells"][1]["arms"]["random"]["kept"]
+
     # A changed config does not reuse a cell made with another one.
     changed = OmegaConf.merge(cfg, {"statistics": {"bootstrap": 100}})
     assert cell_fingerprint(changed, 0.25) != first["config_fingerprint"]

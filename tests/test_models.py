@@ -197,3 +197,18 @@ def test_convert_script(base_dir, tmp_path):
     assert json.loads((out / GATE_CONFIG_FILE).read_text())["init_std"] == 0.1
     model, _ = load_selector(str(out), device="cpu")
     assert len(find_quality_gates(model)) == LAYERS
+
+
+def test_atomic_torch_save_gives_the_same_bytes_for_the_same_object(tmp_path):
+    """The sha256 of Stage 1 weights fingerprints Stage 2: rewriting the same weights must not change it
+    (``torch.save`` to a path would name the zip's inner folder after the random temporary file)."""
+    import hashlib
+
+    obj = {"model_state_dict": {"layers.0.weight": torch.arange(6.0).reshape(2, 3)}, "tokenizer_name": "t"}
+    digests = set()
+    for name in ("a.pt", "b.pt", "a.pt"):
+        atomic_torch_save(obj, tmp_path / name)
+        digests.add(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+    assert len(digests) == 1
+    loaded = torch.load(tmp_path / "a.pt", weights_only=True)["model_state_dict"]
+    assert torch.equal(loaded["layers.0.weight"], obj["model_state_dict"]["layers.0.weight"])

@@ -85,8 +85,13 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> N
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through a temporary file. Save only tensors and plain containers, so that
-    ``torch.load(path, weights_only=True)`` can read it back."""
+    ``torch.load(path, weights_only=True)`` can read it back.
+
+    The same object gives the same bytes: ``torch.save`` to a *path* names the zip's inner folder after
+    the (random) temporary file, so the sha256 that fingerprints Stage 1 weights and Stage 2 shards
+    would change with every write; through an open file the folder is always ``archive/``.
+    """
     import torch  # deferred: importing torch costs ~1.5 s, and most callers write only text
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
