@@ -75,6 +75,7 @@ TARGET_SHAPE: dict[str, Any] = dict(
     hidden_act="silu",
 )
 FULL_LAYERS = 28  # both Qwen3-1.7B and Qwen2.5-1.5B
+STAGE_ORDER = ("warmup", "collect", "select", "finetune", "evaluate")
 # The seed's GPU commands (README): Stage 1 and 3 per-device batch 4 x 2,048 tokens with gradient
 # checkpointing, Stage 2 a 65,536-token budget, Stage 4 eval batch 8.
 GPU_SETTINGS = {
@@ -750,6 +751,20 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temp dir, removed at the end")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "real_shape.json")
     parser.add_argument(
+        "--stages",
+        nargs="+",
+        default=list(STAGE_ORDER),
+        choices=STAGE_ORDER,
+        help="run only these (each needs the ones before it); a subset writes its measurements, no model",
+    )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="STAGE:KEY=VALUE",
+        help="one more override of one stage, e.g. warmup:training.lm_loss_chunk_tokens=1024 (repeatable)",
+    )
+    parser.add_argument(
         "--report-only",
         type=Path,
         default=None,
@@ -768,11 +783,29 @@ def main() -> None:
         print(f"assets built in {time.perf_counter() - t0:.0f} s under {work}", flush=True)
         lengths = encoded_lengths(paths, args.seq)
         overrides = stage_overrides(paths, work / "runs", args)
+        for item in args.override:
+            stage, _, key_value = item.partition(":")
+            if stage not in overrides or "=" not in key_value:
+                parser.error(f"--override {item!r}: expected STAGE:KEY=VALUE with STAGE in {STAGE_ORDER}")
+            overrides[stage].append(key_value)
         stages: dict[str, dict[str, Any]] = {}
-        for stage in ("warmup", "collect", "select", "finetune", "evaluate"):
+        for stage in args.stages:
             stages[stage] = run_stage(stage, overrides[stage], work / "logs", args.threads)
             stages[stage]["timing"] = stage_timing(stage, work / "runs", args.samples)
             print(f"{stage}: {json.dumps(stages[stage])}", flush=True)
+        if list(args.stages) != list(STAGE_ORDER):
+            partial = {
+                "date": dt.date.today().isoformat(),
+                "command": " ".join(["python", *sys.argv]),
+                "layers": args.layers,
+                "seq": args.seq,
+                "overrides": args.override,
+                "runs": stages,
+            }
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(partial, indent=2) + "\n")
+            print(f"written: {args.out} (measurements of {', '.join(args.stages)} only)")
+            return
         floor = runtime_floor_gb(args.threads, work)
         from flops import matmul_flops_per_s
 

@@ -27,6 +27,7 @@ from quality_gate.gate import (
 )
 from quality_gate.io import default_file_mode
 from quality_gate.models import apply_stage1_weights, load_selector
+from quality_gate.nll import chunked_causal_lm_loss, final_hidden_states
 from quality_gate.stages.warmup import QualityGateTrainer, get_peft_config
 from quality_gate.training import NonFiniteLossCallback
 
@@ -66,7 +67,12 @@ def pad_collate(rows: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def tiny_trainer(
-    model, tmp_path: Path, max_steps: int = 1, quality_loss_weight: float = 1.0, callbacks=None
+    model,
+    tmp_path: Path,
+    max_steps: int = 1,
+    quality_loss_weight: float = 1.0,
+    callbacks=None,
+    lm_loss_chunk_tokens: int = 0,
 ) -> QualityGateTrainer:
     args = TrainingArguments(
         output_dir=str(tmp_path),
@@ -89,6 +95,7 @@ def tiny_trainer(
         callbacks=callbacks,
         quality_loss_weight=quality_loss_weight,
         quality_loss_mode="sample",
+        lm_loss_chunk_tokens=lm_loss_chunk_tokens,
     )
 
 
@@ -124,6 +131,45 @@ def test_one_step_changes_every_gate_and_no_backbone_parameter(tmp_path):
     # The logged loss is LM loss + weight x quality loss, with the configured weight.
     assert logged["loss"] == pytest.approx(logged["lm_loss"] + 0.25 * logged["quality_loss"], rel=1e-4)
     assert 0 < logged["gate_mean"] < 1
+
+
+def test_chunked_lm_loss_equals_transformers_loss_and_its_gate_gradients():
+    """training.lm_loss_chunk_tokens: the same loss and gate gradients as transformers' loss on full
+    logits, computed a few positions at a time (5 here: several chunks, a partial last one)."""
+    model = tiny_gated_model()
+    batch = pad_collate([tiny_dataset()[i] for i in range(4)])
+    gates = [p for n, p in model.named_parameters() if p.requires_grad]
+    full = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+    ).loss
+    full_grads = torch.autograd.grad(full, gates)
+    with final_hidden_states(model) as captured:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+    assert out.logits.shape[1] == 1  # the model's own head ran on one position only
+    chunked = chunked_causal_lm_loss(captured.hidden, model.get_output_embeddings(), batch["labels"], 5)
+    chunked_grads = torch.autograd.grad(chunked, gates)
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
+    for a, b in zip(full_grads, chunked_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    nothing = torch.full_like(batch["labels"], -100)
+    assert torch.isnan(chunked_causal_lm_loss(captured.hidden, model.get_output_embeddings(), nothing, 5))
+
+
+def test_training_with_the_chunked_lm_loss_follows_the_full_one(tmp_path):
+    """Three Trainer steps with each LM-loss path from the same start: the same gates and logged loss."""
+    models = {}
+    for chunk in (0, 3):
+        models[chunk] = model = tiny_gated_model()
+        trainer = tiny_trainer(model, tmp_path / str(chunk), max_steps=3, lm_loss_chunk_tokens=chunk)
+        trainer.train()
+        models[chunk] = (
+            gate_state_dict(model),
+            [e["lm_loss"] for e in trainer.state.log_history if "lm_loss" in e],
+        )
+    (full_gates, full_log), (chunked_gates, chunked_log) = models[0], models[3]
+    for key in full_gates:
+        torch.testing.assert_close(chunked_gates[key], full_gates[key], rtol=1e-4, atol=1e-6)
+    assert chunked_log == pytest.approx(full_log, rel=1e-5)
 
 
 def test_quality_loss_weight_moves_the_gates(tmp_path):
@@ -236,15 +282,23 @@ def test_stage1_lora_writes_an_adapter_that_merges(tmp_path):
 @pytest.mark.slow
 @pytest.mark.dist
 def test_stage1_torchrun_two_processes(tmp_path):
+    """Two DDP processes, with transformers' LM loss and with the chunked one: the same gates."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    metrics = warmup(
-        tmp_path,
-        "dataset.subset_ratio=0.02",
-        "training.batch_size=8",
-        "training.per_device_batch_size=4",
-        "training.max_steps=2",
-        launcher=launcher,
-    )
-    assert metrics["world_size"] == 2 and metrics["global_step"] == 2
-    payload = torch.load(tmp_path / "full_rank_weights.pt", map_location="cpu", weights_only=True)
-    assert all("quality_gate.gate" in k for k in payload["model_state_dict"])
+    states = []
+    for chunk in (0, 64):
+        out = tmp_path / f"chunk{chunk}"
+        metrics = warmup(
+            out,
+            "dataset.subset_ratio=0.02",
+            "training.batch_size=8",
+            "training.per_device_batch_size=4",
+            "training.max_steps=2",
+            f"training.lm_loss_chunk_tokens={chunk}",
+            launcher=launcher,
+        )
+        assert metrics["world_size"] == 2 and metrics["global_step"] == 2
+        payload = torch.load(out / "full_rank_weights.pt", map_location="cpu", weights_only=True)
+        assert all("quality_gate.gate" in k for k in payload["model_state_dict"])
+        states.append(payload["model_state_dict"])
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-4, atol=1e-6)

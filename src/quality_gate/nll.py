@@ -1,15 +1,24 @@
-"""Per-token negative log-likelihood without full-vocabulary float32 logits (Stages 2 and 4).
+"""Negative log-likelihood without full-vocabulary float32 logits.
 
 A Qwen vocabulary has 151,936 entries: dense float32 logits of an 8,192-token batch are 5 GB. Here
 the LM head runs only on the positions that are scored, ``chunk_tokens`` at a time, and only that
-chunk is upcast to float32; the peak is one ``(chunk_tokens, V)`` float32 buffer.
+chunk is upcast to float32; the peak is one ``(chunk_tokens, V)`` float32 buffer. Stages 2 and 4 use
+the per-token form (:func:`chunked_token_nll`, no gradient); Stage 1 can train on the mean form
+(:func:`chunked_causal_lm_loss`, each chunk recomputed in backward instead of stored).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from quality_gate.data.encode import IGNORE_INDEX
 
 
 def _apply_head(lm_head: nn.Module | torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -70,3 +79,83 @@ def scored_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """``(B, S)`` attention mask -> ``(B, S - 1)`` bool: position t is scored when t and t+1 are real."""
     am = attention_mask.bool()
     return am[:, :-1] & am[:, 1:]
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder (``model.model`` of a HF causal LM, through peft wrappers): its output's
+    ``last_hidden_state`` is the final-norm hidden state the LM head reads."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    if decoder is None:
+        raise TypeError(f"{type(model).__name__} exposes no decoder (get_decoder() / .model)")
+    return decoder
+
+
+class _Captured:
+    hidden: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def final_hidden_states(model: nn.Module) -> Iterator[_Captured]:
+    """Capture the decoder's ``last_hidden_state`` ``(B, T, H)`` of every forward inside the block.
+
+    A hook on the decoder, so the model is still called as a whole (DDP's and the Trainer's wrappers
+    see a normal forward); with ``logits_to_keep=1`` the model's own LM head then costs one position.
+    """
+    captured = _Captured()
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        captured.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = decoder_of(model).register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _chunk_nll_sum(
+    hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module | torch.Tensor
+) -> torch.Tensor:
+    """Sum of the float32 cross-entropy of ``hidden`` ``(C, H)`` against ``targets`` ``(C,)``."""
+    return F.cross_entropy(_apply_head(lm_head, hidden).float(), targets, reduction="sum")
+
+
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor,
+    lm_head: nn.Module | torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
+    """transformers' causal-LM loss (mean float32 cross-entropy of ``labels[:, 1:]`` given
+    ``hidden[:, :-1]``, ``-100`` ignored), differentiable, without ``(B, T, V)`` logits.
+
+    Each chunk of ``chunk_tokens`` labelled positions goes through the head under activation
+    checkpointing: its logits are freed after the forward and recomputed in backward, so the peak is
+    one ``(chunk_tokens, V)`` float32 buffer (and its gradient) instead of the whole batch's logits,
+    their float32 copy and their gradient. Costs one more LM-head forward per step.
+
+    Args:
+        hidden: ``(B, T, H)`` final hidden states (after the decoder's final norm).
+        lm_head: the output projection or its ``(V, H)`` weight.
+        labels: ``(B, T)`` token ids, ``-100`` where nothing is predicted.
+        chunk_tokens: labelled positions per head call.
+
+    Returns:
+        A scalar: NaN when no position is labelled, as transformers' loss.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    targets = labels[:, 1:]  # (B, T-1)
+    mask = targets != IGNORE_INDEX
+    flat_hidden = hidden[:, :-1][mask]  # (N, H)
+    flat_targets = targets[mask].long()  # (N,)
+    n = flat_targets.shape[0]
+    if n == 0:
+        return hidden.sum() * float("nan")
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk_tokens):
+        stop = start + chunk_tokens
+        total = total + checkpoint(
+            _chunk_nll_sum, flat_hidden[start:stop], flat_targets[start:stop], lm_head, use_reentrant=False
+        )
+    return total / n

@@ -59,6 +59,7 @@ from quality_gate.models import (
     load_options,
     load_selector,
 )
+from quality_gate.nll import chunked_causal_lm_loss, final_hidden_states
 from quality_gate.runs import init_run, is_main_process, update_manifest, world_size
 from quality_gate.training import NonFiniteLossCallback, lora_config, training_arguments
 
@@ -75,11 +76,35 @@ class QualityGateTrainer(Trainer):
     # compute_loss returns a mean over one micro-batch; the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, quality_loss_weight: float, quality_loss_mode: str, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        quality_loss_weight: float,
+        quality_loss_mode: str,
+        lm_loss_chunk_tokens: int = 0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.quality_loss_weight = float(quality_loss_weight)
         self.quality_loss_mode = quality_loss_mode
+        self.lm_loss_chunk_tokens = int(lm_loss_chunk_tokens)
         self._window: dict[str, list[Tensor]] = defaultdict(list)
+
+    def _lm_loss(self, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, Any]:
+        """The LM loss and the model's outputs: transformers' own loss, or the chunked one
+        (``training.lm_loss_chunk_tokens``): the same value without ``(B, T, V)`` logits."""
+        mask = inputs["attention_mask"]
+        if self.lm_loss_chunk_tokens <= 0:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=mask, labels=inputs["labels"])
+            return outputs.loss, outputs
+        inner = self.accelerator.unwrap_model(model)
+        with final_hidden_states(inner) as captured:
+            # The whole model runs (its wrappers see a normal forward); its head on one position only.
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=mask, logits_to_keep=1)
+        lm_loss = chunked_causal_lm_loss(
+            captured.hidden, inner.get_output_embeddings(), inputs["labels"], self.lm_loss_chunk_tokens
+        )
+        return lm_loss, outputs
 
     def compute_loss(
         self,
@@ -90,9 +115,8 @@ class QualityGateTrainer(Trainer):
     ) -> Tensor | tuple[Tensor, Any]:
         mask = inputs["attention_mask"]  # (B, T)
         with record_gates(model) as recorder:
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=mask, labels=inputs["labels"])
+            lm_loss, outputs = self._lm_loss(model, inputs)
             gate_probs = recorder.probs()  # (B, L, T) float32
-        lm_loss = outputs.loss
         q_loss = quality_loss(gate_probs, mask, self.quality_loss_mode)
         loss = lm_loss + self.quality_loss_weight * q_loss
         if model.training:
@@ -328,6 +352,7 @@ def run(cfg: DictConfig) -> None:
         callbacks=[NonFiniteLossCallback()],
         quality_loss_weight=float(cfg.training.quality_loss_weight),
         quality_loss_mode=str(cfg.training.quality_loss_mode),
+        lm_loss_chunk_tokens=int(cfg.training.lm_loss_chunk_tokens),
     )
     result = trainer.train()
     if not is_main_process():

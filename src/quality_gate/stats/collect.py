@@ -39,7 +39,7 @@ from torch import nn
 
 from quality_gate.data.encode import IGNORE_INDEX
 from quality_gate.gate import record_gates
-from quality_gate.nll import chunked_token_nll, scored_positions
+from quality_gate.nll import chunked_token_nll, decoder_of, scored_positions
 
 
 def compute_token_perplexity(
@@ -138,13 +138,6 @@ def _sample_embeddings(
     return pooled.to(torch.float16)
 
 
-def _backbone(model: nn.Module) -> nn.Module:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    if decoder is None:
-        raise TypeError(f"{type(model).__name__} exposes no decoder (get_decoder() / .model)")
-    return decoder
-
-
 def _segment_sum(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Sum ``values`` (N,) into ``num_segments`` bins given by ``segment`` (N,) -> (num_segments,)."""
     out = torch.zeros(num_segments, dtype=torch.float32, device=values.device)
@@ -167,7 +160,7 @@ def _unconditioned_loss(
     ids = input_ids.gather(1, order)  # (B, W)
     am = torch.arange(width, device=ids.device)[None, :] < resp_len[:, None]  # (B, W)
     ids = ids.masked_fill(~am, 0)
-    hidden = _backbone(model)(input_ids=ids, attention_mask=am.long(), use_cache=False).last_hidden_state
+    hidden = decoder_of(model)(input_ids=ids, attention_mask=am.long(), use_cache=False).last_hidden_state
     pos = scored_positions(am)  # (B, W-1)
     nll = chunked_token_nll(hidden[:, :-1], model.get_output_embeddings(), ids[:, 1:], pos, chunk_tokens)
     count = pos.sum(dim=1)  # (B,)
@@ -204,7 +197,7 @@ def collect_batch(
         with a non-finite gate or perplexity, has ``valid=False`` and a reason.
     """
     with record_gates(model) as rec:
-        hidden = _backbone(model)(
+        hidden = decoder_of(model)(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state  # (B, S, H)
         gate_logits = rec.logits()  # (B, L, S)
