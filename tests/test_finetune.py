@@ -331,3 +331,37 @@ def test_torchrun_two_processes_cpu(tmp_path):
     assert metrics["world_size"] == 2 and metrics["distributed"] == "ddp"
     assert metrics["global_step"] == 2
     assert (run_dir / "checkpoint-final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_chunked_lm_loss_trains_like_transformers_loss(tmp_path, mode):
+    """training.lm_loss_chunk_tokens: 3 steps with gradient accumulation (8 = 4 x 2: the Trainer's
+    num_items_in_batch path) give the same loss curve and weights as transformers' loss on full logits."""
+    data = selected_file(tmp_path / "selected_data.jsonl", n=24)
+    runs = {}
+    for chunk in (0, 7):
+        run_dir = tmp_path / f"chunk{chunk}"
+        cfg = compose_cfg(
+            [
+                *FAST,
+                f"training.peft_mode={mode}",
+                *(["training.learning_rate=1e-4"] if mode == "full" else []),
+                f"dataset.data_path={data}",
+                f"output_dir={run_dir}",
+                "training.max_steps=3",
+                "training.save_steps=100",
+                f"training.lm_loss_chunk_tokens={chunk}",
+            ]
+        )
+        trainer = fine_tune(cfg)
+        trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        runs[chunk] = (curve(run_dir), trained)
+    (full_curve, full_weights), (chunked_curve, chunked_weights) = runs[0], runs[7]
+    assert sorted(full_curve) == [1, 2, 3]
+    assert [chunked_curve[s] for s in (1, 2, 3)] == pytest.approx(
+        [full_curve[s] for s in (1, 2, 3)], rel=1e-4
+    )
+    assert full_weights.keys() == chunked_weights.keys() and full_weights
+    for name, weight in full_weights.items():
+        torch.testing.assert_close(chunked_weights[name], weight, rtol=1e-3, atol=1e-5, msg=name)

@@ -181,6 +181,13 @@ def _training_steps_check(t: Any, prefix: str) -> None:
 # --------------------------------------------------------------------------------------------- #
 # Stage 1: warmup
 # --------------------------------------------------------------------------------------------- #
+LM_LOSS_CHUNK_HELP = (
+    "0: the LM loss on transformers' full-vocabulary float32 logits; N: the same loss N labelled "
+    "positions at a time, each chunk recomputed in backward (peak ~N x vocab x 4 bytes instead of "
+    "batch x length x vocab x 4, several times over; one more LM-head forward per step)"
+)
+
+
 @dataclass
 class WarmupLora:
     r: int = opt(16, "LoRA rank (peft_mode=lora only; the seed's 16)", ge=1)
@@ -216,13 +223,7 @@ class WarmupTraining:
     gradient_checkpointing: bool = opt(
         False, "recompute activations in backward (non-reentrant): less memory, ~30% slower"
     )
-    lm_loss_chunk_tokens: int = opt(
-        0,
-        "0: the LM loss on transformers' full-vocabulary float32 logits; N: the same loss N labelled "
-        "positions at a time, each chunk recomputed in backward (peak ~N x vocab x 4 bytes instead of "
-        "batch x length x vocab x 4, several times over; one more LM-head forward per step)",
-        ge=0,
-    )
+    lm_loss_chunk_tokens: int = opt(0, LM_LOSS_CHUNK_HELP, ge=0)
     logging_steps: int = opt(5, "log loss, lm_loss, quality_loss and gate_mean every N optimizer steps", ge=1)
     report_to: list[str] = opt([], "extra loggers, e.g. [tensorboard]")
     dataloader_num_workers: int = opt(0, "DataLoader worker processes", ge=0)
@@ -486,6 +487,7 @@ class FinetuneTraining:
     gradient_checkpointing: bool = opt(
         False, "recompute activations in backward (non-reentrant): less memory, ~30% slower"
     )
+    lm_loss_chunk_tokens: int = opt(0, LM_LOSS_CHUNK_HELP + "; not under FSDP", ge=0)
     logging_steps: int = opt(
         5, "log the loss every N optimizer steps (the non-finite loss check runs then too)", ge=1
     )

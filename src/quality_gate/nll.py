@@ -125,8 +125,9 @@ def chunked_causal_lm_loss(
     lm_head: nn.Module | torch.Tensor,
     labels: torch.Tensor,
     chunk_tokens: int = 1024,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """transformers' causal-LM loss (mean float32 cross-entropy of ``labels[:, 1:]`` given
+    """transformers' causal-LM loss (float32 cross-entropy of ``labels[:, 1:]`` given
     ``hidden[:, :-1]``, ``-100`` ignored), differentiable, without ``(B, T, V)`` logits.
 
     Each chunk of ``chunk_tokens`` labelled positions goes through the head under activation
@@ -139,23 +140,47 @@ def chunked_causal_lm_loss(
         lm_head: the output projection or its ``(V, H)`` weight.
         labels: ``(B, T)`` token ids, ``-100`` where nothing is predicted.
         chunk_tokens: labelled positions per head call.
+        reduction: ``mean`` over the labelled positions, or their ``sum`` (the Trainer divides a sum by
+            the labelled positions of the whole accumulated batch).
 
     Returns:
-        A scalar: NaN when no position is labelled, as transformers' loss.
+        A scalar; the mean is NaN when no position is labelled, as transformers' loss.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
     targets = labels[:, 1:]  # (B, T-1)
     mask = targets != IGNORE_INDEX
     flat_hidden = hidden[:, :-1][mask]  # (N, H)
     flat_targets = targets[mask].long()  # (N,)
     n = flat_targets.shape[0]
-    if n == 0:
-        return hidden.sum() * float("nan")
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = hidden.sum().float() * 0  # keeps the graph (and the device) when nothing is labelled
     for start in range(0, n, chunk_tokens):
         stop = start + chunk_tokens
         total = total + checkpoint(
             _chunk_nll_sum, flat_hidden[start:stop], flat_targets[start:stop], lm_head, use_reentrant=False
         )
-    return total / n
+    if reduction == "sum":
+        return total
+    return total / n if n else total * float("nan")
+
+
+def causal_lm_loss_in_chunks(
+    model: nn.Module,
+    inner: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    chunk_tokens: int,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, Any]:
+    """Run ``model`` (possibly DDP-wrapped; ``inner`` unwrapped) on a batch with its LM head on one
+    position only, and return (:func:`chunked_causal_lm_loss` of its final hidden states, outputs)."""
+    with final_hidden_states(inner) as captured:
+        outputs = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=1
+        )
+    assert captured.hidden is not None
+    loss = chunked_causal_lm_loss(
+        captured.hidden, inner.get_output_embeddings(), inputs["labels"], chunk_tokens, reduction
+    )
+    return loss, outputs

@@ -61,6 +61,7 @@ from quality_gate.data.sources import SKIPPED_ROWS_FILE
 from quality_gate.errors import ConfigError, DataError, MissingPathError
 from quality_gate.io import atomic_write_json, atomic_write_jsonl, normalize_modes
 from quality_gate.models import check_model_source, load_options, load_target, sha256_of
+from quality_gate.nll import causal_lm_loss_in_chunks
 from quality_gate.runs import init_run, is_main_process, run_dir_of, update_manifest, world_size
 from quality_gate.training import NonFiniteLossCallback, last_checkpoint, lora_config, training_arguments
 
@@ -290,6 +291,39 @@ def whole_run_loss(
     return (total + loss_this_call * (end_step - start_step)) / max(steps, 1)
 
 
+class Stage3Trainer(Trainer):
+    """``Trainer`` whose causal-LM loss can skip the full-vocabulary logits
+    (``training.lm_loss_chunk_tokens``); with 0 it is the plain Trainer.
+
+    The chunked loss follows the Trainer's own reduction: a sum divided by ``num_items_in_batch`` (the
+    labelled positions of the whole accumulated batch, times the processes when tokens are averaged
+    across devices), else the mean of the micro-batch.
+    """
+
+    def __init__(self, *args: Any, lm_loss_chunk_tokens: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lm_loss_chunk_tokens = int(lm_loss_chunk_tokens)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        if self.lm_loss_chunk_tokens <= 0:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inner = self.accelerator.unwrap_model(model)
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            total, outputs = causal_lm_loss_in_chunks(model, inner, inputs, self.lm_loss_chunk_tokens, "sum")
+            loss = total / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        else:
+            loss, outputs = causal_lm_loss_in_chunks(model, inner, inputs, self.lm_loss_chunk_tokens)
+        return (loss, outputs) if return_outputs else loss
+
+
 def _checkpoint_step(checkpoint: str | None) -> int:
     if not checkpoint:
         return 0
@@ -348,7 +382,7 @@ def fine_tune(cfg: DictConfig) -> Trainer | None:
         trainable, total = model.get_nb_trainable_parameters()
         log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
 
-    trainer = Trainer(
+    trainer = Stage3Trainer(
         model=model,
         args=training_arguments(
             cfg.training,
@@ -365,7 +399,14 @@ def fine_tune(cfg: DictConfig) -> Trainer | None:
         data_collator=SFTDataCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[NonFiniteLossCallback(), CheckpointCallback()],
+        lm_loss_chunk_tokens=int(cfg.training.lm_loss_chunk_tokens),
     )
+    if trainer.lm_loss_chunk_tokens and _distributed_kind(trainer.args) == "fsdp":
+        raise ConfigError(
+            "training.lm_loss_chunk_tokens is not supported under FSDP (Stage 3 shards with FSDP on "
+            "several CUDA processes; the LM head is whole only inside the model's forward): set it to 0, "
+            "or lower training.per_device_batch_size"
+        )
     if resume_from:
         log.info("resuming Stage 3 from %s (optimizer, scheduler and RNG state)", resume_from)
     start_step = _checkpoint_step(resume_from)

@@ -59,7 +59,7 @@ from quality_gate.models import (
     load_options,
     load_selector,
 )
-from quality_gate.nll import chunked_causal_lm_loss, final_hidden_states
+from quality_gate.nll import causal_lm_loss_in_chunks
 from quality_gate.runs import init_run, is_main_process, update_manifest, world_size
 from quality_gate.training import NonFiniteLossCallback, lora_config, training_arguments
 
@@ -97,14 +97,9 @@ class QualityGateTrainer(Trainer):
         if self.lm_loss_chunk_tokens <= 0:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=mask, labels=inputs["labels"])
             return outputs.loss, outputs
+        # The whole model runs (its wrappers see a normal forward); its head on one position only.
         inner = self.accelerator.unwrap_model(model)
-        with final_hidden_states(inner) as captured:
-            # The whole model runs (its wrappers see a normal forward); its head on one position only.
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=mask, logits_to_keep=1)
-        lm_loss = chunked_causal_lm_loss(
-            captured.hidden, inner.get_output_embeddings(), inputs["labels"], self.lm_loss_chunk_tokens
-        )
-        return lm_loss, outputs
+        return causal_lm_loss_in_chunks(model, inner, inputs, self.lm_loss_chunk_tokens)
 
     def compute_loss(
         self,
