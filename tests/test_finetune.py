@@ -307,30 +307,36 @@ def test_full_mode_sharegpt_and_alpaca_full_finetune(tmp_path):
 @pytest.mark.slow
 @pytest.mark.dist
 def test_torchrun_two_processes_cpu(tmp_path):
-    """The seed's command under torchrun: DDP with gloo on CPU, one final adapter."""
+    """The seed's command under torchrun: DDP with gloo on CPU, one final adapter; with transformers'
+    loss and with the chunked one (training.lm_loss_chunk_tokens), the same losses."""
     data = selected_file(tmp_path / "selected_data.jsonl", n=16)
-    run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
-        str(REPO / "src" / "main.py"),
-        "--config-name",
-        "stage_3_finetune",
-        *FAST,
-        f"dataset.data_path={data}",
-        f"output_dir={run_dir}",
-        "training.max_steps=2",
-        "training.save_steps=100",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = json.loads((run_dir / "train_metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["distributed"] == "ddp"
-    assert metrics["global_step"] == 2
-    assert (run_dir / "checkpoint-final" / "adapter_model.safetensors").is_file()
+    losses = []
+    for chunk in (0, 7):
+        run_dir = tmp_path / f"run{chunk}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--standalone",
+            str(REPO / "src" / "main.py"),
+            "--config-name",
+            "stage_3_finetune",
+            *FAST,
+            f"dataset.data_path={data}",
+            f"output_dir={run_dir}",
+            "training.max_steps=2",
+            "training.save_steps=100",
+            f"training.lm_loss_chunk_tokens={chunk}",
+        ]
+        proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        metrics = json.loads((run_dir / "train_metrics.json").read_text())
+        assert metrics["world_size"] == 2 and metrics["distributed"] == "ddp"
+        assert metrics["global_step"] == 2
+        assert (run_dir / "checkpoint-final" / "adapter_model.safetensors").is_file()
+        losses.append([curve(run_dir)[s] for s in (1, 2)])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
 @pytest.mark.slow
