@@ -43,9 +43,23 @@ def stage2_config(overrides: list[str]):
     return make_config("collect", dotlist=overrides)
 
 
+def selector_and_samples(cfg, num_samples: int):
+    """The tiny selector (float32, eval), its tokenizer and the first ``num_samples`` encoded samples of
+    ``cfg``'s data."""
+    from quality_gate.data import encode_records, load_records
+    from quality_gate.models import load_selector
+
+    model, tokenizer = load_selector(str(cfg.selector_model.path), dtype="float32", device="cpu")
+    model.eval()
+    records = load_records(cfg.dataset, seed=int(cfg.seed), report_dir=None)
+    samples, _, _ = encode_records(
+        records, tokenizer, int(cfg.dataset.max_sequence_length), str(cfg.dataset.truncation)
+    )
+    return model, tokenizer, samples[:num_samples]
+
+
 def bench_throughput(num_samples: int, threads: int) -> dict:
     """(a) and (c): Stage 2 on the synthetic data vs a batch-size-1 full-logits loop."""
-    from quality_gate.data import encode_records, load_records
     from quality_gate.gate import record_gates
     from quality_gate.stages.collect import run
     from quality_gate.stats.store import find_router_data, iter_shards, load_index
@@ -72,15 +86,7 @@ def bench_throughput(num_samples: int, threads: int) -> dict:
                 embedding_bytes += shard.embeddings.numel() * shard.embeddings.element_size()
 
     # Baseline: the same model and samples, one sample at a time, full float32 logits.
-    from quality_gate.models import load_selector
-
-    model, tokenizer = load_selector(str(cfg.selector_model.path), dtype="float32", device="cpu")
-    model.eval()
-    records = load_records(cfg.dataset, seed=int(cfg.seed), report_dir=None)
-    samples, _, _ = encode_records(
-        records, tokenizer, int(cfg.dataset.max_sequence_length), str(cfg.dataset.truncation)
-    )
-    samples = samples[:num_samples]
+    model, _, samples = selector_and_samples(cfg, num_samples)
     tokens = sum(len(s.input_ids) for s in samples)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -115,20 +121,13 @@ def bench_flops(num_samples: int, threads: int) -> dict:
     """(d) achieved FLOP/s of Stage 2's forward vs a matmul of the same width, same thread count."""
     from flops import batch_flops, decoder_dims, matmul_flops_per_s
 
-    from quality_gate.data import encode_records, load_records, pad_batch, token_budget_batches
-    from quality_gate.models import load_selector
+    from quality_gate.data import pad_batch, token_budget_batches
     from quality_gate.stats.collect import collect_batch
 
     torch.set_num_threads(threads)
     cfg = stage2_config([])
     dp = cfg.data_process
-    model, tokenizer = load_selector(str(cfg.selector_model.path), dtype="float32", device="cpu")
-    model.eval()
-    records = load_records(cfg.dataset, seed=int(cfg.seed), report_dir=None)
-    samples, _, _ = encode_records(
-        records, tokenizer, int(cfg.dataset.max_sequence_length), str(cfg.dataset.truncation)
-    )
-    samples = samples[:num_samples]
+    model, tokenizer, samples = selector_and_samples(cfg, num_samples)
     batches = token_budget_batches(
         [len(s.input_ids) for s in samples],
         int(dp.max_tokens_per_batch),

@@ -370,15 +370,14 @@ def test_threshold_pool_runs_out(stage2):
 
 def test_cluster_end_to_end_per_dataset(stage2):
     root, _ = stage2
-    res = run_selection(
-        select_config(
-            root_dir=str(root),
-            diversity="cluster",
-            diversity_clusters=4,
-            per_dataset=True,
-            selection_percentage=0.3,
-        )
+    settings = dict(
+        root_dir=str(root),
+        diversity="cluster",
+        diversity_clusters=4,
+        per_dataset=True,
+        selection_percentage=0.3,
     )
+    res = run_selection(select_config(**settings))
     out = root / "selection_quality_gate_cluster"
     table = _table(out)
     summary = json.loads((out / "selection_summary.json").read_text())
@@ -395,16 +394,7 @@ def test_cluster_end_to_end_per_dataset(stage2):
             members = t[t.cluster == c].sort_values(["q", "id"], ascending=[False, True])
             assert set(members.id[: quotas[c]]) == set(members[members.selected].id)
     # Labels are the nearest centroid of a deterministic fit: a second run labels the same.
-    again = run_selection(
-        select_config(
-            root_dir=str(root),
-            diversity="cluster",
-            diversity_clusters=4,
-            per_dataset=True,
-            selection_percentage=0.3,
-            output_dir=str(root / "again"),
-        )
-    )
+    again = run_selection(select_config(**settings, output_dir=str(root / "again")))
     assert np.array_equal(again.diversity.labels, res.diversity.labels)
     assert np.array_equal(again.selected, res.selected)
 

@@ -155,15 +155,16 @@ def chunked_causal_lm_loss(
     flat_hidden = hidden[:, :-1][mask]  # (N, H)
     flat_targets = targets[mask].long()  # (N,)
     n = flat_targets.shape[0]
-    total = hidden.sum().float() * 0  # keeps the graph (and the device) when nothing is labelled
+    if n == 0:  # a zero that keeps the graph (backward still runs); the mean is NaN, as transformers'
+        zero = hidden.sum().float() * 0
+        return zero if reduction == "sum" else zero * float("nan")
+    total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk_tokens):
         stop = start + chunk_tokens
         total = total + checkpoint(
             _chunk_nll_sum, flat_hidden[start:stop], flat_targets[start:stop], lm_head, use_reentrant=False
         )
-    if reduction == "sum":
-        return total
-    return total / n if n else total * float("nan")
+    return total if reduction == "sum" else total / n
 
 
 def causal_lm_loss_in_chunks(
