@@ -169,3 +169,41 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkey
 def test_tiny_assets_ship_inside_the_package(module):
     assert str(module).startswith(str(REPO / "src" / "quality_gate" / "assets"))
     assert module.exists() and (REPO / "assets").resolve() == (REPO / "src" / "quality_gate" / "assets")
+
+
+def test_collector_paused_while_importing_and_running_during_the_stage(tmp_path, monkeypatch):
+    """The entry point pauses the garbage collector while hydra/torch/transformers are imported, then
+    freezes what was imported; the stage itself runs with the collector on, and it stays on after."""
+    import gc
+
+    import quality_gate.stages.evaluate as evaluate
+    from quality_gate import cli
+
+    seen: dict[str, object] = {}
+
+    def fake_run(cfg):
+        seen["enabled"], seen["frozen"] = gc.isenabled(), gc.get_freeze_count()
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("QG_NO_FREEZE", raising=False)
+    monkeypatch.setattr(evaluate, "run", fake_run)
+    imported = []
+    real_import = cli.importlib.import_module
+
+    def import_module(name):
+        imported.append((name, gc.isenabled()))
+        return real_import(name)
+
+    monkeypatch.setattr(cli.importlib, "import_module", import_module)
+    try:
+        cli.hydra_app("evaluate", [f"output_dir={tmp_path / 'run'}"])
+        assert ("quality_gate.stages.evaluate", False) in imported  # the stage module: paused
+        assert not any(enabled for _, enabled in imported)  # and every import Hydra made before it
+        assert seen["enabled"] is True and seen["frozen"] > 1000
+        assert gc.isenabled()
+        with pytest.raises(SystemExit):  # a config error ends the run before run_stage
+            cli.hydra_app("evaluate", ["batch_size=abc"])
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
