@@ -186,6 +186,7 @@ def test_collector_paused_while_importing_and_running_during_the_stage(tmp_path,
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("QG_NO_FREEZE", raising=False)
+    monkeypatch.setattr(cli, "_imports_frozen", False, raising=False)
     monkeypatch.setattr(evaluate, "run", fake_run)
     imported = []
     real_import = cli.importlib.import_module
@@ -195,6 +196,7 @@ def test_collector_paused_while_importing_and_running_during_the_stage(tmp_path,
         return real_import(name)
 
     monkeypatch.setattr(cli.importlib, "import_module", import_module)
+    gc.unfreeze()
     try:
         cli.hydra_app("evaluate", [f"output_dir={tmp_path / 'run'}"])
         assert ("quality_gate.stages.evaluate", False) in imported  # the stage module: paused
@@ -204,6 +206,41 @@ def test_collector_paused_while_importing_and_running_during_the_stage(tmp_path,
         with pytest.raises(SystemExit):  # a config error ends the run before run_stage
             cli.hydra_app("evaluate", ["batch_size=abc"])
         assert gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def test_a_stage_run_by_a_stage_does_not_freeze_what_the_one_before_left(monkeypatch):
+    """The experiment runs stages in one process: garbage in a reference cycle that an earlier stage
+    left (a model, a Trainer) must stay collectable when the next stage starts."""
+    import gc
+    import weakref
+
+    import quality_gate.stages.evaluate as evaluate
+    from quality_gate import cli
+    from quality_gate.config import make_config
+
+    class Node:
+        pass
+
+    left: list[weakref.ref] = []
+
+    def stage_leaving_a_cycle(cfg):
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        left.append(weakref.ref(a))
+
+    monkeypatch.delenv("QG_NO_FREEZE", raising=False)
+    monkeypatch.setattr(cli, "_imports_frozen", False, raising=False)
+    monkeypatch.setattr(evaluate, "run", stage_leaving_a_cycle)
+    gc.disable()  # as in a run: no collection may happen to run in between by chance
+    try:
+        cfg = make_config("evaluate")
+        cli.run_stage(cfg)  # the outer stage: freezes the imports
+        cli.run_stage(cfg)  # a stage within it (the experiment's next stage)
+        gc.collect()
+        assert left[0]() is None and left[1]() is None
     finally:
         gc.enable()
         gc.unfreeze()

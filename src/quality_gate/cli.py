@@ -20,6 +20,7 @@ traceback.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import importlib
 import logging
@@ -54,14 +55,30 @@ def run_stage(cfg: object) -> object:
 
     validate(cfg)  # type: ignore[arg-type]
     module = importlib.import_module(STAGES[stage_of(cfg)][0])  # type: ignore[arg-type]
-    # The imported libraries (torch, transformers: ~10^6 objects) live until exit: move them out of the
-    # collector's sight, so full collections during the run, and the one at interpreter exit (~0.7 s
-    # with transformers loaded), do not walk them again. The collector, paused while they were
-    # imported (see hydra_app), runs again from here.
-    if not os.environ.get("QG_NO_FREEZE"):
-        gc.freeze()
-    gc.enable()
+    _freeze_imports()
     return module.run(cfg)
+
+
+_imports_frozen = False
+
+
+def _freeze_imports() -> None:
+    """Once per process, before the first stage runs: move what is alive now (the imported torch and
+    transformers, ~10^6 objects that live until exit) out of the collector's sight, so that full
+    collections during the run, and the one at interpreter exit (~0.7 s with transformers loaded), do
+    not walk them again; then turn the collector back on (hydra_app pauses it while importing).
+
+    Only once: a stage that runs stages (the experiment) must not freeze what an earlier stage left
+    behind, or a model caught in a reference cycle would never be freed.
+    """
+    global _imports_frozen
+    if not _imports_frozen and not os.environ.get("QG_NO_FREEZE"):
+        gc.freeze()
+        # At exit, what the run left need not be walked either (atexit runs before the interpreter's
+        # own final collections); until then a caller in the same process keeps a working collector.
+        atexit.register(gc.freeze)
+        _imports_frozen = True
+    gc.enable()
 
 
 def _task(cfg: object) -> None:
@@ -80,33 +97,33 @@ def _task(cfg: object) -> None:
 
 def hydra_app(config_name: str | None, argv: Sequence[str] | None = None) -> None:
     """Run Hydra on the packaged configs (``--config-name`` in ``argv`` picks another config)."""
-    import hydra
-
-    from quality_gate.config import register_configs
-
     args = list(sys.argv[1:] if argv is None else argv)
     if "--help" in args or "-h" in args:
         name = _config_name_in(args) or config_name
         print(stage_help(name or "warmup", f"{sys.argv[0]} --config-name {name}"))
         return
     args = [("--help" if a == "--hydra-help" else a) for a in args]
+    was_enabled = gc.isenabled()
     if not os.environ.get("QG_NO_FREEZE"):
         # Importing hydra, torch and transformers allocates ~10^6 objects that all live until exit;
         # each full collection on the way walks all of them again (six of them, ~0.5 s of a stage's
         # start-up). They make almost no garbage: collect nothing until run_stage freezes them.
         gc.disable()
-    _check_multi_node_run_dir(_config_name_in(args) or config_name, args)
-    register_configs()
-    sys.argv = [sys.argv[0], *args]
-    main: Callable[[], None] = hydra.main(
-        config_path=CONFIG_PATH, config_name=config_name, version_base=None
-    )(_task)
     try:
+        import hydra
+
+        from quality_gate.config import register_configs
+
+        _check_multi_node_run_dir(_config_name_in(args) or config_name, args)
+        register_configs()
+        sys.argv = [sys.argv[0], *args]
+        main: Callable[[], None] = hydra.main(
+            config_path=CONFIG_PATH, config_name=config_name, version_base=None
+        )(_task)
         main()
     finally:
-        gc.enable()  # also when the run never reached run_stage (a config error)
-        if not os.environ.get("QG_NO_FREEZE"):
-            gc.freeze()  # see run_stage: what the run allocated need not be walked again at exit
+        if was_enabled:
+            gc.enable()  # also when the run never reached run_stage (a config error)
 
 
 # Stages that make a run dir (selection writes into its input dir).
