@@ -20,8 +20,10 @@ A shard is a ``torch.save`` dict of tensors and plain lists (so ``weights_only=T
     invalid_reason  list[str]           "" for valid samples
     ifd_loss_cond   float32 [n]         optional: mean response NLL given the instruction
     ifd_loss_uncond float32 [n]         optional: mean response NLL without the instruction
-    embeddings      float16 [n, D]      optional: the selector's last hidden state, mean over the assistant
-                                        tokens, randomly projected to D <= 256 dims (diversity selection)
+    embeddings      float16 [n, D]      optional: the selector's last hidden state, mean over the tokens of
+                                        data_process.embedding_tokens (default: the prompt), randomly
+                                        projected to D = data_process.embedding_dim dims (kept whole
+                                        when D >= hidden size); for diversity selection
     encode_stats    dict                counts of the shard's records (kept, truncated, dropped)
     dropped         list[dict]          records of the shard the encoder dropped: id, reason
 
