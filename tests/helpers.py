@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,8 @@ SELECTOR = ASSETS / "models" / "tiny-qwen3-selector"
 TARGET = ASSETS / "models" / "tiny-qwen2-target"
 TRAIN = ASSETS / "data" / "synthetic_train.jsonl"
 EVAL = ASSETS / "data" / "synthetic_eval.jsonl"
+#: torchrun with two local processes, no rendezvous server; append the script and its arguments.
+TORCHRUN_TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:

@@ -8,12 +8,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, SELECTOR, TARGET, TRAIN, compose
+from helpers import REPO, SELECTOR, TARGET, TORCHRUN_TWO, TRAIN, compose
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -314,11 +313,7 @@ def test_torchrun_two_processes_cpu(tmp_path):
     for chunk in (0, 7):
         run_dir = tmp_path / f"run{chunk}"
         cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--standalone",
+            *TORCHRUN_TWO,
             str(REPO / "src" / "main.py"),
             "--config-name",
             "stage_3_finetune",

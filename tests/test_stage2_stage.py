@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, SELECTOR, compose, select_config
+from helpers import REPO, SELECTOR, TORCHRUN_TWO, compose, select_config
 from helpers import TRAIN as DATA
 
 from quality_gate.errors import RouterDataError
@@ -195,11 +195,7 @@ def test_changed_fingerprint_is_refused(reference_run: Path) -> None:
 @pytest.mark.dist
 def test_torchrun_two_processes_equals_one(reference_run: Path, tmp_path: Path) -> None:
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+        *TORCHRUN_TWO,
         "src/main.py",
         "--config-name",
         "stage_2_selection",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from helpers import REPO, SELECTOR
+from helpers import REPO, SELECTOR, TORCHRUN_TWO
 from helpers import TRAIN as DATA
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, Qwen3Config, TrainingArguments
@@ -283,7 +283,7 @@ def test_stage1_lora_writes_an_adapter_that_merges(tmp_path):
 @pytest.mark.dist
 def test_stage1_torchrun_two_processes(tmp_path):
     """Two DDP processes, with transformers' LM loss and with the chunked one: the same gates."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    launcher = TORCHRUN_TWO
     states = []
     for chunk in (0, 64):
         out = tmp_path / f"chunk{chunk}"
