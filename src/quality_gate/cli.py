@@ -9,6 +9,7 @@
     quality-gate evaluate adapter_path=<finetune run dir>/checkpoint-final
     quality-gate experiment                                      # the whole pipeline per selector (make demo)
     quality-gate convert --model <base> --save-path <dir>        # Stage 0
+    quality-gate benchmark --data-dir <dir with the labelled files>   # real-label benchmark
     quality-gate <stage> --help                                  # every key with its default and meaning
 
 Each stage word is a config of ``quality_gate/configs/`` composed by Hydra, so everything Hydra
@@ -44,7 +45,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "evaluate": ("quality_gate.stages.evaluate", "Stage 4: held-out loss, exact match, lm-eval tasks"),
     "experiment": ("quality_gate.experiment", "all stages per selector: does selection help?"),
 }
-OTHER_COMMANDS = {"convert": "Stage 0: write a gated selector dir from a base model"}
+OTHER_COMMANDS = {
+    "convert": "Stage 0: write a gated selector dir from a base model",
+    "benchmark": "every selector against real quality labels (CoachLM, AlpaGasus)",
+}
 
 log = logging.getLogger("quality_gate")
 
@@ -225,6 +229,11 @@ def _main(argv: Sequence[str] | None) -> None:
         from quality_gate.convert import main as convert_main
 
         convert_main(rest, prog="quality-gate convert")
+        return
+    if command == "benchmark":
+        from quality_gate.benchmarks.real import main as benchmark_main
+
+        benchmark_main(rest, prog="quality-gate benchmark")
         return
     if command not in CONFIG_STAGES:
         raise SystemExit(f"error: unknown command {command!r}\n\n{_usage()}")

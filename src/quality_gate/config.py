@@ -35,7 +35,7 @@ from quality_gate.names import check_name
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 DTYPES = ["auto", "bfloat16", "float16", "float32"]
 TRUNCATION = ["right", "drop"]
-SELECTORS = ["quality_gate", "perplexity", "ifd", "random"]
+SELECTORS = ["quality_gate", "perplexity", "ifd", "random", "length"]
 # selector= of the select stage: the scores above, or a weighted mean of their ranks (combined_weights).
 SELECT_SELECTORS = [*SELECTORS, "combined"]
 DIVERSITY = ["none", "threshold", "cluster"]
@@ -89,13 +89,20 @@ class SelectorModelConfig(ModelOptions):
 class GateInitConfig:
     """How new gates start when they are attached to a plain base model."""
 
+    scale: float = opt(
+        2.0,
+        "the gate's form g = scale * sigmoid(w . x): 2 (default) starts as the identity, the model as "
+        "released; 1 is method.md's gate, 0.5 at init, which halves every FFN of a pretrained model "
+        "(docs/method.md)",
+        choices=[1.0, 2.0],
+    )
     init_mean: float = opt(
         0.0, "mean of the gate weight init when gates are attached on load (plain base model)"
     )
     init_std: float = opt(
         0.0,
-        "std of that init; 0 (default) starts every gate at exactly sigmoid(0) = 0.5, so the score does not "
-        "depend on a random init; method.md's 0.02 does (docs/method.md)",
+        "std of that init; 0 (default) starts every gate at exactly scale * sigmoid(0), so the score does "
+        "not depend on a random init; method.md's 0.02 does (docs/method.md)",
         ge=0.0,
     )
 
@@ -227,6 +234,12 @@ class WarmupTraining:
     logging_steps: int = opt(5, "log loss, lm_loss, quality_loss and gate_mean every N optimizer steps", ge=1)
     report_to: list[str] = opt([], "extra loggers, e.g. [tensorboard]")
     dataloader_num_workers: int = opt(0, "DataLoader worker processes", ge=0)
+    lm_loss_margin: float = opt(
+        0.1,
+        "warn when the warmed gates raise the LM loss per assistant token above the model as released by "
+        "more than this (nats; warmup_metrics.json lm_loss)",
+        ge=0.0,
+    )
     gate_stats_samples: int = opt(
         128, "samples used for the per-layer gate statistics before/after warmup in warmup_metrics.json", ge=1
     )
@@ -357,7 +370,8 @@ class SelectConfig:
     )
     selector: str = opt(
         "quality_gate",
-        "quality_gate | perplexity | ifd | random (ifd needs Stage 2 collect_ifd=true) | combined "
+        "quality_gate | perplexity | ifd | random | length (longest response) (ifd needs Stage 2 "
+        "collect_ifd=true) | combined "
         "(weighted mean of the selectors' ranks, combined_weights)",
         choices=SELECT_SELECTORS,
     )

@@ -17,15 +17,18 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from quality_gate.gate import DEFAULT_GATE_INIT_STD
+from quality_gate.gate import DEFAULT_GATE_INIT_STD, DEFAULT_GATE_SCALE
 
 log = logging.getLogger(__name__)
 
 
 def checkpoint_dtype(model: str, trust_remote_code: bool) -> str:
-    """The dtype name stored in the checkpoint's config, float32 when it names none we support."""
+    """The dtype name stored in the checkpoint's config, float32 when it names none we support (and for a
+    GGUF file, which is dequantised to float32)."""
     from transformers import AutoConfig
 
+    if model.endswith(".gguf"):
+        return "float32"
     config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
@@ -38,6 +41,7 @@ def convert(
     *,
     init_mean: float = 0.0,
     init_std: float = DEFAULT_GATE_INIT_STD,
+    scale: float = DEFAULT_GATE_SCALE,
     dtype: str = "auto",
     seed: int = 0,
     trust_remote_code: bool = False,
@@ -62,6 +66,7 @@ def convert(
         trust_remote_code=trust_remote_code,
         gate_init_mean=init_mean,
         gate_init_std=init_std,
+        gate_scale=scale,
         key="--model",
     )
     return save_converted(selector, tokenizer, save_path)
@@ -71,14 +76,27 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="base model: HF id or local path")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="base model: HF id, local dir, a .gguf file, or a bundled name (smollm2-135m-instruct)",
+    )
     parser.add_argument("--save-path", required=True, help="output directory of the converted selector")
     parser.add_argument("--init-mean", type=float, default=0.0, help="mean of the gate weight init")
     parser.add_argument(
         "--init-std",
         type=float,
         default=DEFAULT_GATE_INIT_STD,
-        help="std of the gate weight init (default 0: every gate starts at 0.5; method.md's was 0.02)",
+        help="std of the gate weight init (default 0: every gate starts at exactly scale / 2; method.md's: "
+        "0.02)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=DEFAULT_GATE_SCALE,
+        choices=[1.0, 2.0],
+        help="the gate's form g = scale * sigmoid(w . x): 2 starts as the identity (default), 1 is "
+        "method.md's",
     )
     parser.add_argument(
         "--dtype",
@@ -105,6 +123,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
             args.save_path,
             init_mean=args.init_mean,
             init_std=args.init_std,
+            scale=args.scale,
             dtype=args.dtype,
             seed=args.seed,
             trust_remote_code=args.trust_remote_code,

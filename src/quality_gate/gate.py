@@ -2,8 +2,14 @@
 
 For decoder layer ``l`` with FFN input ``x`` (``post_attention_layernorm(h)`` in Qwen/Llama/Mistral)::
 
-    g = sigmoid(w_l · x)          # w_l: Linear(hidden_size, 1, bias=False)
+    g = scale * sigmoid(w_l · x)  # w_l: Linear(hidden_size, 1, bias=False)
     h = h + g * MLP(x)
+
+``scale`` is the gate's form: 2 (the default) makes a gate whose weight starts at 0 exactly the
+identity (``2 * sigmoid(0) = 1``), so a pretrained model starts the warmup as released; 1 is
+method.md's gate, which starts at 0.5 and halves every FFN (on SmolLM2-135M-Instruct the mean token
+loss goes from 2.10 to 5.50; docs/method.md). Stage 2 stores ``sigmoid(w_l · x)`` in (0, 1); the
+score is the same for any common scale (docs/method.md).
 
 The gate is inserted by wrapping modules (the way peft does), never by copying a model class:
 :func:`attach_quality_gates` replaces every decoder layer's ``mlp`` with a :class:`QualityGatedMLP`
@@ -30,6 +36,10 @@ from quality_gate.errors import ConfigError
 log = logging.getLogger(__name__)
 
 GATE_PARAM_KEY = "quality_gate.gate"
+#: The gate's form ``g = scale * sigmoid(w · x)``: 2 starts as the identity (g = 1 at w = 0), 1 is method.md's
+#: gate (g = 0.5 at w = 0). See docs/method.md for the figures behind the default.
+DEFAULT_GATE_SCALE = 2.0
+GATE_SCALES = (1.0, 2.0)
 #: Std of the gate weight init. 0: every gate starts at exactly sigmoid(0) = 0.5 and the warmup's
 #: gradient alone shapes them, so the score does not depend on a random init (method.md's 0.02 made
 #: the selection move with the seed; docs/method.md has the figures).
@@ -64,17 +74,26 @@ class QualityGate(nn.Module):
 
 
 class QualityGatedMLP(nn.Module):
-    """Wraps a decoder layer's FFN: ``forward(x) = sigmoid(gate(x)) * base_layer(x)``.
+    """Wraps a decoder layer's FFN: ``forward(x) = scale * sigmoid(gate(x)) * base_layer(x)``.
 
     ``layer_idx`` is the position of the wrapped layer in the decoder stack; a recorder set by
-    :func:`record_gates` receives this layer's logits ``(B, T)`` on every forward.
+    :func:`record_gates` receives this layer's logits ``(B, T)`` on every forward. ``bypass=True``
+    (see :func:`gates_bypassed`) returns the FFN's output unscaled: the model as released.
     """
 
     def __init__(
-        self, base_layer: nn.Module, hidden_size: int, layer_idx: int, init_mean: float, init_std: float
+        self,
+        base_layer: nn.Module,
+        hidden_size: int,
+        layer_idx: int,
+        init_mean: float,
+        init_std: float,
+        scale: float = DEFAULT_GATE_SCALE,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.scale = float(scale)
+        self.bypass = False
         reference = next(base_layer.parameters(), None)
         self.quality_gate = QualityGate(
             hidden_size,
@@ -92,12 +111,14 @@ class QualityGatedMLP(nn.Module):
         if self._recorder is not None:
             self._recorder.store(self.layer_idx, logits.squeeze(-1))
         out = self.base_layer(x, *args, **kwargs)
+        if self.bypass:
+            return out
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"the wrapped FFN {type(self.base_layer).__name__} returned {type(out).__name__}, "
                 "expected a tensor; this architecture is not supported by the quality gate"
             )
-        return torch.sigmoid(logits) * out  # (B, T, H)
+        return (self.scale * torch.sigmoid(logits)) * out  # (B, T, H)
 
 
 class GateRecorder:
@@ -108,8 +129,9 @@ class GateRecorder:
     it stores the same values again.
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, scale: float = DEFAULT_GATE_SCALE) -> None:
         self.num_layers = num_layers
+        self.scale = float(scale)
         self._logits: dict[int, Tensor] = {}
 
     def store(self, layer_idx: int, logits: Tensor) -> None:
@@ -130,8 +152,13 @@ class GateRecorder:
         return torch.stack([self._logits[i].float() for i in range(self.num_layers)], dim=1)
 
     def probs(self) -> Tensor:
-        """``sigmoid(logits())``: gate values in (0, 1), ``(B, L, T)`` float32."""
+        """``sigmoid(logits())``: the gates' openness in (0, 1), ``(B, L, T)`` float32 (what Stage 2
+        stores; the applied gate is ``scale`` times it)."""
         return torch.sigmoid(self.logits())
+
+    def values(self) -> Tensor:
+        """The applied gate values ``scale * sigmoid(logits())``, ``(B, L, T)`` float32."""
+        return self.scale * self.probs()
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -166,15 +193,20 @@ def _hidden_size(model: nn.Module, block: nn.Module) -> int:
 
 
 def attach_quality_gates(
-    model: nn.Module, init_mean: float = 0.0, init_std: float = DEFAULT_GATE_INIT_STD
+    model: nn.Module,
+    init_mean: float = 0.0,
+    init_std: float = DEFAULT_GATE_INIT_STD,
+    scale: float = DEFAULT_GATE_SCALE,
 ) -> list[QualityGatedMLP]:
     """Wrap the ``mlp`` of every decoder layer in a :class:`QualityGatedMLP` (in place).
 
     Gate weights take the dtype and device of the wrapped FFN. Calling this on a model that already
     has gates returns the existing wrappers unchanged (the init arguments are then ignored).
+    ``scale``: the gate's form (:data:`DEFAULT_GATE_SCALE`).
     Raises :class:`~quality_gate.errors.ConfigError` naming ``model.config.model_type`` when the
     model has no decoder layers with an ``mlp``.
     """
+    check_gate_scale(scale)
     existing = find_quality_gates(model)
     if existing:
         log.info("model already has %d quality gates; leaving them as they are", len(existing))
@@ -183,11 +215,49 @@ def attach_quality_gates(
     hidden_size = _hidden_size(model, layers[0])
     wrappers = []
     for idx, block in enumerate(layers):
-        wrapper = QualityGatedMLP(block.mlp, hidden_size, idx, init_mean, init_std)
+        wrapper = QualityGatedMLP(block.mlp, hidden_size, idx, init_mean, init_std, scale)
         block.mlp = wrapper
         wrappers.append(wrapper)
-    log.info("attached %d quality gates (hidden_size=%d)", len(wrappers), hidden_size)
+    log.info("attached %d quality gates (hidden_size=%d, scale=%g)", len(wrappers), hidden_size, scale)
     return wrappers
+
+
+def check_gate_scale(scale: float) -> float:
+    """``scale`` if it is one of :data:`GATE_SCALES`, else a :class:`ConfigError`."""
+    if float(scale) not in GATE_SCALES:
+        raise ConfigError(
+            f"quality_gate.scale={scale} is not supported; use 2 (starts as the identity, the default) or 1 "
+            "(method.md's gate, 0.5 at init)"
+        )
+    return float(scale)
+
+
+def gate_scale(model: nn.Module) -> float:
+    """The common ``scale`` of the model's gates."""
+    scales = {w.scale for w in find_quality_gates(model)}
+    if len(scales) != 1:
+        raise ValueError(f"the model's gates have scales {sorted(scales)}; expected one")
+    return scales.pop()
+
+
+def set_gate_scale(model: nn.Module, scale: float) -> None:
+    """Set every gate's form to ``scale`` (the form that Stage 1 weights were trained with)."""
+    check_gate_scale(scale)
+    for wrapper in find_quality_gates(model):
+        wrapper.scale = float(scale)
+
+
+@contextlib.contextmanager
+def gates_bypassed(model: nn.Module) -> Iterator[None]:
+    """Inside the block every gate passes its FFN output through unscaled: the model as released."""
+    gates = find_quality_gates(model)
+    try:
+        for wrapper in gates:
+            wrapper.bypass = True
+        yield
+    finally:
+        for wrapper in gates:
+            wrapper.bypass = False
 
 
 def find_quality_gates(model: nn.Module) -> list[QualityGatedMLP]:
@@ -244,7 +314,7 @@ def record_gates(model: nn.Module) -> Iterator[GateRecorder]:
     gates = find_quality_gates(model)
     if not gates:
         raise ValueError("model has no quality gates; call attach_quality_gates(model) first")
-    recorder = GateRecorder(len(gates))
+    recorder = GateRecorder(len(gates), gates[0].scale)
     try:
         for wrapper in gates:
             wrapper._recorder = recorder

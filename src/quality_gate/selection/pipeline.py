@@ -236,6 +236,9 @@ def compute_selection(cfg: DictConfig) -> SelectionResult:
         scores["combined"] = combined_scores(scores, weights, groups_of(stats, per_dataset))
     elif selector not in scores:
         scores[selector] = selector_scores(selector, stats, q, seed)  # raises the reason it is not available
+    note = baseline_model_note(cfg, index_paths)
+    if note:
+        log.warning("%s", note)
     diversity = _diversity(cfg, stats)
     chosen = select_detailed(scores[selector], stats, k, per_dataset, diversity)
     order = rank_order(scores[selector].score, np.asarray(stats.ids), chosen.selected)
@@ -283,6 +286,36 @@ def _quantiles(x: np.ndarray) -> dict[str, float]:
     if not len(x):
         return {}
     return {f"p{round(p * 100)}": float(v) for p, v in zip(QUANTILES, np.quantile(x, QUANTILES))}
+
+
+BASELINES_FROM_THE_MODEL = ("perplexity", "ifd")
+
+
+def baseline_model_note(cfg: DictConfig, index_paths: list[Path]) -> str | None:
+    """A warning when a perplexity or IFD selection reads a model that its gates changed.
+
+    Stage 2 scores perplexity with the gated selector. Only gates that are exactly the identity (no
+    Stage 1 weights, ``quality_gate.scale=2``, weights 0) leave the model as released, which is what the
+    baselines of the literature score with.
+    """
+    selector = str(cfg.selector)
+    used = (
+        {n for n, w in cfg.combined_weights.items() if float(w) > 0} if selector == "combined" else {selector}
+    )
+    if not used & set(BASELINES_FROM_THE_MODEL):
+        return None
+    manifest_path = index_paths[0].parent.parent / "manifest.json"
+    weights = json.loads(manifest_path.read_text()).get("stage1_weights") if manifest_path.is_file() else None
+    if not weights:
+        return None
+    init = weights.get("gate_init") or {}
+    if weights.get("kind") == "none" and init.get("scale") == 2.0 and init.get("std") == 0.0:
+        return None
+    return (
+        f"selector={selector} reads perplexities of the selector with its gates ({weights.get('kind')} "
+        "weights), not of the model as released: for the baseline itself, score the pool with Stage 2 "
+        "without model_checkpoint_path (quality_gate.scale=2, init_std=0: the gates are then the identity)"
+    )
 
 
 def stage1_of(index_paths: list[Path]) -> dict[str, Any]:

@@ -93,6 +93,7 @@ class SampleStats:
     S: np.ndarray  # (N, L)
     mean_nll: np.ndarray  # (N,)
     length: np.ndarray  # (N,) stored positions T_i
+    response_tokens: np.ndarray  # (N,) stored positions whose target is an assistant token
     scope_positions: np.ndarray  # (N,) positions in token_scope
     valid: np.ndarray  # (N,) bool
     invalid_reason: list[str]
@@ -181,12 +182,16 @@ def shard_scores(shard: RouterShard, params: ScoreParams) -> dict[str, object]:
         g = shard.gates[rows].to(torch.float64)  # (chunk, L)
         S.index_add_(0, seg[start : start + _ROW_CHUNK], g * w[start : start + _ROW_CHUNK, None])
     mean_nll = _mean_nll(shard, params.token_scope, n)
+    response = torch.zeros(n, dtype=torch.int64).index_add_(
+        0, torch.repeat_interleave(torch.arange(n), shard.lengths), shard.assistant_mask.to(torch.int64)
+    )
     S[~sample_ok] = math.nan
     mean_nll[~sample_ok] = math.nan
     return {
         "S": S.numpy(),
         "mean_nll": mean_nll.numpy(),
         "scope_positions": count.numpy(),
+        "response_tokens": response.numpy(),
         "valid": sample_ok.numpy(),
         "invalid_reason": ["" if ok else r for ok, r in zip(sample_ok.tolist(), reasons)],
     }
@@ -209,7 +214,9 @@ def collect_sample_stats(
 ) -> SampleStats:
     """Stream the shards of every dataset and compute per-sample ``S`` and baseline statistics; with
     ``with_embeddings``, also gather the shards' ``embeddings`` (N, D) float16 in the same pass."""
-    parts: dict[str, list] = {k: [] for k in ("S", "mean_nll", "scope", "valid", "reason", "ifd", "length")}
+    parts: dict[str, list] = {
+        k: [] for k in ("S", "mean_nll", "scope", "valid", "reason", "ifd", "length", "response")
+    }
     ids: list[str] = []
     datasets: list[str] = []
     has_ifd: dict[str, bool] = {}
@@ -239,6 +246,7 @@ def collect_sample_stats(
             parts["valid"].append(out["valid"])
             parts["reason"].extend(out["invalid_reason"])
             parts["length"].append(shard.lengths.numpy().copy())
+            parts["response"].append(out["response_tokens"])
             if emb is not None:
                 emb.add(name, shard)
             if shard.ifd_loss_cond is not None and shard.ifd_loss_uncond is not None:
@@ -259,6 +267,7 @@ def collect_sample_stats(
         S=np.concatenate(parts["S"], axis=0),
         mean_nll=cat("mean_nll", np.float64),
         length=cat("length", np.int64),
+        response_tokens=cat("response", np.int64),
         scope_positions=cat("scope", np.int64),
         valid=cat("valid", bool),
         invalid_reason=parts["reason"],

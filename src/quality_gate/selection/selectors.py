@@ -6,6 +6,9 @@
   samples with IFD > 1 or non-finite are dropped first (the response is easier *without* the
   instruction, so the pair is judged misaligned), then the highest IFD is kept.
 * ``random``: a seeded uniform score.
+* ``length``: the number of response (assistant) tokens; the longest kept (Zhao et al. 2024, "Long Is
+  More for Alignment": a strong baseline, and the one a score must beat to show it measures more
+  than length).
 * ``combined``: a weighted mean of other selectors' rank-normalised scores (``combined_weights``):
   each selector's score becomes its rank in [0, 1] (1 = its best sample, average ranks for ties), so
   that scales do not matter; only samples every weighted selector may keep are eligible, and ranks are
@@ -61,6 +64,9 @@ def selector_scores(name: str, stats: SampleStats, q: np.ndarray, seed: int) -> 
         return SelectorScores(ifd, stats.valid & np.isfinite(ifd) & (ifd <= 1.0))
     if name == "random":
         score = np.random.default_rng(seed).random(len(stats))
+        return SelectorScores(score, stats.valid.copy())
+    if name == "length":
+        score = stats.response_tokens.astype(np.float64)
         return SelectorScores(score, stats.valid.copy())
     raise SelectionError(f"selector={name!r}; expected one of {list(SELECTORS)}")
 

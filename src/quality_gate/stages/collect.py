@@ -116,6 +116,7 @@ def _load_model(cfg: DictConfig, device: str) -> tuple[Any, Any, dict[str, Any]]
         **load_options(sel),
         gate_init_mean=float(cfg.quality_gate.init_mean),
         gate_init_std=float(cfg.quality_gate.init_std),
+        gate_scale=float(cfg.quality_gate.scale),
         key="selector_model.path",
     )
     ensure_chat_template(tokenizer, cfg.dataset.chat_template)
@@ -133,6 +134,7 @@ def _load_model(cfg: DictConfig, device: str) -> tuple[Any, Any, dict[str, Any]]
             "seed": int(cfg.seed),
             "mean": float(cfg.quality_gate.init_mean),
             "std": float(cfg.quality_gate.init_std),
+            "scale": float(cfg.quality_gate.scale),
         }
     model.eval().requires_grad_(False)
     return model, tokenizer, weights

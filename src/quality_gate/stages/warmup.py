@@ -36,6 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_
 
 from quality_gate.config import validate
 from quality_gate.data import (
+    IGNORE_INDEX,
     SFTDataCollator,
     encode_records,
     ensure_chat_template,
@@ -47,7 +48,9 @@ from quality_gate.gate import (
     GATE_PARAM_KEY,
     find_quality_gates,
     freeze_backbone,
+    gate_scale,
     gate_state_dict,
+    gates_bypassed,
     record_gates,
 )
 from quality_gate.io import atomic_torch_save, atomic_write_json, normalize_modes
@@ -55,6 +58,7 @@ from quality_gate.loss import quality_loss
 from quality_gate.models import (
     FULL_RANK_WEIGHTS_FILE,
     GATE_BASE_FILE,
+    GATE_SCALE_KEY,
     check_model_source,
     load_options,
     load_selector,
@@ -111,7 +115,7 @@ class QualityGateTrainer(Trainer):
         mask = inputs["attention_mask"]  # (B, T)
         with record_gates(model) as recorder:
             lm_loss, outputs = self._lm_loss(model, inputs)
-            gate_probs = recorder.probs()  # (B, L, T) float32
+            gate_probs = recorder.values()  # (B, L, T) float32: the applied gate values
         q_loss = quality_loss(gate_probs, mask, self.quality_loss_mode)
         loss = lm_loss + self.quality_loss_weight * q_loss
         if model.training:
@@ -144,6 +148,7 @@ def get_model_and_tokenizer(cfg: DictConfig) -> tuple[PreTrainedModel, PreTraine
         **load_options(sel),
         gate_init_mean=float(cfg.quality_gate.init_mean),
         gate_init_std=float(cfg.quality_gate.init_std),
+        gate_scale=float(cfg.quality_gate.scale),
         key="selector_model.path",
     )
     ensure_chat_template(tokenizer, cfg.dataset.chat_template)
@@ -176,6 +181,43 @@ def build_train_dataset(
     return to_hf_dataset(samples), stats.as_dict()
 
 
+def _batch_lm_loss_sum(out: Any, labels: Tensor) -> tuple[float, int]:
+    """``(sum of the token losses, number of scored tokens)`` of a forward with ``labels`` ``(B, T)``."""
+    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return float(out.loss) * count if count else 0.0, count
+
+
+@torch.no_grad()
+def released_lm_loss(
+    model: nn.Module,
+    dataset: Dataset,
+    collator: Callable[[list[dict]], dict[str, Tensor]],
+    batch_size: int,
+    max_samples: int,
+) -> float:
+    """Mean LM loss per assistant token of the first ``max_samples`` samples with every gate bypassed,
+    i.e. of the model as released (the reference the gates' cost is measured against)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    loader = DataLoader(
+        dataset.select(range(min(max_samples, len(dataset)))), batch_size, collate_fn=collator
+    )
+    with gates_bypassed(model):
+        for batch in loader:
+            labels = batch["labels"].to(device)
+            out = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                labels=labels,
+            )
+            part, n = _batch_lm_loss_sum(out, labels)
+            total, count = total + part, count + n
+    model.train(was_training)
+    return round(total / max(count, 1), 6)
+
+
 @torch.no_grad()
 def gate_statistics(
     model: nn.Module,
@@ -184,11 +226,12 @@ def gate_statistics(
     batch_size: int,
     max_samples: int,
 ) -> dict[str, Any]:
-    """Per-layer mean and std of the gate value over the valid tokens of the first samples.
+    """Per-layer mean and std of the applied gate value over the valid tokens of the first samples,
+    and the model's LM loss with these gates.
 
-    Returns ``{"mean_per_layer": [L], "std_per_layer": [L], "mean", "token_std", "num_tokens"}``;
-    ``token_std`` is the std over tokens of the layer-averaged gate, i.e. how much the gates
-    distinguish tokens.
+    Returns ``{"mean_per_layer": [L], "std_per_layer": [L], "mean", "token_std", "num_tokens",
+    "lm_loss"}``; ``token_std`` is the std over tokens of the layer-averaged gate, i.e. how much the
+    gates distinguish tokens; ``lm_loss`` the mean loss per assistant token.
     """
     was_training = model.training
     model.eval()
@@ -198,11 +241,15 @@ def gate_statistics(
     sums = sq_sums = None
     token_means: list[Tensor] = []
     count = 0
+    loss_sum, loss_count = 0.0, 0
     for batch in loader:
         mask = batch["attention_mask"].to(device).bool()  # (B, T)
+        labels = batch["labels"].to(device)  # (B, T)
         with record_gates(model) as recorder:
-            model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
-            probs = recorder.probs()  # (B, L, T)
+            out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long(), labels=labels)
+            probs = recorder.values()  # (B, L, T)
+        part, n = _batch_lm_loss_sum(out, labels)
+        loss_sum, loss_count = loss_sum + part, loss_count + n
         valid = probs.permute(1, 0, 2)[:, mask]  # (L, N_valid)
         sums = valid.sum(1) if sums is None else sums + valid.sum(1)
         sq_sums = valid.pow(2).sum(1) if sq_sums is None else sq_sums + valid.pow(2).sum(1)
@@ -218,6 +265,29 @@ def gate_statistics(
         "mean": round(mean.mean().item(), 6),
         "token_std": round(per_token.std().item(), 6) if per_token.numel() > 1 else 0.0,
         "num_tokens": count,
+        "lm_loss": round(loss_sum / max(loss_count, 1), 6),
+    }
+
+
+def lm_loss_report(released: float, at_init: float, after: float, margin: float) -> dict[str, Any]:
+    """The LM loss per assistant token of the model as released, with the gates at init and after the
+    warmup; ``warning`` when the warmed gates cost more than ``margin`` (nats per token)."""
+    cost = after - released
+    warning = None
+    if cost > margin:
+        warning = (
+            f"the warmed gates cost the model {cost:.3f} nats per token of LM loss ({released:.3f} as "
+            f"released, {after:.3f} with the gates; margin training.lm_loss_margin={margin}): the score is "
+            "read from a model the gates have damaged; lower training.quality_loss_weight or use "
+            "quality_gate.scale=2"
+        )
+    return {
+        "released": released,
+        "at_init": at_init,
+        "after_warmup": after,
+        "cost_after_warmup": round(cost, 6),
+        "margin": margin,
+        "warning": warning,
     }
 
 
@@ -291,14 +361,19 @@ def save_gate_base(model: nn.Module, adapter_dir: Path) -> None:
         f"layers.{m.layer_idx}.weight": m.quality_gate.gate.weight.detach().cpu().contiguous()
         for m in find_quality_gates(model)
     }
-    save_file(tensors, str(Path(adapter_dir) / GATE_BASE_FILE))
+    metadata = {GATE_SCALE_KEY: str(gate_scale(model))}
+    save_file(tensors, str(Path(adapter_dir) / GATE_BASE_FILE), metadata=metadata)
 
 
 def save_stage1_weights(model: nn.Module, cfg: DictConfig, run_dir: Path) -> Path:
     """Rank 0 writes ``full_rank_weights.pt`` or the LoRA adapter ``checkpoint-final/``."""
     if cfg.training.peft_mode == "full_rank":
         path = run_dir / FULL_RANK_WEIGHTS_FILE
-        payload = {"model_state_dict": gate_state_dict(model), "tokenizer_name": str(cfg.selector_model.path)}
+        payload = {
+            "model_state_dict": gate_state_dict(model),
+            "tokenizer_name": str(cfg.selector_model.path),
+            GATE_SCALE_KEY: gate_scale(model),
+        }
         atomic_torch_save(payload, path)
     else:
         path = run_dir / "checkpoint-final"
@@ -330,11 +405,15 @@ def run(cfg: DictConfig) -> None:
     collator = SFTDataCollator(tokenizer.pad_token_id)
     stats_samples = int(cfg.training.gate_stats_samples)
     batch_size = int(cfg.training.per_device_batch_size)
-    gates_before = (
-        gate_statistics(model, train_dataset, collator, batch_size, stats_samples)
-        if is_main_process()
-        else None
-    )
+    gates_before = loss_released = None
+    if is_main_process():
+        gates_before = gate_statistics(model, train_dataset, collator, batch_size, stats_samples)
+        loss_released = released_lm_loss(model, train_dataset, collator, batch_size, stats_samples)
+        log.info(
+            "LM loss per assistant token: %.4f as released, %.4f with the gates at init",
+            loss_released,
+            gates_before["lm_loss"],
+        )
 
     trainer = QualityGateTrainer(
         model=model,
@@ -356,6 +435,9 @@ def run(cfg: DictConfig) -> None:
     gates_after = gate_statistics(model, train_dataset, collator, batch_size, stats_samples)
     weights_path = save_stage1_weights(model, cfg, run_dir)
     history = [entry for entry in trainer.state.log_history if "lm_loss" in entry]
+    lm_loss = lm_loss_report(
+        loss_released, gates_before["lm_loss"], gates_after["lm_loss"], float(cfg.training.lm_loss_margin)
+    )
     metrics = {
         "peft_mode": str(cfg.training.peft_mode),
         "quality_loss_mode": str(cfg.training.quality_loss_mode),
@@ -369,6 +451,8 @@ def run(cfg: DictConfig) -> None:
         "gates_before": gates_before,
         "gates_after": gates_after,
         "gate_movement": gate_movement(gates_before, gates_after, history),
+        "gate_scale": gate_scale(model),
+        "lm_loss": lm_loss,
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 3),
         "wall_time_s": round(time.perf_counter() - started, 3),
@@ -379,4 +463,11 @@ def run(cfg: DictConfig) -> None:
     movement = metrics["gate_movement"]
     (log.warning if movement["warning"] else log.info)(
         "Stage 1 done in %.1fs: %s", metrics["wall_time_s"], movement["message"]
+    )
+    (log.warning if lm_loss["warning"] else log.info)(
+        "LM loss per assistant token: %.4f as released, %.4f at init, %.4f after the warmup%s",
+        lm_loss["released"],
+        lm_loss["at_init"],
+        lm_loss["after_warmup"],
+        f"; WARNING: {lm_loss['warning']}" if lm_loss["warning"] else "",
     )

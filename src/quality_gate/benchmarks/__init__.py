@@ -1,0 +1,1 @@
+"""Benchmarks that measure the selectors against real quality labels (:mod:`.real`)."""

@@ -1,0 +1,470 @@
+"""The real-label benchmark: every selector's score against human and LLM-judge quality labels.
+
+    quality-gate benchmark --data-dir ../shared/data --out outputs/bench_real      # make bench-real
+
+Recipe (each step resumes: a finished step is reused when its settings are unchanged, and Stage 2
+resumes its own shards):
+
+1. pools: CoachLM pairs and AlpaGasus samples (:mod:`quality_gate.benchmarks.pools`), each split into a
+   tuning and a held-out half;
+2. the selector: a GGUF file or bundled name is dequantised once into a plain model dir;
+3. Stage 2 on the model as released (gates of form 2 at weight 0 are exactly the identity): the
+   ``perplexity`` and ``ifd`` baselines and the never-warmed gates;
+4. per gate variant (:data:`VARIANTS`): Stage 1 on a seeded subset of both pools (no labels), then
+   Stage 2 with the warmed gates: the ``quality_gate`` score;
+5. every selector's score on every pool and half (:mod:`quality_gate.benchmarks.metrics`), written to
+   ``results.json`` and ``results.md`` in the run dir (and to ``--results``, e.g. docs/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quality_gate.benchmarks.metrics import labelled_metrics, paired_metrics
+from quality_gate.benchmarks.pools import HALVES, Pool, alpagasus_pool, coachlm_pool
+from quality_gate.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+#: Gate variants: the overrides of Stages 1 and 2 that define each. ``identity`` is the default.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "identity": {"quality_gate.scale": 2.0},
+    "identity_lr3e-3": {"quality_gate.scale": 2.0, "training.learning_rate": 3e-3},
+    "identity_lr3e-2": {"quality_gate.scale": 2.0, "training.learning_rate": 3e-2},
+    "seed_gate": {"quality_gate.scale": 1.0},
+    "seed_gate_lr3e-3": {"quality_gate.scale": 1.0, "training.learning_rate": 3e-3},
+}
+DEFAULT_VARIANTS = ("identity", "seed_gate")
+BASELINES = ("perplexity", "ifd", "length", "random")
+STEPS_FILE = "steps.json"
+
+
+@dataclasses.dataclass
+class Settings:
+    """What one benchmark run measures (``quality-gate benchmark --help``)."""
+
+    data_dir: str
+    out: str
+    selector_model: str = "smollm2-135m-instruct"
+    coachlm_pairs: int = 200
+    alpagasus_samples: int = 600
+    max_length: int = 384
+    warmup_samples: int = 256
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    halves: tuple[str, ...] = HALVES
+    seed: int = 0
+    threads: int = 0
+    results: str | None = None
+
+    def fingerprint(self, *fields: str) -> str:
+        values = {f: getattr(self, f) for f in fields}
+        return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Steps:
+    """Finished steps of a run dir (``steps.json``: name -> settings fingerprint), with progress lines."""
+
+    def __init__(self, root: Path, total: int) -> None:
+        self.path = root / STEPS_FILE
+        self.done: dict[str, str] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.total, self.count = total, 0
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, fingerprint: str, fn: Callable[[], None]) -> None:
+        self.count += 1
+        if self.done.get(name) == fingerprint:
+            log.info("[%d/%d] %s: finished before with these settings, reused", self.count, self.total, name)
+            return
+        log.info("[%d/%d] %s ...", self.count, self.total, name)
+        started = time.perf_counter()
+        fn()
+        self.timings[name] = round(time.perf_counter() - started, 1)
+        self.done[name] = fingerprint
+        atomic_write_json(self.path, self.done)
+        log.info("[%d/%d] %s done in %.1f s", self.count, self.total, name, self.timings[name])
+
+
+def _datasets(root: Path) -> list[dict[str, str]]:
+    return [{"path": str(root / "data" / f"{p}.jsonl"), "dataset_name": p} for p in ("coachlm", "alpagasus")]
+
+
+def _pools(s: Settings) -> list[Pool]:
+    return [
+        coachlm_pool(Path(s.data_dir), s.coachlm_pairs, s.seed, s.halves),
+        alpagasus_pool(Path(s.data_dir), s.alpagasus_samples, s.seed, s.halves),
+    ]
+
+
+def write_pools(s: Settings, root: Path) -> None:
+    """``data/<pool>.jsonl`` (records) and ``data/labels.json`` (id -> label, half, pair)."""
+    labels: dict[str, dict[str, Any]] = {}
+    for pool in _pools(s):
+        atomic_write_jsonl(root / "data" / f"{pool.name}.jsonl", pool.records)
+        labels.update({rid: {**v, "pool": pool.name} for rid, v in pool.labels.items()})
+    atomic_write_json(root / "data" / "labels.json", labels)
+
+
+def plain_selector(source: str, out: Path) -> str:
+    """A GGUF file or bundled name dequantised once into a plain model dir (what every stage then
+    loads in a fraction of the time); a model dir or Hub id is used as it is."""
+    from quality_gate.models import BUNDLED_MODELS, is_gguf, load_target
+
+    if not (is_gguf(source) or source in BUNDLED_MODELS):
+        return source
+    model, tokenizer = load_target(source, dtype="float32", device="cpu", key="--selector-model")
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return str(out)
+
+
+def _stage(stage: str, values: dict[str, Any]) -> None:
+    from quality_gate.cli import run_stage
+    from quality_gate.config import make_config
+
+    run_stage(make_config(stage, values))
+
+
+def _common(s: Settings, root: Path, selector: str) -> dict[str, Any]:
+    return {
+        "seed": s.seed,
+        "selector_model.path": selector,
+        "dataset.dataset_from": "local",
+        "dataset.local.datasets": _datasets(root),
+        "dataset.max_sequence_length": s.max_length,
+    }
+
+
+def released_stage2(s: Settings, root: Path, selector: str) -> None:
+    """Stage 2 with identity gates (form 2, weights 0): perplexity and IFD of the model as released."""
+    values = {**_common(s, root, selector), "quality_gate.scale": 2.0, "quality_gate.init_std": 0.0}
+    _stage("collect", {**values, "collect_ifd": True, "output_dir": str(root / "released")})
+
+
+def variant_stages(s: Settings, root: Path, selector: str, variant: str) -> tuple[Callable, Callable]:
+    """Stage 1 and Stage 2 of one gate variant (two steps, so that each resumes on its own)."""
+    overrides = VARIANTS[variant]
+    stage2_keys = {k: v for k, v in overrides.items() if k.startswith("quality_gate.")}
+    total = len(_pools(s)[0].records) + len(_pools(s)[1].records)
+    warm_dir, stats_dir = root / "variants" / variant / "warmup", root / "variants" / variant / "collect"
+
+    def warmup() -> None:
+        values = {
+            **_common(s, root, selector),
+            "dataset.subset_ratio": min(1.0, s.warmup_samples / max(total, 1)),
+            "dataset.shuffle": True,
+            "training.epochs": 1.0,
+            "training.gate_stats_samples": 32,
+            "training.logging_steps": 2,
+            "output_dir": str(warm_dir),
+            **overrides,
+        }
+        _stage("warmup", values)
+
+    def collect() -> None:
+        values = {
+            **_common(s, root, selector),
+            **stage2_keys,
+            "model_checkpoint_path": str(warm_dir),
+            "output_dir": str(stats_dir),
+        }
+        _stage("collect", values)
+
+    return warmup, collect
+
+
+# --------------------------------------------------------------------------------------------- #
+# Scores and metrics
+# --------------------------------------------------------------------------------------------- #
+def selector_table(stats_dir: Path, names: Sequence[str], seed: int) -> dict[str, dict[str, float]]:
+    """selector -> {sample id -> score} from one Stage 2 run, as ``quality-gate select`` ranks them
+    (defaults of the select config; column statistics within each pool; ineligible samples -inf)."""
+    from quality_gate.config import make_config
+    from quality_gate.selection.pipeline import _params
+    from quality_gate.selection.scoring import collect_sample_stats, quality_scores
+    from quality_gate.selection.selectors import ranking_score, selector_scores
+    from quality_gate.stats.store import find_router_data
+
+    params = _params(make_config("select", {"root_dir": str(stats_dir)}))
+    stats = collect_sample_stats(find_router_data(stats_dir), params)
+    q, _ = quality_scores(stats, params, per_dataset=True)
+    out = {}
+    for name in names:
+        score = ranking_score(selector_scores(name, stats, q, seed))
+        out[name] = dict(zip(stats.ids, score.tolist()))
+    out["_length"] = dict(zip(stats.ids, stats.response_tokens.astype(float).tolist()))
+    return out
+
+
+def evaluate_scores(
+    scores: dict[str, dict[str, float]],
+    lengths: dict[str, float],
+    labels: dict[str, dict[str, Any]],
+    seed: int,
+    halves: Sequence[str] = HALVES,
+) -> dict[str, Any]:
+    """pool -> half -> selector -> metrics (paired for CoachLM)."""
+    results: dict[str, Any] = {}
+    for pool in ("coachlm", "alpagasus"):
+        for half in halves:
+            ids = sorted(i for i, v in labels.items() if v["pool"] == pool and v["half"] == half)
+            y = np.array([labels[i]["label"] for i in ids])
+            length = np.array([lengths.get(i, np.nan) for i in ids])
+            for name, table in scores.items():
+                score = np.array([table.get(i, -np.inf) for i in ids], dtype=np.float64)
+                if pool == "coachlm":
+                    pair = np.array([labels[i]["pair"] for i in ids])
+                    m = paired_metrics(score, y, length, pair, seed)
+                else:
+                    m = labelled_metrics(score, y, length, seed)
+                m["missing"] = int(sum(i not in table for i in ids))
+                results.setdefault(pool, {}).setdefault(half, {})[name] = m
+    return results
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    """The results as Markdown tables, one per pool and half."""
+    s = summary["settings"]
+    lines = [
+        "# Quality-Gate on real quality labels",
+        "",
+        f"Written by `quality-gate benchmark` on {summary['date']} in {summary['wall_time_s'] / 60:.1f} min "
+        f"({summary['machine']}). Selector: `{s['selector_model']}`; {s['coachlm_pairs']} CoachLM pairs "
+        f"and {s['alpagasus_samples']} AlpaGasus samples (seed {s['seed']}), each split into a tuning and a "
+        f"held-out half; at most {s['max_length']} tokens per sample; Stage 1 on "
+        f"{summary['warmup_samples_used']} samples of both pools (no labels). Scores as "
+        "`quality-gate select` ranks them (its defaults). `quality_gate[v]`: the gate score with gate "
+        "variant v; `unwarmed`: gates never trained; `perplexity` and `ifd` from the model as released.",
+        "",
+        "Command: `" + summary["command"] + "`",
+        "",
+    ]
+    for pool, title, cols in (
+        (
+            "coachlm",
+            "CoachLM: revised (better) vs published (worse) answer",
+            [
+                ("pair acc.", "pair_accuracy", "pair_accuracy_ci"),
+                ("length-matched pair acc.", "pair_accuracy_length_matched", None),
+                ("AUROC", "auroc", "auroc_ci"),
+                ("AUROC beyond length", "auroc_length_residual", None),
+            ],
+        ),
+        (
+            "alpagasus",
+            "AlpaGasus: judge-rated >= 4.5 vs the rest",
+            [
+                ("AUROC", "auroc", "auroc_ci"),
+                ("AUROC beyond length", "auroc_length_residual", None),
+                ("precision top 10 %", "precision_top10", None),
+            ],
+        ),
+    ):
+        for half in summary["results"][pool]:
+            rows = summary["results"][pool][half]
+            any_row = next(iter(rows.values()))
+            extra = (
+                f"{any_row['pairs']} pairs, {any_row['matched_pairs']} length-matched"
+                if pool == "coachlm"
+                else f"{any_row['n']} samples, base rate {_f(any_row['base_rate'])}"
+            )
+            lines += [f"## {title}: {half} half ({extra})", ""]
+            lines.append("| selector | " + " | ".join(c[0] for c in cols) + " |")
+            lines.append("|---|" + "---:|" * len(cols))
+            for name, m in rows.items():
+                cells = []
+                for _, key, ci in cols:
+                    cell = _f(m[key])
+                    if ci and m.get(ci) and all(np.isfinite(m[ci])):
+                        cell += f" [{_f(m[ci][0], 2)}, {_f(m[ci][1], 2)}]"
+                    cells.append(cell)
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines += ["## Stage 1 per variant (LM loss per assistant token)", ""]
+    lines.append(
+        "| variant | as released | gates at init | after warmup | gate mean | token spread | warmup s |"
+    )
+    lines.append("|---|---:|---:|---:|---:|---:|---:|")
+    for v, w in summary["warmup"].items():
+        loss = w.get("lm_loss") or {}
+        lines.append(
+            f"| {v} | {_f(loss.get('released'))} | {_f(loss.get('at_init'))} | "
+            f"{_f(loss.get('after_warmup'))} | {_f(w['gates_after']['mean'])} | "
+            f"{_f(w['gates_after']['token_std'], 4)} | {_f(w['wall_time_s'], 0)} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _warmup_summary(path: Path) -> dict[str, Any]:
+    m = json.loads(path.read_text())
+    keep = (
+        "lm_loss",
+        "gates_before",
+        "gates_after",
+        "gate_movement",
+        "num_train_samples",
+        "global_step",
+        "tokens_seen",
+        "wall_time_s",
+    )
+    return {k: m.get(k) for k in keep}
+
+
+def run_benchmark(s: Settings, command: str = "") -> dict[str, Any]:
+    """Run (or resume) every step of the benchmark into ``s.out``; returns the summary."""
+    import torch
+
+    unknown = sorted(set(s.variants) - set(VARIANTS))
+    if unknown:
+        from quality_gate.errors import ConfigError
+
+        raise ConfigError(f"--variants: unknown {unknown}; known: {sorted(VARIANTS)}")
+    if not s.halves or set(s.halves) - set(HALVES):
+        from quality_gate.errors import ConfigError
+
+        raise ConfigError(f"--halves={','.join(s.halves)}: use tuning, heldout or both (comma-separated)")
+    torch.set_num_threads(s.threads or os.cpu_count() or 1)
+    root = Path(s.out)
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    steps = Steps(root, 3 + 2 * len(s.variants))
+    data_keys = ("data_dir", "coachlm_pairs", "alpagasus_samples", "seed", "halves")
+    steps.run("pools", s.fingerprint(*data_keys), lambda: write_pools(s, root))
+    selector_dir = root / "selector"
+    selector = s.selector_model
+    from quality_gate.models import BUNDLED_MODELS, is_gguf
+
+    if is_gguf(selector) or selector in BUNDLED_MODELS:
+        steps.run("selector", s.fingerprint("selector_model"), lambda: plain_selector(selector, selector_dir))
+        selector = str(selector_dir)
+    stage_keys = (*data_keys, "selector_model", "max_length")
+    steps.run(
+        "Stage 2, model as released", s.fingerprint(*stage_keys), lambda: released_stage2(s, root, selector)
+    )
+    for variant in s.variants:
+        warmup, collect = variant_stages(s, root, selector, variant)
+        key = s.fingerprint(*stage_keys, "warmup_samples") + json.dumps(VARIANTS[variant], sort_keys=True)
+        steps.run(f"Stage 1, {variant}", key, warmup)
+        steps.run(f"Stage 2, {variant}", key, collect)
+
+    labels = json.loads((root / "data" / "labels.json").read_text())
+    released = selector_table(root / "released", ["quality_gate", *BASELINES], s.seed)
+    lengths = released.pop("_length")
+    scores: dict[str, dict[str, float]] = {}
+    warm: dict[str, Any] = {}
+    for variant in s.variants:
+        table = selector_table(root / "variants" / variant / "collect", ["quality_gate"], s.seed)
+        scores[f"quality_gate[{variant}]"] = table["quality_gate"]
+        warm[variant] = _warmup_summary(root / "variants" / variant / "warmup" / "warmup_metrics.json")
+    scores["unwarmed"] = released.pop("quality_gate")
+    scores.update(released)
+    import datetime
+    import platform
+
+    first_warm = next(iter(warm.values()), {})
+    summary = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+        "command": command,
+        "settings": dataclasses.asdict(s),
+        "warmup_samples_used": first_warm.get("num_train_samples"),
+        "wall_time_s": round(time.perf_counter() - started + sum(_earlier_timings(root).values()), 1),
+        "step_timings_s": {**_earlier_timings(root), **steps.timings},
+        "warmup": warm,
+        "results": evaluate_scores(scores, lengths, labels, s.seed, s.halves),
+    }
+    atomic_write_json(root / "timings.json", summary["step_timings_s"])
+    atomic_write_json(root / "results.json", summary)
+    md = render_markdown(summary)
+    atomic_write_text(root / "results.md", md)
+    if s.results:
+        atomic_write_text(s.results, md)
+    log.info("results: %s", root / "results.md")
+    return summary
+
+
+def _earlier_timings(root: Path) -> dict[str, float]:
+    path = root / "timings.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    d = Settings(data_dir="", out="")
+    parser.add_argument(
+        "--data-dir", required=True, help="folder with the labelled files (../shared/data here)"
+    )
+    parser.add_argument("--out", default="outputs/bench_real", help="run dir; rerun the same to resume")
+    parser.add_argument(
+        "--selector-model", default=d.selector_model, help="model dir, HF id, .gguf or bundled name"
+    )
+    parser.add_argument("--coachlm-pairs", type=int, default=d.coachlm_pairs, help="CoachLM pairs (0: all)")
+    parser.add_argument(
+        "--alpagasus-samples", type=int, default=d.alpagasus_samples, help="AlpaGasus samples (0: all)"
+    )
+    parser.add_argument("--max-length", type=int, default=d.max_length, help="tokens per sample")
+    parser.add_argument("--warmup-samples", type=int, default=d.warmup_samples, help="Stage 1 samples")
+    parser.add_argument(
+        "--variants",
+        default=",".join(d.variants),
+        help=f"gate variants, comma-separated, of {sorted(VARIANTS)}",
+    )
+    parser.add_argument(
+        "--halves", default=",".join(HALVES), help="tuning,heldout (default) or tuning alone while tuning"
+    )
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the pools, halves and stages")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
+    parser.add_argument("--results", default=None, help="also write the Markdown table here")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    """Command line; user errors print one line and exit 1."""
+    import sys
+
+    from quality_gate.errors import UserError
+
+    args = parse_args(argv, prog)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings(
+        data_dir=args.data_dir,
+        out=args.out,
+        selector_model=args.selector_model,
+        coachlm_pairs=args.coachlm_pairs,
+        alpagasus_samples=args.alpagasus_samples,
+        max_length=args.max_length,
+        warmup_samples=args.warmup_samples,
+        variants=tuple(v for v in args.variants.split(",") if v),
+        halves=tuple(h for h in args.halves.split(",") if h),
+        seed=args.seed,
+        threads=args.threads,
+        results=args.results,
+    )
+    command = " ".join(["quality-gate benchmark", *(argv if argv is not None else sys.argv[2:])])
+    try:
+        run_benchmark(settings, command)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
