@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary file beside the target, fsync, rename.
+"""Atomic file writes (write to a temporary file beside the target, fsync, rename) and JSON reads.
 
 A reader never sees a half-written file: it sees the old one, or the complete new one. Every file
 gets the mode a plain ``open()`` would give it (:func:`default_file_mode`), also the files of model
@@ -95,3 +95,14 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document in ``path`` (UTF-8)."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """One JSON object per non-blank line of ``path`` (UTF-8)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
