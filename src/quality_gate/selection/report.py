@@ -31,7 +31,7 @@ from quality_gate.selection.metrics import spearman
 from quality_gate.stats.store import get_sample_router_info, load_router_data
 
 if TYPE_CHECKING:
-    from quality_gate.selection.pipeline import SelectionResult
+    from quality_gate.selection.result import SelectionResult
 
 log = logging.getLogger(__name__)
 
