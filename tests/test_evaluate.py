@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from quality_gate.data import SFTDataCollator
 from quality_gate.errors import AdapterError
+from quality_gate.eval_metrics import exact_match
 from quality_gate.models import load_target
 from quality_gate.stages.evaluate import (
     checkable_answer,
@@ -21,7 +22,6 @@ from quality_gate.stages.evaluate import (
     is_correct,
 )
 from quality_gate.stages.evaluate import run as evaluate_run
-from quality_gate.synthetic import exact_match
 
 needs_assets = pytest.mark.skipif(
     not (TARGET.exists() and EVAL.exists()), reason="tiny assets missing: run `make assets`"

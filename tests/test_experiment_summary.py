@@ -208,3 +208,17 @@ def test_markdown_to_html_tables_lists_and_escaping():
     table = "<table><tr><th>a</th><th>b</th></tr><tr><td>1</td><td><code>c&amp;d</code></td></tr></table>"
     assert table in page
     assert "<ul><li>one</li><li>two &lt;b&gt;</li></ul>" in page and "<p>plain</p>" in page
+
+
+def test_steps_time_each_title_and_time_a_repeated_title_anew():
+    from quality_gate.experiment.runner import Steps
+
+    steps = Steps()
+    ticks = iter([0.0, 1.004, 10.0, 12.5, 20.0, 20.25])
+    steps.timer._clock = lambda: next(ticks)
+    for title in ("select: random", "fine-tune", "select: random"):  # the next budget of a sweep
+        with steps.step(title):
+            pass
+    assert steps.done == 3
+    assert steps.timings == {"select: random": 0.25, "fine-tune": 2.5}  # not 1.25: timed anew
+    assert list(steps.timings) == ["select: random", "fine-tune"]

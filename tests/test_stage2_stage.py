@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -262,7 +263,7 @@ def test_bad_rows_and_overlong_samples_are_reported(tmp_path: Path, truncation: 
 
 
 def test_stage1_weights_are_applied_and_fingerprinted(tmp_path: Path) -> None:
-    from quality_gate.models import load_selector, sha256_of
+    from quality_gate.models import load_selector
 
     model, _ = load_selector(str(SELECTOR), dtype="float32", device="cpu")
     state = {n: torch.zeros_like(p) for n, p in model.named_parameters() if "quality_gate.gate" in n}
@@ -272,7 +273,7 @@ def test_stage1_weights_are_applied_and_fingerprinted(tmp_path: Path) -> None:
     for sample in stats_by_id(tmp_path / "run").values():
         assert torch.all(sample["gates"] == 0.5)  # sigmoid(0): the zero Stage 1 weights were used
     fields = json.loads((tmp_path / "run" / "router_data" / "fingerprint.json").read_text())["fields"]
-    assert fields["stage1_weights_sha256"] == sha256_of(weights)
+    assert fields["stage1_weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert fields["stage1_weights_kind"] == "full_rank"
 
 

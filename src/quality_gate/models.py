@@ -11,7 +11,6 @@ wrappers, so it loads with plain ``transformers`` and never needs ``trust_remote
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from quality_gate.gate import (
     find_quality_gates,
     gate_state_dict,
 )
-from quality_gate.io import atomic_path, atomic_write_json, normalize_modes
+from quality_gate.io import atomic_path, atomic_write_json, normalize_modes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -379,14 +378,6 @@ def _parent_of(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
     raise ValueError("module not found in model")
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def resolve_stage1_checkpoint(checkpoint_path: str) -> tuple[str, Path]:
     """``(kind, path)``: ``("full_rank", <file.pt>)`` or ``("lora", <adapter dir>)``.
 
@@ -512,7 +503,7 @@ def apply_stage1_weights(model: PreTrainedModel, checkpoint_path: str) -> dict[s
             path / "adapter_config.json",
         )
         count = len(find_quality_gates(model))
-    info = {"kind": kind, "path": str(path), "sha256": sha256_of(weights_file), "num_gate_tensors": count}
+    info = {"kind": kind, "path": str(path), "sha256": sha256_file(weights_file), "num_gate_tensors": count}
     log.info("applied Stage 1 %s weights from %s", kind, path)
     return info
 

@@ -32,26 +32,32 @@ from quality_gate.experiment.render import (
 )
 from quality_gate.experiment.statistics import composition, families_of, summarise_arms, verdicts
 from quality_gate.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
-from quality_gate.runs import init_run
+from quality_gate.runs import PhaseTimer, init_run
 
 log = logging.getLogger(__name__)
 
 
 class Steps:
-    """Numbered progress lines: ``[3/12] Stage 2 ... done in 4.2 s``; ``timings`` per title."""
+    """Numbered progress lines (``[3] Stage 2 statistics ... done in 4.2 s``) over a
+    :class:`~quality_gate.runs.PhaseTimer`; ``timings`` per title, in seconds to 0.01."""
 
     def __init__(self) -> None:
-        self.done, self.timings = 0, {}
+        self.done, self.timer = 0, PhaseTimer()
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return {title: round(s, 2) for title, s in self.timer.phases.items()}
 
     @contextlib.contextmanager
     def step(self, title: str) -> Iterator[None]:
         self.done += 1
         log.info("[%d] %s ...", self.done, title)
-        t0 = time.perf_counter()
-        yield
-        dt = time.perf_counter() - t0
-        self.timings[title] = round(dt, 2)
-        log.info("[%d] %s done in %.1f s", self.done, title, dt)
+        # A title met again (the next budget of a sweep, on the same Stages 1-2) is timed anew, in
+        # its first place (PhaseTimer would add the two).
+        self.timer.phases[title] = 0.0
+        with self.timer(title):
+            yield
+        log.info("[%d] %s done in %.1f s", self.done, title, self.timer.phases[title])
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -114,7 +120,7 @@ def prepare(cfg: DictConfig, root: Path, steps: Steps, reuse: bool = False) -> d
         done = read_json(marker)
         if done.get("config_fingerprint") == fingerprint:
             log.info("Stages 1-2 in %s finished before with this config: reused", root)
-            steps.timings.update(done.get("timings_s") or {})
+            steps.timer.phases.update(done.get("timings_s") or {})
             return out
 
     with steps.step("data"):
