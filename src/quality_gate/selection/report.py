@@ -285,10 +285,6 @@ def _plain_text(record: dict[str, Any]) -> str:
     return f"<div class='tokens'>{html.escape(chr(10).join(parts))}</div>"
 
 
-def _plain_string(record: dict[str, Any]) -> str:
-    return "\n".join(f"[{m.get('role')}] {m.get('content')}" for m in record.get("messages", []))
-
-
 class _TokenPainter:
     """The per-token data of the colourings: the tokenizer of the Stage 2 run re-encodes a record,
     the router data gives its gates (mean over layers) and perplexities. Shared by the highest /

@@ -194,11 +194,6 @@ def shard_problem(path: Path, fingerprint: str | None = None, verify_checksum: b
     return None
 
 
-def shard_is_complete(path: Path) -> bool:
-    """The shard is finished and intact (see :func:`shard_problem`)."""
-    return shard_problem(path) is None
-
-
 def write_shard(path: Path, shard: dict[str, Any], fingerprint: str) -> None:
     """Write one shard atomically, then its completion marker (size and sha256 of the file, last)."""
     missing = [k for k in SHARD_KEYS if k not in shard]
