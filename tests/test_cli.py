@@ -4,7 +4,6 @@ config errors answer fast, on one line, naming the key; user errors print no tra
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,16 +12,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import REPO, SELECTOR, TRAIN
+from helpers import REPO, SELECTOR, TRAIN, USER_ENV
 
 from quality_gate.stats.store import find_router_data, iter_shards, load_index
 
-ENV = {
-    **os.environ,
-    "OMP_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONPATH": str(REPO / "src"),
-}
 QG = [sys.executable, "-m", "quality_gate"]
 SEED_MAIN = [sys.executable, str(REPO / "src" / "main.py")]
 SMALL = ["dataset.subset_ratio=0.02", "data_process.shard_size=16", "collect_ifd=true"]
@@ -31,7 +24,7 @@ SMALL = ["dataset.subset_ratio=0.02", "data_process.shard_size=16", "collect_ifd
 def run(
     cmd: list[str], cwd: Path = REPO, check: bool = True, timeout: int = 300
 ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=USER_ENV, capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,9 +22,7 @@ def test_gpu_check_small_on_cpu(tmp_path):
         "--max-len", "96", "--max-tokens-per-batch", "1024", "--warmup-batches", "1", "--out", str(out),
         "--batch1-samples", "6", "--ft-steps", "2", "--ft-batch", "2", "--ft-len", "32", "--lora-r", "4",
     ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     figures = json.loads(out.read_text())
     assert figures["config"] == "small" and figures["device"] == "cpu"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, SELECTOR, TORCHRUN_TWO, compose, select_config
+from helpers import ENV, REPO, SELECTOR, TORCHRUN_TWO, compose, select_config
 from helpers import TRAIN as DATA
 
 from quality_gate.errors import RouterDataError
@@ -31,7 +30,6 @@ pytestmark = [
     ),
 ]
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "1"}
 STAGE2 = [sys.executable, "src/main.py", "--config-name", "stage_2_selection"]
 SEED_OVERRIDES = ["data_process.batch_size=4", "dataset.subset_ratio=0.01"]
 # 100 samples in 25 shards: enough shards that a SIGKILL lands in the middle of the run.
