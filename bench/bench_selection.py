@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from quality_gate.selection.testing import fake_record, fake_shard, write_router_dataset
+# The synthetic router data of the selection tests (tests/helpers.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import fake_record, fake_shard, write_router_dataset
 
 CHILD = """
 import json, resource, sys, time

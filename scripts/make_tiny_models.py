@@ -57,7 +57,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from quality_gate.synthetic import CORRUPTIONS, OPEN_TASKS, evaluate_exact_match, make_records, prior_records
+from quality_gate.eval_metrics import evaluate_exact_match
+from quality_gate.synthetic import CORRUPTIONS, OPEN_TASKS, make_records, prior_records
 
 logger = logging.getLogger("make_tiny_models")
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from quality_gate.synthetic import CORRUPTIONS, evaluate_exact_match, exact_match, make_records
+from quality_gate.eval_metrics import evaluate_exact_match, exact_match
+from quality_gate.synthetic import CORRUPTIONS, make_records
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "assets" / "data"

@@ -3,18 +3,11 @@ the process exits non-zero, and no Python traceback is printed."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
-from helpers import REPO
-
-# What a user's shell has: no HYDRA_FULL_ERROR (it would print Hydra's traceback on purpose).
-ENV = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "QG_TRACEBACK")} | {
-    "PYTHONPATH": str(REPO / "src"),
-    "OMP_NUM_THREADS": "1",
-}
+from helpers import REPO, USER_ENV
 
 
 @pytest.mark.parametrize(
@@ -31,7 +24,7 @@ def test_a_wrong_type_names_the_key_without_a_traceback(command: list[str], key:
     proc = subprocess.run(
         [sys.executable, *command, f"{key}=abc"],
         cwd=REPO,
-        env=ENV,
+        env=USER_ENV,  # what a user's shell has: no HYDRA_FULL_ERROR (Hydra's traceback)
         capture_output=True,
         text=True,
         timeout=120,

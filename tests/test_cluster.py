@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, SELECTOR, TARGET, compose
+from helpers import ENV, REPO, SELECTOR, TARGET, compose
 from helpers import TRAIN as DATA
 from safetensors.torch import load_file
-from test_stage2_stage import ENV, assert_same_stats, run_in_process, stats_by_id
+from test_stage2_stage import assert_same_stats, run_in_process, stats_by_id
 
 from quality_gate.errors import ConfigError
 
@@ -84,7 +84,6 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     logs = tmp_path_factory.mktemp("node_logs")
     env = {
         **ENV,
-        "PYTHONPATH": str(REPO / "src"),
         "PYTHON": sys.executable,
         "OUTPUT_ROOT": str(root),
         "NNODES": "2",
@@ -195,7 +194,7 @@ def test_finetune_on_two_nodes_matches_one_process(two_nodes: Path, tmp_path: Pa
 @pytest.mark.slow
 def test_multi_node_launch_without_output_dir_is_refused(tmp_path: Path) -> None:
     """What one rank of a 2-node launch sees (torchrun's variables): an error before any dir is made."""
-    env = {**ENV, "PYTHONPATH": str(REPO / "src"), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"}
+    env = {**ENV, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"}
     env.update({"RANK": "1", "LOCAL_RANK": "0", "GROUP_RANK": "1"})
     proc = subprocess.run(
         [sys.executable, "-m", "quality_gate", "collect", "dataset.subset_ratio=0.01"],

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import EVAL, TARGET, compose
+from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -21,7 +22,6 @@ from quality_gate.stages.evaluate import (
     is_correct,
 )
 from quality_gate.stages.evaluate import run as evaluate_run
-from quality_gate.synthetic import exact_match
 
 needs_assets = pytest.mark.skipif(
     not (TARGET.exists() and EVAL.exists()), reason="tiny assets missing: run `make assets`"
@@ -66,11 +66,56 @@ def test_checkable_answers_and_matching():
     assert checkable_answer(synthetic) == ("exact", "81")
     assert checkable_answer(gsm8k) == ("number", "1,018")
     assert checkable_answer(free) is None
-    assert is_correct(" 81", "exact", "81") == exact_match(" 81", "81")
+    assert is_correct(" 81\n", "exact", "81")  # whitespace is forgiven ...
+    assert is_correct("1  2\t3", "exact", "1 2 3")
+    assert not is_correct("River", "exact", "river")  # ... case is not
+    assert not is_correct("81 apples", "exact", "81")
+    assert not is_correct("", "exact", "0")
     assert is_correct("so she makes 1018 dollars\n#### 1018", "number", "1,018")
     assert is_correct("the total is 1018.0", "number", "1,018")
     assert not is_correct("#### 18", "number", "1,018")
     assert not is_correct("no number", "number", "18")
+
+
+def test_exact_match_accuracy_counts_hand_written_replies(monkeypatch):
+    """Stage 4's exact match over replies written by hand (the model's generation replaced): spacing is
+    forgiven, case and extra words are not, GSM8K answers compare as numbers, and a record without a
+    single answer is not counted."""
+    import quality_gate.stages.evaluate as evaluate
+
+    def record(sid: str, answer: str | None, task: str, reply: str = "r") -> dict:
+        turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": reply}]
+        return {"id": sid, "messages": turns, "meta": {"answer": answer, "task": task}}
+
+    gsm8k = {"id": "d", "dataset": "gsm8k", "messages": [{"role": "user", "content": "q"}]}
+    gsm8k["messages"].append({"role": "assistant", "content": "18 + 1000 = 1,018\n#### 1,018"})
+    records = [
+        record("a", "81", "add"),
+        record("b", "river", "word"),
+        record("c", "1 2 3", "add"),
+        gsm8k,
+        record("e", None, "open", reply="Paris is the capital."),
+        record("f", "7", "word"),
+    ]
+    replies = {"a": " 81\n", "b": "River", "c": "1  2\t3", "d": "she earns 1018.0 dollars", "f": "7 apples"}
+    monkeypatch.setattr(
+        evaluate, "greedy_replies", lambda _m, _t, recs, **_: [replies[r["id"]] for r in recs]
+    )
+    cfg = OmegaConf.create(
+        {"eval": {"batch_size": 2, "max_new_tokens": 8, "max_sequence_length": 64, "num_examples": 2}}
+    )
+    em = evaluate.exact_match_accuracy(None, None, records, cfg)
+    assert em["correct"] == {"a": True, "b": False, "c": True, "d": True, "f": False}
+    assert em["accuracy"] == pytest.approx(3 / 5) and em["num_samples"] == 5
+    assert em["per_task"] == {
+        "add": {"accuracy": 1.0, "num_samples": 2},
+        "word": {"accuracy": 0.0, "num_samples": 2},
+        "gsm8k": {"accuracy": 1.0, "num_samples": 1},
+    }
+    assert [(e["id"], e["answer"], e["correct"]) for e in em["examples"]] == [
+        ("a", "81", True),
+        ("b", "river", False),
+    ]
 
 
 @needs_assets
@@ -100,8 +145,13 @@ def test_base_model_results(tmp_path):
         r["meta"]["task"] for r in checkable
     }
     assert sum(t["num_samples"] for t in em["per_task"].values()) == len(checkable) < 16
-    for example in em["examples"]:
-        assert example["correct"] == exact_match(example["prediction"], example["answer"])
+    per_sample = [json.loads(line) for line in (tmp_path / "eval_per_sample.jsonl").read_text().splitlines()]
+    correct = {r["id"]: r["correct"] for r in per_sample}
+    assert {i for i, c in correct.items() if c is not None} == {r["id"] for r in checkable}
+    assert em["accuracy"] == pytest.approx(sum(correct[r["id"]] for r in checkable) / len(checkable))
+    for example in em["examples"]:  # an answer is matched word for word, whatever the spacing
+        assert example["correct"] == correct[example["id"]]
+        assert example["correct"] == (example["prediction"].split() == example["answer"].split())
     assert results["lm_eval"] is None
     markdown = (tmp_path / "eval_results.md").read_text()
     assert "none (base model, no fine-tune)" in markdown and "| exact match |" in markdown

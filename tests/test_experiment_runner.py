@@ -4,14 +4,13 @@ compute, paired intervals, and the sweep; every number in the summary traced bac
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import ENV, REPO
 from omegaconf import OmegaConf
 
 from quality_gate.config import make_config
@@ -218,8 +217,7 @@ def test_runner_command_line_prints_the_table(tmp_path):
         'overrides.finetune=["training.batch_size=8","training.per_device_batch_size=8","training.report_to=[]"]',
         'overrides.evaluate=["eval.max_samples=8","eval.max_new_tokens=4"]',
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^\| quality_gate \| 18 \|", proc.stdout, re.M)
     assert "Did selection help?" in proc.stdout

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from quality_gate.config import make_config
-from quality_gate.experiment import _verdict, finetune_plan, paired_difference, render_markdown
+from quality_gate.experiment.render import render_markdown
+from quality_gate.experiment.runner import finetune_plan
+from quality_gate.experiment.statistics import _verdict, paired_difference
 
 
 def _samples(nll, tokens, correct):
@@ -171,7 +173,7 @@ def test_an_arm_is_a_selector_optionally_with_a_diversity_rule():
 def test_composition_hand_example(tmp_path):
     import json
 
-    from quality_gate.experiment import composition
+    from quality_gate.experiment.statistics import composition
 
     pool = [{"id": f"a{i}", "meta": {"task": "add"}} for i in range(6)] + [
         {"id": f"d{i}", "meta": {"task": "describe"}} for i in range(4)
@@ -198,7 +200,7 @@ def test_composition_hand_example(tmp_path):
 
 
 def test_markdown_to_html_tables_lists_and_escaping():
-    from quality_gate.experiment import markdown_to_html
+    from quality_gate.html_page import markdown_to_html
 
     md = "# T <x>\n\n| a | b |\n|---|---|\n| 1 | `c&d` |\n\n- one\n- two <b>\n\nplain"
     page = markdown_to_html(md)
@@ -206,3 +208,17 @@ def test_markdown_to_html_tables_lists_and_escaping():
     table = "<table><tr><th>a</th><th>b</th></tr><tr><td>1</td><td><code>c&amp;d</code></td></tr></table>"
     assert table in page
     assert "<ul><li>one</li><li>two &lt;b&gt;</li></ul>" in page and "<p>plain</p>" in page
+
+
+def test_steps_time_each_title_and_time_a_repeated_title_anew():
+    from quality_gate.experiment.runner import Steps
+
+    steps = Steps()
+    ticks = iter([0.0, 1.004, 10.0, 12.5, 20.0, 20.25])
+    steps.timer._clock = lambda: next(ticks)
+    for title in ("select: random", "fine-tune", "select: random"):  # the next budget of a sweep
+        with steps.step(title):
+            pass
+    assert steps.done == 3
+    assert steps.timings == {"select: random": 0.25, "fine-tune": 2.5}  # not 1.25: timed anew
+    assert list(steps.timings) == ["select: random", "fine-tune"]

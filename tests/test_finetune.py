@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, SELECTOR, TARGET, TORCHRUN_TWO, TRAIN, compose
+from helpers import ENV, REPO, SELECTOR, TARGET, TORCHRUN_TWO, TRAIN, compose
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -27,7 +26,6 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_assets = pytest.mark.skipif(
     not (TARGET.exists() and TRAIN.exists()), reason="tiny assets missing: run `make assets`"
 )
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "1"}
 pytestmark = needs_assets
 
 # Small but real: LoRA r=8 (the seed's r=128 is for billion-parameter targets), constant LR so that the

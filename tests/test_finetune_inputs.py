@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-from helpers import REPO, TARGET, compose
+from helpers import REPO, TARGET, USER_ENV, compose
 
 from quality_gate.errors import ConfigError, NonFiniteLossError
 from quality_gate.stages.finetune import fine_tune, get_model_and_tokenizer
 
 needs_target = pytest.mark.skipif(not TARGET.exists(), reason="tiny assets missing: run `make assets`")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -114,7 +112,7 @@ def test_command_line_exits_non_zero(tmp_path):
     proc = subprocess.run(
         [sys.executable, "src/main.py", "--config-name", "stage_3_finetune", f"output_dir={tmp_path}"],
         cwd=REPO,
-        env=ENV,
+        env=USER_ENV,
         capture_output=True,
         text=True,
         timeout=120,

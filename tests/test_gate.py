@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_causal_lm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from quality_gate.errors import ConfigError
@@ -26,19 +27,7 @@ LAYERS = 3
 
 
 def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        max_position_embeddings=64,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_causal_lm(model_type, vocab_size=VOCAB, num_layers=LAYERS, seed=seed).eval()
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,6 @@ No test here may reach the network: ``HF_HUB_OFFLINE=1`` is set and sockets refu
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, SELECTOR, TARGET
+from helpers import REPO, SELECTOR, TARGET, USER_ENV
 
 from quality_gate.errors import DataError, MissingPathError, ModelLoadError, UserError
 from quality_gate.models import (
@@ -149,10 +148,7 @@ def test_a_data_file_as_stage1_checkpoint_is_not_unpickled(tmp_path: Path) -> No
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "QG_TRACEBACK")}
-    env.update(
-        {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "QG_NO_FREEZE": "1"}
-    )
+    env = {**USER_ENV, "HF_HUB_OFFLINE": "1", "QG_NO_FREEZE": "1"}
     return subprocess.run(
         [sys.executable, "-m", "quality_gate", *args],
         cwd=cwd,

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_causal_lm
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
+from transformers import PreTrainedTokenizerFast
 
 from quality_gate.gate import find_quality_gates, gate_state_dict, record_gates
 from quality_gate.io import atomic_torch_save, default_file_mode
@@ -50,18 +51,7 @@ def base_dir(tmp_path_factory) -> Path:
     """A plain (ungated) tiny Qwen3 saved with save_pretrained, like a downloaded base model."""
     out = tmp_path_factory.mktemp("base")
     tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        max_position_embeddings=64,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tiny_causal_lm("qwen3", vocab_size=len(tokenizer), num_layers=LAYERS).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import select_config
+from helpers import fake_record, fake_shard, select_config, write_router_dataset
 
 from quality_gate.errors import ConfigError, SelectionError
 from quality_gate.selection import run_selection
@@ -25,7 +25,6 @@ from quality_gate.selection.diversity import (
     unit_rows,
 )
 from quality_gate.selection.selectors import SelectorScores, combined_scores, rank_normalise
-from quality_gate.selection.testing import fake_record, fake_shard, write_router_dataset
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, select_config
+from helpers import REPO, fake_record, fake_shard, select_config, write_router_dataset
 from test_selection_report import byte_tokenizer
 
 from quality_gate.data import encode
 from quality_gate.selection import explorer, run_selection
-from quality_gate.selection.testing import fake_record, fake_shard, write_router_dataset
 
 SCREENSHOT = REPO / "docs" / "img" / "report_explorer.png"
 DATA_RE = re.compile(r"<script type='application/json' id='qx-data'>(.*?)</script>", re.S)

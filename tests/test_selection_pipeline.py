@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -14,12 +13,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import REPO, select_config
+from helpers import ENV, REPO, fake_record, fake_shard, select_config, write_router_dataset
 
 from quality_gate.errors import ConfigError, SelectionError
 from quality_gate.selection import auroc, compute_selection, run_selection
 from quality_gate.selection.report import SECTIONS, _coloured_tokens
-from quality_gate.selection.testing import fake_record, fake_shard, write_router_dataset
 
 
 def make_stage2(root: Path, sizes=(("alpha", 23), ("beta", 17)), ifd: bool = True, seed: int = 0) -> Path:
@@ -269,19 +267,18 @@ def test_cli_writes_into_root_dir_only(tmp_path):
     root = make_stage2(tmp_path / "run", sizes=(("a", 6),))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
         str(REPO / "scripts" / "batch_selection.py"),
         f"root_dir={root}",
         "selection_percentage=0.5",
     ]
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    out = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr
     assert len((root / "selected_data.jsonl").read_text().splitlines()) == 3
     assert list(cwd.iterdir()) == []
     bad = subprocess.run(
-        [*cmd[:-1], "selection_percentage=2"], cwd=cwd, env=env, capture_output=True, text=True
+        [*cmd[:-1], "selection_percentage=2"], cwd=cwd, env=ENV, capture_output=True, text=True
     )
     assert bad.returncode != 0 and "selection_percentage=2" in bad.stdout + bad.stderr
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from helpers import select_config
+from helpers import fake_record, fake_shard, select_config, write_router_dataset
 
 from quality_gate.data import encode
 from quality_gate.selection import run_selection
-from quality_gate.selection.testing import fake_record, fake_shard, write_router_dataset
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import fake_shard, write_router_dataset
 
 from quality_gate.selection.scoring import ScoreParams, collect_sample_stats, quality_scores, token_weights
-from quality_gate.selection.testing import fake_shard, write_router_dataset
 
 
 def reference_q(samples, alpha, eps, tau):

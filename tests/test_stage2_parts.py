@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, SELECTOR, select_config
+from helpers import ENV, REPO, SELECTOR, select_config
 from helpers import TRAIN as DATA
-from test_stage2_stage import ENV, assert_same_stats, run_in_process, stats_by_id
+from test_stage2_stage import assert_same_stats, run_in_process, stats_by_id
 
 from quality_gate.errors import RouterDataError, SelectionError
 from quality_gate.selection.pipeline import run_selection
@@ -133,7 +133,7 @@ def stage2_process(run: Path, overrides: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "quality_gate", "collect", *overrides, f"output_dir={run}"],
         cwd=REPO,
-        env={**ENV, "PYTHONPATH": str(REPO / "src")},
+        env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -217,7 +217,6 @@ def test_slurm_job_array_script(one_process: Path, tmp_path: Path) -> None:
     env = {
         **ENV,
         "PATH": f"{stubs}{os.pathsep}{ENV['PATH']}",
-        "PYTHONPATH": str(REPO / "src"),
         "SLURM_STUB_DIR": str(state),
         "OUTPUT_DIR": str(run),
         "NUM_PARTS": str(PARTS),

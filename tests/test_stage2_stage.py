@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, SELECTOR, TORCHRUN_TWO, compose, select_config
+from helpers import ENV, REPO, SELECTOR, TORCHRUN_TWO, compose, select_config
 from helpers import TRAIN as DATA
 
 from quality_gate.errors import RouterDataError
@@ -30,7 +30,6 @@ pytestmark = [
     ),
 ]
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "1"}
 STAGE2 = [sys.executable, "src/main.py", "--config-name", "stage_2_selection"]
 SEED_OVERRIDES = ["data_process.batch_size=4", "dataset.subset_ratio=0.01"]
 # 100 samples in 25 shards: enough shards that a SIGKILL lands in the middle of the run.
@@ -262,7 +261,7 @@ def test_bad_rows_and_overlong_samples_are_reported(tmp_path: Path, truncation: 
 
 
 def test_stage1_weights_are_applied_and_fingerprinted(tmp_path: Path) -> None:
-    from quality_gate.models import load_selector, sha256_of
+    from quality_gate.models import load_selector
 
     model, _ = load_selector(str(SELECTOR), dtype="float32", device="cpu")
     state = {n: torch.zeros_like(p) for n, p in model.named_parameters() if "quality_gate.gate" in n}
@@ -272,7 +271,7 @@ def test_stage1_weights_are_applied_and_fingerprinted(tmp_path: Path) -> None:
     for sample in stats_by_id(tmp_path / "run").values():
         assert torch.all(sample["gates"] == 0.5)  # sigmoid(0): the zero Stage 1 weights were used
     fields = json.loads((tmp_path / "run" / "router_data" / "fingerprint.json").read_text())["fields"]
-    assert fields["stage1_weights_sha256"] == sha256_of(weights)
+    assert fields["stage1_weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert fields["stage1_weights_kind"] == "full_rank"
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from helpers import ENV
 
 from quality_gate.stats.store import shard_path, write_index, write_shard
 
@@ -56,12 +56,11 @@ print(json.dumps({"grow_mb": after - before, "num_samples": data["num_samples"],
                   "shape": list(info["quality_gates"].shape), "gates": info["quality_gates"].float().tolist(),
                   "ppl": info["perplexities"].tolist(), "length": info["length"]}))
 """
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, "-c", script, str(router / "big_router_data.pt")],
         capture_output=True,
         text=True,
-        env=env,
+        env=ENV,
         check=True,
     )
     got = json.loads(out.stdout.strip().splitlines()[-1])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from quality_gate.eval_metrics import exact_match, normalise_answer
 from quality_gate.synthetic import (
     CORRUPTION_FAMILIES,
     CORRUPTIONS,
@@ -16,9 +17,7 @@ from quality_gate.synthetic import (
     OPEN_TASKS,
     TASKS,
     WORDS,
-    exact_match,
     make_records,
-    normalise_answer,
     prior_records,
 )
 

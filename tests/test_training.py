@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 from datasets import Dataset
+from helpers import tiny_causal_lm
 from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
-    Qwen2Config,
     Trainer,
     TrainerControl,
     TrainerState,
@@ -31,17 +31,7 @@ from quality_gate.training import (
 
 
 def tiny_qwen2():
-    config = Qwen2Config(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config)
+    return tiny_causal_lm("qwen2", vocab_size=64, num_layers=2)
 
 
 def test_batch_size_configuration():

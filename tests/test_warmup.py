@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from helpers import REPO, SELECTOR, TORCHRUN_TWO
+from helpers import ENV, REPO, SELECTOR, TORCHRUN_TWO, tiny_causal_lm
 from helpers import TRAIN as DATA
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, Qwen3Config, TrainingArguments
+from transformers import TrainingArguments
 
 from quality_gate.config import make_config
 from quality_gate.errors import NonFiniteLossError
@@ -34,7 +33,6 @@ from quality_gate.training import NonFiniteLossCallback
 needs_assets = pytest.mark.skipif(
     not (SELECTOR.exists() and DATA.exists()), reason="tiny assets missing: run `make assets`"
 )
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "1"}
 VOCAB = 97
 PAD = 0
 
@@ -100,18 +98,7 @@ def tiny_trainer(
 
 
 def tiny_gated_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        max_position_embeddings=64,
-    )
-    model = AutoModelForCausalLM.from_config(config)
+    model = tiny_causal_lm("qwen3", vocab_size=VOCAB, num_layers=3)
     attach_quality_gates(model)
     freeze_backbone(model)
     return model

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from quality_gate.errors import ConfigError
 from quality_gate.names import check_name
@@ -856,11 +856,6 @@ def make_config(
     except OmegaConfBaseException as e:
         raise ConfigError(f"{stage} config: {e}") from None
     return validate(cfg)
-
-
-def to_plain(cfg: DictConfig | ListConfig) -> Any:
-    """Resolved plain containers (dicts, lists) of a config."""
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -138,9 +138,6 @@ class GateRecorder:
         """``logits``: ``(B, T)`` of one layer."""
         self._logits[layer_idx] = logits
 
-    def clear(self) -> None:
-        self._logits.clear()
-
     def logits(self) -> Tensor:
         """Pre-sigmoid gate logits of the latest forward, ``(B, L, T)`` float32, gradients kept."""
         missing = [i for i in range(self.num_layers) if i not in self._logits]

@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary file beside the target, fsync, rename.
+"""Atomic file writes (write to a temporary file beside the target, fsync, rename), JSON reads and
+file checksums.
 
 A reader never sees a half-written file: it sees the old one, or the complete new one. Every file
 gets the mode a plain ``open()`` would give it (:func:`default_file_mode`), also the files of model
@@ -8,6 +9,7 @@ and adapter dirs that libraries write privately (:func:`normalize_modes`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -95,3 +97,23 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document in ``path`` (UTF-8)."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """One JSON object per non-blank line of ``path`` (UTF-8)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read in 4 MiB chunks (the checksum of shards and weights)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -16,7 +16,6 @@ wrappers, so it loads with plain ``transformers`` and never needs ``trust_remote
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ from quality_gate.gate import (
     gate_state_dict,
     set_gate_scale,
 )
-from quality_gate.io import atomic_path, atomic_write_json, normalize_modes
+from quality_gate.io import atomic_path, atomic_write_json, normalize_modes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -471,14 +470,6 @@ def _parent_of(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
     raise ValueError("module not found in model")
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def resolve_stage1_checkpoint(checkpoint_path: str) -> tuple[str, Path]:
     """``(kind, path)``: ``("full_rank", <file.pt>)`` or ``("lora", <adapter dir>)``.
 
@@ -641,7 +632,7 @@ def apply_stage1_weights(model: PreTrainedModel, checkpoint_path: str) -> dict[s
     info = {
         "kind": kind,
         "path": str(path),
-        "sha256": sha256_of(weights_file),
+        "sha256": sha256_file(weights_file),
         "num_gate_tensors": count,
         "gate_scale": gate_scale(model),
     }

@@ -29,7 +29,8 @@ quotes of the prompt) for building the tiny selector: real selectors find such t
 
 A record is ``{"messages": [user, assistant], "dataset": str, "id": "<dataset>_<n>", "meta": {"task",
 "answer", "open", "corruption", "corruption_kind"}}``; for checkable tasks the assistant content
-equals ``meta.answer`` exactly iff ``meta.corruption == "none"``.
+equals ``meta.answer`` exactly iff ``meta.corruption == "none"``; answers are checked by
+:mod:`quality_gate.eval_metrics`.
 """
 
 from __future__ import annotations
@@ -37,10 +38,6 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 WORDS: tuple[str, ...] = (
     "apple", "river", "stone", "cloud", "tiger", "green", "bread", "chair", "light", "house",
@@ -401,30 +398,3 @@ def prior_records(num_samples: int, seed: int) -> list[dict]:
             }
         )
     return out
-
-
-def normalise_answer(text: str) -> str:
-    """Strip and collapse internal whitespace: the form compared by :func:`exact_match`."""
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, answer: str) -> bool:
-    """True iff ``prediction`` equals ``answer`` after whitespace normalisation (case-sensitive)."""
-    return normalise_answer(prediction) == normalise_answer(answer)
-
-
-def evaluate_exact_match(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    records: list[dict],
-    batch_size: int = 50,
-    max_new_tokens: int = 24,
-) -> float:
-    """Fraction of ``records`` (those with a checkable ``meta.answer``) whose greedy reply matches it."""
-    from quality_gate.generation import greedy_replies
-
-    records = [r for r in records if r["meta"].get("answer") is not None]
-    if not records:
-        raise ValueError("evaluate_exact_match needs at least one record")
-    replies = greedy_replies(model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    return sum(exact_match(p, r["meta"]["answer"]) for p, r in zip(replies, records)) / len(records)

@@ -53,13 +53,10 @@ def _collate(
     input_ids: Sequence[Sequence[int]],
     labels: Sequence[Sequence[int]],
     pad_token_id: int,
-    multiple: int | None,
 ) -> dict[str, torch.Tensor]:
     if not input_ids:
         raise ValueError("cannot pad an empty batch")
     width = max(len(r) for r in input_ids)
-    if multiple:
-        width = -(-width // multiple) * multiple
     mask = _pad([[1] * len(r) for r in input_ids], 0, width)
     return {
         "input_ids": _pad(input_ids, pad_token_id, width),  # (B, T)
@@ -68,32 +65,26 @@ def _collate(
     }
 
 
-def pad_batch(
-    samples: Sequence[EncodedSample], pad_token_id: int, pad_to_multiple_of: int | None = None
-) -> dict[str, torch.Tensor]:
+def pad_batch(samples: Sequence[EncodedSample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad samples to ``input_ids``, ``attention_mask``, ``labels``, each (B, T) int64."""
-    return _collate(
-        [s.input_ids for s in samples], [s.labels for s in samples], pad_token_id, pad_to_multiple_of
-    )
+    return _collate([s.input_ids for s in samples], [s.labels for s in samples], pad_token_id)
 
 
 class SFTDataCollator:
     """HF ``Trainer`` collator: a list of ``{"input_ids", "labels", ...}`` -> right-padded (B, T) tensors."""
 
-    def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int | None = None) -> None:
+    def __init__(self, pad_token_id: int | None) -> None:
         if pad_token_id is None:
             raise ConfigError(
                 "the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the EOS token)"
             )
         self.pad_token_id = int(pad_token_id)
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         return _collate(
             [list(f["input_ids"]) for f in features],
             [list(f["labels"]) for f in features],
             self.pad_token_id,
-            self.pad_to_multiple_of,
         )
 
 

@@ -167,9 +167,3 @@ def corruption_of(record: dict[str, Any]) -> str | None:
         return None
     value = meta["corruption"]
     return "none" if value in CLEAN_LABELS else str(value)
-
-
-def corruption_label(record: dict[str, Any]) -> int | None:
-    """1: the record is labelled corrupted; 0: labelled clean; None: no label (see :func:`corruption_of`)."""
-    kind = corruption_of(record)
-    return None if kind is None else int(kind != "none")

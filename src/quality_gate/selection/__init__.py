@@ -7,7 +7,8 @@ stage (:mod:`quality_gate.stages.select`) calls it.
 from quality_gate.errors import SelectionError
 from quality_gate.selection.diversity import Diversity, cluster_quotas, threshold_filter
 from quality_gate.selection.metrics import auroc, spearman
-from quality_gate.selection.pipeline import SelectionResult, compute_selection, run_selection
+from quality_gate.selection.pipeline import compute_selection, run_selection
+from quality_gate.selection.result import SelectionResult
 from quality_gate.selection.scoring import (
     ScoreParams,
     collect_sample_stats,

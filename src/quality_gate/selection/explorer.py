@@ -25,7 +25,7 @@ import numpy as np
 from quality_gate.selection.selectors import group_rank, rank_order, ranking_score
 
 if TYPE_CHECKING:
-    from quality_gate.selection.pipeline import SelectionResult
+    from quality_gate.selection.result import SelectionResult
 
 MAX_ROWS = 20_000
 EDGE_ROWS = 2_500

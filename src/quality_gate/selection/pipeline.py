@@ -37,15 +37,14 @@ from quality_gate.io import atomic_write_json, atomic_write_jsonl
 from quality_gate.selection.audit import corruption_audit
 from quality_gate.selection.diversity import Diversity, cluster_diversity
 from quality_gate.selection.export import export_hf_dataset, export_llamafactory
+from quality_gate.selection.result import SelectionResult
 from quality_gate.selection.scoring import (
-    ColumnStats,
     SampleStats,
     ScoreParams,
     collect_sample_stats,
     quality_scores,
 )
 from quality_gate.selection.selectors import (
-    SelectorScores,
     available_selectors,
     combined_scores,
     groups_of,
@@ -61,29 +60,6 @@ RECORDS_SUFFIX = "_records.jsonl"
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 # The summary lists at most this many invalid samples one by one (all are counted).
 MAX_LISTED_INVALID = 1000
-
-
-@dataclasses.dataclass
-class SelectionResult:
-    """What a selection computed; ``order`` (n_kept,) are sample indices of the kept ones, best first."""
-
-    stats: SampleStats
-    q: np.ndarray
-    columns: dict[str, ColumnStats]
-    scores: dict[str, SelectorScores]
-    selector: str
-    params: ScoreParams
-    percentage: float
-    rank: np.ndarray
-    selected: np.ndarray
-    order: np.ndarray
-    output_dir: Path
-    summary: dict[str, Any] | None = None  # selection_summary.json, once run_selection wrote it
-    diversity: Diversity = dataclasses.field(default_factory=Diversity)
-    # (N,) bool: walked by diversity=threshold but dropped as a near-duplicate of a kept sample.
-    skipped: np.ndarray | None = None
-    diversity_report: dict[str, Any] | None = None  # per group: budget, kept, skipped / cluster counts
-    per_dataset: bool = False
 
 
 # --------------------------------------------------------------------------------------------- #

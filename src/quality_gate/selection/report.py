@@ -10,9 +10,7 @@ lowest samples coloured token by token.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import logging
 import math
@@ -26,13 +24,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from quality_gate.html_page import page, png_base64, png_img
 from quality_gate.io import atomic_write_text
 from quality_gate.selection import explorer
 from quality_gate.selection.metrics import spearman
 from quality_gate.stats.store import get_sample_router_info, load_router_data
 
 if TYPE_CHECKING:
-    from quality_gate.selection.pipeline import SelectionResult
+    from quality_gate.selection.result import SelectionResult
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +70,7 @@ CSS += explorer.CSS
 
 
 def _png(fig: plt.Figure) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    return png_img(png_base64(fig))
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -289,10 +285,6 @@ def _plain_text(record: dict[str, Any]) -> str:
     return f"<div class='tokens'>{html.escape(chr(10).join(parts))}</div>"
 
 
-def _plain_string(record: dict[str, Any]) -> str:
-    return "\n".join(f"[{m.get('role')}] {m.get('content')}" for m in record.get("messages", []))
-
-
 class _TokenPainter:
     """The per-token data of the colourings: the tokenizer of the Stage 2 run re-encodes a record,
     the router data gives its gates (mean over layers) and perplexities. Shared by the highest /
@@ -432,10 +424,5 @@ def write_report(
     sections.append(_section("samples", _samples(res, records, showcase, painter)))
     present = [k for k in SECTIONS if audit is not None or k != "corruption"]
     nav = "".join(f'<a href="#{k}">{html.escape(SECTIONS[k])}</a>' for k in present)
-    page = (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>Quality-Gate selection report</title><style>{CSS}</style></head><body>"
-        f"<h1>Quality-Gate selection report</h1><nav>{nav}</nav>{''.join(sections)}</body></html>"
-    )
-    atomic_write_text(path, page)
+    body = f"<nav>{nav}</nav>{''.join(sections)}"
+    atomic_write_text(path, page("Quality-Gate selection report", body, CSS))

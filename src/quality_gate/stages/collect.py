@@ -140,12 +140,6 @@ def _load_model(cfg: DictConfig, device: str) -> tuple[Any, Any, dict[str, Any]]
     return model, tokenizer, weights
 
 
-def get_model_and_tokenizer(cfg: DictConfig) -> tuple[Any, Any]:
-    """The gated selector (``selector_model.*``) with the Stage 1 weights applied, in eval mode."""
-    model, tokenizer, _ = _load_model(cfg, default_device())
-    return model, tokenizer
-
-
 def _init_distributed() -> tuple[str, bool]:
     """``(device, initialised_here)``; starts the process group under torchrun / accelerate."""
     device = default_device()

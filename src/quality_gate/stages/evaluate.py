@@ -50,12 +50,12 @@ from quality_gate.data import (
 )
 from quality_gate.data.encode import IGNORE_INDEX
 from quality_gate.errors import AdapterError, DataError, MissingPathError
+from quality_gate.eval_metrics import exact_match
 from quality_gate.generation import greedy_replies
-from quality_gate.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from quality_gate.models import check_model_source, load_options, load_target, sha256_of
+from quality_gate.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, sha256_file
+from quality_gate.models import check_model_source, load_options, load_target
 from quality_gate.nll import chunked_token_nll
 from quality_gate.runs import init_run, update_manifest
-from quality_gate.synthetic import exact_match
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def load_model(cfg: DictConfig) -> tuple[nn.Module, PreTrainedTokenizerBase, dic
             ) from err
         weights = adapter_dir / "adapter_model.safetensors"
         info["adapter_path"] = str(adapter_dir)
-        info["adapter_sha256"] = sha256_of(weights) if weights.is_file() else None
+        info["adapter_sha256"] = sha256_file(weights) if weights.is_file() else None
     model.eval()
     return model, tokenizer, info
 
@@ -413,7 +413,7 @@ def run(cfg: DictConfig) -> None:
         "evaluated": "base + adapter" if model_info["adapter_path"] else "base model (no fine-tune)",
         "data": {
             "data_path": str(cfg.eval.data_path),
-            "sha256": sha256_of(cfg.eval.data_path),
+            "sha256": sha256_file(cfg.eval.data_path),
             "num_records": len(records),
             "encode_stats": encode_stats.as_dict(),
         },

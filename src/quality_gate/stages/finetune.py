@@ -59,8 +59,8 @@ from quality_gate.data import (
 from quality_gate.data.encode import IGNORE_INDEX
 from quality_gate.data.sources import SKIPPED_ROWS_FILE
 from quality_gate.errors import ConfigError, DataError, MissingPathError
-from quality_gate.io import atomic_write_json, atomic_write_jsonl, normalize_modes
-from quality_gate.models import check_model_source, load_options, load_target, sha256_of
+from quality_gate.io import atomic_write_json, atomic_write_jsonl, normalize_modes, sha256_file
+from quality_gate.models import check_model_source, load_options, load_target
 from quality_gate.nll import causal_lm_loss_in_chunks
 from quality_gate.runs import init_run, is_main_process, run_dir_of, update_manifest, world_size
 from quality_gate.training import NonFiniteLossCallback, last_checkpoint, lora_config, training_arguments
@@ -119,7 +119,7 @@ def load_training_records(cfg: DictConfig, run_dir: Path) -> tuple[list[dict], d
         source = {
             "mode": "subset",
             "data_path": str(file),
-            "sha256": sha256_of(file),
+            "sha256": sha256_file(file),
             "skipped_rows": len(skipped),
         }
     source["num_records"] = len(records)

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from quality_gate.errors import RouterDataError
-from quality_gate.io import atomic_torch_save, atomic_write_json
+from quality_gate.io import atomic_torch_save, atomic_write_json, sha256_file
 
 FORMAT = "quality-gate/router-data/v2"
 INDEX_SUFFIX = "_router_data.pt"
@@ -168,14 +168,6 @@ def marker_path(path: Path) -> Path:
     return Path(str(path) + ".done")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def shard_problem(path: Path, fingerprint: str | None = None, verify_checksum: bool = True) -> str | None:
     """None when the shard at ``path`` is finished and intact; else why it is not, in a few words.
 
@@ -197,14 +189,9 @@ def shard_problem(path: Path, fingerprint: str | None = None, verify_checksum: b
     size = path.stat().st_size
     if size != recorded_size:
         return f"damaged: {size} bytes, {recorded_size} recorded when it was written (truncated copy?)"
-    if verify_checksum and file_sha256(path) != recorded_sha:
+    if verify_checksum and sha256_file(path) != recorded_sha:
         return "damaged: its sha256 differs from the one recorded when it was written"
     return None
-
-
-def shard_is_complete(path: Path) -> bool:
-    """The shard is finished and intact (see :func:`shard_problem`)."""
-    return shard_problem(path) is None
 
 
 def write_shard(path: Path, shard: dict[str, Any], fingerprint: str) -> None:
@@ -226,7 +213,7 @@ def write_shard(path: Path, shard: dict[str, Any], fingerprint: str) -> None:
     marker = {
         "fingerprint": fingerprint,
         "bytes": path.stat().st_size,
-        "sha256": file_sha256(path),
+        "sha256": sha256_file(path),
         "samples": n,
     }
     atomic_write_json(marker_path(path), marker)
