@@ -14,7 +14,13 @@ from helpers import REPO
 
 PACKAGE = REPO / "src" / "quality_gate"
 # Modules allowed to import the stages, the experiment and the CLI: those entry points themselves.
-ENTRY_POINTS = ("quality_gate.cli", "quality_gate.__main__", "quality_gate.stages", "quality_gate.experiment")
+ENTRY_POINTS = (
+    "quality_gate.cli",
+    "quality_gate.__main__",
+    "quality_gate.stages",
+    "quality_gate.experiment",
+    "quality_gate.benchmarks",
+)
 
 
 def _module_name(path: Path, root: Path) -> str:

@@ -135,10 +135,13 @@ def plain_selector(source: str, out: Path) -> str:
 
 
 def _stage(stage: str, values: dict[str, Any]) -> None:
-    from quality_gate.cli import run_stage
+    """Run ``stage`` with its typed config: :func:`make_config` validates it, then the stage's ``run``
+    (a recipe calls the stage modules; it never imports the command line)."""
+    import importlib
+
     from quality_gate.config import make_config
 
-    run_stage(make_config(stage, values))
+    importlib.import_module(f"quality_gate.stages.{stage}").run(make_config(stage, values))
 
 
 def _common(s: Settings, root: Path, selector: str) -> dict[str, Any]:
