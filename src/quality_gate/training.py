@@ -209,13 +209,16 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
 
     Checked: ``trainer_state.json`` and ``adapter_config.json`` parse as JSON objects; every
     ``*.safetensors`` opens and holds finite values of magnitude <= :data:`MAX_ABS_WEIGHT` (a file
-    truncated or overwritten in place); every ``*.pt`` / ``*.pth`` / ``*.bin`` (optimizer, scheduler, RNG
-    state) is an intact zip (each member's CRC32, so flipped or missing bytes are caught) of plain tensors
-    (a pickle of anything else is refused without unpickling it). The cost is one read of the files.
+    truncated or overwritten in place); every ``*.pt`` / ``*.pth`` / ``*.bin`` the Trainer or peft loads
+    (optimizer, scheduler, RNG state, weights; not ``training_args.bin``) is an intact zip (each member's
+    CRC32, so flipped or missing bytes are caught) of plain tensors (a pickle of other objects is
+    refused without unpickling it; the numpy arrays the Trainer allows in ``rng_state.pth`` pass). The
+    cost is one read of the files.
     """
     import zipfile
 
     from safetensors import safe_open
+    from transformers.trainer_pt_utils import safe_globals
 
     from quality_gate.errors import DataError
     from quality_gate.io import load_tensors
@@ -245,7 +248,10 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
         # SafetensorError (truncated, garbled header), OSError, ...: the file cannot be read.
         except Exception as err:
             return f"{path.name} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
-    for path in sorted([*root.glob("*.pt"), *root.glob("*.pth"), *root.glob("*.bin")]):
+    # training_args.bin is a pickle of TrainingArguments by design, written for the record and never read
+    # back by a resume.
+    tensors = [*root.glob("*.pt"), *root.glob("*.pth"), *root.glob("*.bin")]
+    for path in sorted(p for p in tensors if p.name != "training_args.bin"):
         try:
             with zipfile.ZipFile(path) as archive:
                 bad = archive.testzip()
@@ -254,7 +260,8 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
         if bad is not None:
             return f"{path.name} is damaged (member {bad} fails its CRC check)"
         try:
-            load_tensors(path, "", mmap=True)
+            with safe_globals():  # the Trainer's own allowlist (numpy arrays in rng_state.pth)
+                load_tensors(path, "", mmap=True)
         except DataError:
             return f"{path.name} is not a file of plain tensors (a pickle of other objects is never loaded)"
     return None
