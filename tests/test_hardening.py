@@ -719,3 +719,19 @@ def test_a_second_collect_in_the_same_dir_is_refused_and_a_dead_ones_lock_taken_
         metrics = collect(run, *slow)
     assert f"taking over the stale lock {lock}: pid {first.pid}" in caplog.text
     assert metrics["samples"] == 200 and not lock.exists()
+
+
+# --------------------------------------------------------------------------------------------- #
+# docs/hardening.md names only tests that exist
+# --------------------------------------------------------------------------------------------- #
+def test_the_hardening_doc_names_only_tests_that_exist() -> None:
+    import re
+
+    doc = (REPO / "docs" / "hardening.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"(?:::|`)(test_\w+)(?=[`\[ (,])", doc)) - {
+        p.stem for p in (REPO / "tests").glob("test_*.py")
+    }
+    defined = set()
+    for path in (REPO / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(encoding="utf-8"), re.MULTILINE))
+    assert named and not named - defined, sorted(named - defined)

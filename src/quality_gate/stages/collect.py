@@ -17,12 +17,14 @@ shard is finished (here, or by the other parts), rank 0 writes each dataset's in
 (``router_data/<dataset>_router_data.pt``), the scored records (``router_data/<dataset>_records.jsonl``),
 ``dropped_samples.jsonl`` and ``stage2_metrics.json``.
 
-Resume: rerun with the same ``output_dir``; finished shards are skipped, damaged ones (size or
-checksum differ from their marker) are named and rescored. A shard's content depends only on its
+Resume: rerun with the same ``output_dir``; finished shards are skipped, damaged ones (size or checksum
+differ from their marker) are named and rescored; a rerun whose setup differs (the selector's weight
+files included) is refused. One launch at a time writes a run dir: rank 0 holds ``collect.lock``
+(``collect.part-<i>.lock`` per part), which says who holds it. A shard's content depends only on its
 records and the config, so the result equals an uninterrupted run. Work is split by shards: between
 parts (independent jobs, no rendezvous) and then between the ranks of one launch, each by a
-deterministic greedy balance of the shards' estimated tokens; every record belongs to exactly one
-shard, no rank or part ever writes another's shard, and only rank 0 of a launch writes the indexes.
+deterministic greedy balance of the shards' estimated tokens; every record belongs to exactly one shard,
+no rank or part ever writes another's shard, and only rank 0 of a launch writes the indexes.
 """
 
 from __future__ import annotations
