@@ -123,8 +123,8 @@ class RunLock:
     Exclusion is the kernel's ``flock`` on the open file, released when the holder exits however it
     ends (killed, out of memory): a file left by a dead holder is stale and is taken over, with a
     warning naming it. (``flock`` is shared between hosts on NFS with locking, as Linux emulates it
-    with byte-range locks; on a filesystem mounted without locks, only the processes of one host
-    exclude each other.)
+    with byte-range locks; on a filesystem without locks a warning says that nothing stops a second
+    run.)
     """
 
     def __init__(self, path: str | os.PathLike, what: str) -> None:
@@ -146,7 +146,7 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:
                 holder = self._holder(fd)
                 os.close(fd)
                 who = (
@@ -160,6 +160,15 @@ class RunLock:
                     f"{who}. "
                     "Wait for it to finish, or stop it; two runs in one dir would score the same shards twice"
                 ) from None
+            except OSError as err:  # ENOLCK, EOPNOTSUPP: a filesystem without locks
+                os.close(fd)
+                log.warning(
+                    "%s cannot be locked on this filesystem (%s): nothing stops a second run in %s",
+                    self.path,
+                    err.strerror,
+                    self.path.parent,
+                )
+                return self
             try:
                 # Released and removed by its holder between our open and flock: lock the new file.
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:

@@ -260,8 +260,8 @@ def check_resume_data(run_dir: Path, checkpoint: str, source: dict[str, Any]) ->
     if not isinstance(before, dict):
         return
     key = "sha256" if source.get("mode") == "subset" and before.get("sha256") else "records_fingerprint"
-    if before.get(key) is None or before.get(key) == source.get(key):
-        return
+    if before.get(key) is None or source.get(key) is None or before.get(key) == source.get(key):
+        return  # nothing recorded, or not read yet (the records are compared once they are)
     what = (
         f"dataset.data_path={source.get('data_path')} has sha256 {source.get('sha256')}"
         if key == "sha256"
