@@ -151,6 +151,38 @@ def test_a_changed_selector_weight_is_refused_on_resume(tmp_path: Path) -> None:
     assert set(fields["selector_weights"]) == {"config.json", "model.safetensors"}
 
 
+def test_a_hub_ids_weights_are_fingerprinted_by_the_cache_blob_names(tmp_path: Path) -> None:
+    """A Hub id is fingerprinted from the Hugging Face cache without reading the weights: the snapshot's
+    files are links to blobs named by their content hash (a real cache layout, read by huggingface_hub)."""
+    cache, commit = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--qg--tiny-selector"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    for f in SELECTOR.iterdir():
+        blob = file_sha256(f)
+        shutil.copy(f, repo / "blobs" / blob)
+        (repo / "snapshots" / commit / f.name).symlink_to(Path("../../blobs") / blob)
+    code = (
+        "import json; from quality_gate.models import model_weights_fingerprint; "
+        "print(json.dumps(model_weights_fingerprint('qg/tiny-selector', 'selector_model.path')))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**ENV, "HF_HUB_CACHE": str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {
+        "config.json": "blob:" + file_sha256(SELECTOR / "config.json"),
+        "model.safetensors": "blob:" + file_sha256(SELECTOR / "model.safetensors"),
+    }
+
+
 # --------------------------------------------------------------------------------------------- #
 # 2, 3 (and 12: trainer_state.json, adapter_config.json, a pickle): Stage 3 resumes
 # --------------------------------------------------------------------------------------------- #
