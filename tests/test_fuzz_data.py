@@ -1,5 +1,6 @@
 """Fuzz the data layer (issue 11): thousands of generated rows, valid and broken, in .jsonl, .json and
-.parquet, through ``load_local_file`` and ``load_records``.
+.parquet, through ``load_local_file`` and ``load_records``; and (issue 22) the names datasets get:
+generated names by the thousand (bytes, scripts, reserved names) and sets of files whose names collide.
 
 Invariants: every valid row becomes exactly its record (id, messages, meta); every bad row is one
 skipped row with its file, its line (.jsonl) or row index (.json / .parquet) and a short reason; blank
@@ -27,8 +28,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from quality_gate.data import BadRecord, load_local_file, load_records
-from quality_gate.data.sources import MAX_NESTING, SKIPPED_ROWS_FILE
-from quality_gate.errors import DataError
+from quality_gate.data.sources import MAX_NESTING, SKIPPED_ROWS_FILE, read_records
+from quality_gate.errors import ConfigError, DataError
+from quality_gate.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from quality_gate.names import check_name
 
 log = logging.getLogger(__name__)
 
@@ -536,3 +539,154 @@ def test_empty_and_blank_jsonl_files_give_no_rows(tmp_path: Path) -> None:
     for content in (b"", b"\n\n  \n", b"\xef\xbb\xbf\n"):
         path.write_bytes(content)
         assert load_local_file(path, "blank") == ([], [])
+
+
+# --------------------------------------------------------------------------------------------- #
+# Names (issue 22): bytes, reserved names, collisions between files
+# --------------------------------------------------------------------------------------------- #
+NAME_PARTS = [
+    *WORDS,
+    "a",
+    "train",
+    "data",
+    "x" * 40,
+    "数据集",
+    "🙂🙃",
+    "e\u0301",
+    "ｆｕｌｌ",
+    "ß",
+    "İ",
+    "-",
+    "_",
+    "v1.2",
+]
+# The spec, restated (the oracle does not call names.py): what Stage 2 writes beside the datasets.
+SPEC_RESERVED = {"fingerprint.json", "plan.json"}
+SPEC_SUFFIXES = ("_router_data.pt", "_records.jsonl", ".done", ".tmp", ".lock")
+SPEC_MAX_BYTES = 200
+NAME_SEED, NAME_COUNT = 22, 1000
+
+
+def random_name(rng: random.Random) -> str:
+    kind = rng.random()
+    if kind < 0.45:  # ordinary and long names in several scripts, up to ~600 bytes
+        name = rng.choice("_-").join(rng.choice(NAME_PARTS) for _ in range(rng.randint(1, 16)))
+    elif kind < 0.6:  # a reserved name or suffix, in any case
+        base = rng.choice([*SPEC_RESERVED, "x" + rng.choice(SPEC_SUFFIXES), "plan.json.bak", "fingerprint"])
+        name = "".join(c.upper() if rng.random() < 0.3 else c for c in base)
+    elif kind < 0.75:  # around the byte limit with 3- and 4-byte characters
+        char = rng.choice(["数", "🙂", "é", "a"])
+        target = SPEC_MAX_BYTES + rng.choice([-4, -2, -1, 0, 1, 2, 3, 56])
+        name = char * (target // len(char.encode()))
+        name += "a" * (target - len(name.encode()))
+    elif kind < 0.85:  # separators, dots, whitespace
+        name = rng.choice(["../x", "a/b", "a\\b", ".", "..", ".hidden", " x", "x ", "x\u3000", "/etc"])
+    elif kind < 0.95:  # control and invisible characters inside a fine name
+        name = "ab" + rng.choice(ODD) + "cd"
+    else:
+        name = rng.choice(["", " ", "ok", "A" * 201])
+    return name
+
+
+def spec_refusal(name: str) -> str | None:
+    """The part of the refusal reason the spec predicts, or None for a name that must be accepted."""
+    import unicodedata
+
+    if name == "":
+        return "empty"
+    if name in (".", ".."):
+        return "relative directory"
+    if "/" in name or "\\" in name:
+        return "path separator"
+    if name.startswith("."):
+        return "starts with '.'"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in name):
+        return "control or invisible"
+    if name != name.strip():
+        return "whitespace"
+    if len(name.encode("utf-8")) > SPEC_MAX_BYTES:
+        return "bytes long in UTF-8"
+    if name.casefold() in SPEC_RESERVED:
+        return "the name of a file Stage 2 writes"
+    if name.casefold().endswith(SPEC_SUFFIXES):
+        return "the suffix of a file Stage 2 writes"
+    return None
+
+
+def test_dataset_names_fuzz_accepted_ones_work_as_files_refused_ones_say_why(tmp_path: Path) -> None:
+    """1,000 generated names: each refused one is one ConfigError line naming the key and the reason the
+    spec predicts; each accepted one becomes every file Stage 2 makes of a dataset name (its shard
+    folder and a marker, its index and its records, through the atomic writes and their temporary
+    files) without an OSError and without leaving the router dir."""
+    rng = random.Random(NAME_SEED)
+    router = tmp_path / "router_data"
+    router.mkdir()
+    accepted, refused = 0, Counter()
+    for name in (random_name(rng) for _ in range(NAME_COUNT)):
+        want = spec_refusal(name)
+        if want is not None:
+            with pytest.raises(ConfigError) as err:
+                check_name(name, "dataset.local.datasets[0].dataset_name", dataset=True)
+            message = str(err.value)
+            assert want in message and "\n" not in message.replace(name, "") and "dataset_name=" in message
+            refused[want] += 1
+            continue
+        assert check_name(name, "k", dataset=True) == name
+        atomic_write_json(router / name / "shard-00000.pt.done", {"bytes": 0})
+        atomic_write_text(router / f"{name}_router_data.pt", "index")
+        atomic_write_jsonl(router / f"{name}_records.jsonl", [{"id": name}])
+        for made in (router / name, router / f"{name}_router_data.pt", router / f"{name}_records.jsonl"):
+            assert made.resolve().parent == router.resolve()
+        accepted += 1
+    log.info("fuzz names: %d accepted, refused %s", accepted, dict(refused))
+    assert accepted > 300 and len(refused) == 9, refused  # every kind of refusal occurred
+    assert not [p for p in router.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_dataset_files_fuzz_colliding_names_are_refused_and_no_row_is_lost(tmp_path: Path) -> None:
+    """60 random configs of 2-4 local files (shared stems across dirs and formats, with and without
+    dataset_name, rows without `id`): a config in which two datasets get one name (case-insensitively)
+    is one ConfigError naming both entries; in every other one each row of each file is a record."""
+    rng = random.Random(NAME_SEED)
+    collisions = 0
+    for trial in range(60):
+        root = tmp_path / f"t{trial}"
+        entries, names, files = [], [], {}
+        for _ in range(rng.randint(2, 4)):
+            stem = rng.choice(["train", "Train", "data", "eval"])
+            path = root / rng.choice("abc") / f"{stem}{rng.choice(['.jsonl', '.json'])}"
+            files[path] = [
+                {
+                    "messages": [
+                        {"role": "user", "content": f"q{trial}-{k}"},
+                        {"role": "assistant", "content": "a"},
+                    ]
+                }
+                for k in range(rng.randint(1, 4))
+            ]
+            entry: dict[str, Any] = {"path": str(path)}
+            if rng.random() < 0.4:
+                entry["dataset_name"] = rng.choice(["x", "X", "y", "train"])
+            entries.append(entry)
+            names.append(entry.get("dataset_name") or path.stem)
+        for path, rows in files.items():  # a path drawn twice holds its last rows, read once per entry
+            path.parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(rows) if path.suffix == ".json" else "".join(json.dumps(r) + "\n" for r in rows)
+            path.write_text(text)
+        rows_per_entry = [len(files[Path(e["path"])]) for e in entries]
+        folded = [n.casefold() for n in names]
+        clash = next(((i, j) for j in range(len(names)) for i in range(j) if folded[i] == folded[j]), None)
+        cfg = {"dataset_from": "local", "local": {"datasets": entries}}
+        if clash is not None:
+            collisions += 1
+            with pytest.raises(ConfigError) as err:
+                read_records(cfg, seed=0)
+            i, j = clash
+            assert f"datasets[{j}]" in str(err.value) and f"datasets[{i}]" in str(err.value)
+            continue
+        records, skipped = read_records(cfg, seed=0)
+        assert not skipped
+        assert Counter(r["dataset"] for r in records) == Counter(
+            {name: sum(n for m, n in zip(names, rows_per_entry) if m == name) for name in names}
+        )
+    assert 10 < collisions < 60

@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from quality_gate.compat import CONFIG_STAGES
 
@@ -120,6 +121,7 @@ def hydra_app(config_name: str | None, argv: Sequence[str] | None = None) -> Non
 
         _check_multi_node_run_dir(_config_name_in(args) or config_name, args)
         register_configs()
+        _check_before_hydra(config_name, args)
         sys.argv = [sys.argv[0], *args]
         main: Callable[[], None] = hydra.main(
             config_path=CONFIG_PATH, config_name=config_name, version_base=None
@@ -147,6 +149,91 @@ def _check_multi_node_run_dir(config_name: str | None, args: Sequence[str]) -> N
     message = MULTI_NODE_RUN_DIR_HELP.format(world=world_size(), local=local_world_size())
     log.error("%s", message)
     raise SystemExit(f"error: {message}")
+
+
+def _check_before_hydra(config_name: str | None, args: Sequence[str]) -> None:
+    """Compose the config as Hydra will and validate it before Hydra makes the run dir, writes
+    ``.hydra/`` and opens its log file there: a bad value (a name that would escape, a key added with
+    ``+`` by mistake, ``seed=-1``, ``output_dir`` on a file) is one line and exit 1, and leaves nothing
+    behind. In an existing run dir, Hydra's own files (``<stage>.log``, ``.hydra/*.yaml``) that are
+    symbolic links are removed first: Hydra would write through them to wherever they point.
+
+    Hydra's flags that run no task (``--cfg``, ``--info``, ``-m`` sweeps, other config dirs, ...) skip
+    this; so does a config Hydra itself cannot compose (a typo without ``+``, a wrong type), which Hydra
+    reports in its own words.
+    """
+    from quality_gate.errors import UserError
+
+    try:
+        _validate_before_hydra(config_name, args)
+    except UserError as e:
+        if os.environ.get("QG_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {e}") from None
+
+
+def _validate_before_hydra(config_name: str | None, args: Sequence[str]) -> None:
+    from hydra import compose, initialize_config_module
+    from hydra._internal.utils import get_args_parser
+    from omegaconf import OmegaConf, open_dict
+
+    from quality_gate.config import validate
+    from quality_gate.runs import check_dir_target
+
+    try:
+        parsed = get_args_parser().parse_args(list(args))
+    except SystemExit:
+        return  # Hydra's own parser will say what is wrong
+    runs_no_task = (
+        parsed.help,
+        parsed.hydra_help,
+        parsed.cfg,
+        parsed.info,
+        parsed.multirun,
+        parsed.shell_completion,
+        parsed.experimental_rerun,
+        parsed.config_dir,
+        parsed.config_path,
+    )
+    name = parsed.config_name or config_name
+    if any(runs_no_task) or name is None:
+        return
+    try:
+        with initialize_config_module(CONFIG_PATH.removeprefix("pkg://"), version_base=None):
+            cfg = compose(name, list(parsed.overrides), return_hydra_config=True)
+    except Exception:
+        return
+    try:  # resolved while the hydra node is still in the config (its values refer to the others)
+        hydra_cfg = cfg.hydra
+        run_dir = Path(str(hydra_cfg.run.dir))
+        log_file = (
+            run_dir / f"{hydra_cfg.job.name}.log"
+            if OmegaConf.select(hydra_cfg, "job_logging.handlers.file") is not None
+            else None
+        )
+        subdir = run_dir / str(hydra_cfg.output_subdir) if hydra_cfg.output_subdir else None
+    except Exception:
+        run_dir = None
+    with open_dict(cfg):
+        del cfg["hydra"]
+    validate(cfg)
+    if run_dir is None:
+        return
+    check_dir_target(run_dir, "output_dir" if cfg.get("output_dir") else "hydra.run.dir")
+    if not run_dir.is_dir():
+        return
+    planted = [log_file] if log_file is not None else []
+    if subdir is not None:
+        planted += [subdir, *(subdir / f for f in ("config.yaml", "hydra.yaml", "overrides.yaml"))]
+    for path in planted:
+        if path.is_symlink():
+            target = os.readlink(path)
+            path.unlink()
+            print(
+                f"warning: {path} was a symbolic link (to {target}); removed it, so that this run writes its "
+                "own file there instead of writing through the link",
+                file=sys.stderr,
+            )
 
 
 def _config_name_in(args: Sequence[str]) -> str | None:

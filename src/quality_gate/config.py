@@ -21,16 +21,18 @@ This module imports no torch, so ``--help`` and config errors answer at once.
 import copy
 import dataclasses
 import datetime as dt
+import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from quality_gate.errors import ConfigError
-from quality_gate.names import check_name
+from quality_gate.names import check_name, dataset_names
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 DTYPES = ["auto", "bfloat16", "float16", "float32"]
@@ -41,16 +43,27 @@ SELECT_SELECTORS = [*SELECTORS, "combined"]
 DIVERSITY = ["none", "threshold", "cluster"]
 
 
+#: A seed must fit every generator it seeds: numpy's takes 0 .. 2**32 - 1.
+SEED_MAX = 2**32 - 1
+
+
 def opt(default: Any, help: str, **checks: Any) -> Any:
     """A dataclass field with a default, its one-line ``help`` and optional checks for :func:`validate`.
 
     Checks: ``choices`` (allowed values), ``ge`` / ``gt`` / ``le`` / ``lt`` (numeric bounds; ``None`` values
-    pass), ``name=True`` (the value becomes a file or dir name: see :mod:`quality_gate.names`).
+    pass; a list is checked item by item), ``name=True`` (the value becomes a file or dir name: see
+    :mod:`quality_gate.names`; ``name="dataset"`` also keeps off the names of Stage 2's own files).
+    Every float must be finite (``nan`` and ``inf`` are refused: ``ge=0`` alone admits ``inf``).
     """
     metadata = {"help": help, **checks}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def seed_opt(default: int, help: str) -> Any:
+    """A seed: an integer in 0 .. :data:`SEED_MAX`."""
+    return opt(default, help, ge=0, le=SEED_MAX)
 
 
 def asset(relative: str) -> str:
@@ -110,14 +123,16 @@ class GateInitConfig:
 @dataclass
 class LocalDataset:
     path: str = opt(MISSING, "a .jsonl / .json / .parquet file")
-    dataset_name: str | None = opt(None, "name in reports and file names; null: the file's stem", name=True)
+    dataset_name: str | None = opt(
+        None, "name in reports and file names; null: the file's stem", name="dataset"
+    )
 
 
 @dataclass
 class HfDataset:
     name: str = opt(MISSING, "a Hub dataset id (or a local data file / folder for datasets.load_dataset)")
     dataset_name: str | None = opt(
-        None, "name in reports and file names; null: the id's last part", name=True
+        None, "name in reports and file names; null: the id's last part", name="dataset"
     )
     split: str = opt("train", "split to read")
 
@@ -160,6 +175,13 @@ class DatasetConfig:
     chat_template: str | None = opt(
         None, "Jinja chat template for a tokenizer that has none; null: the tokenizer's own"
     )
+
+    @staticmethod
+    def check_group(node: Any, key: str) -> None:
+        """The datasets to read: each has a path / a usable Hub id and a name no other one has."""
+        if node.get("mode") == "subset":  # Stage 3 on a selection reads dataset.data_path only
+            return
+        dataset_names(node)
 
 
 @dataclass
@@ -257,7 +279,7 @@ class WarmupConfig:
         DatasetConfig(subset_ratio=0.5), "the warmup data (the seed used subset_ratio=0.025 of OpenHermes)"
     )
     training: WarmupTraining = opt(WarmupTraining(), "optimisation of the gates")
-    seed: int = opt(42, "seeds gate init, subset_ratio sampling, shuffling and the Trainer")
+    seed: int = seed_opt(42, "seeds gate init, subset_ratio sampling, shuffling and the Trainer")
     output_dir: str | None = opt(None, "run dir; null: outputs/<run_name>/<date>/<time>-<overrides>")
 
     @staticmethod
@@ -332,7 +354,7 @@ class CollectConfig:
     collect_ifd: bool = opt(
         False, "also store each sample's response loss with and without the instruction (IFD baseline)"
     )
-    seed: int = opt(42, "seeds subset_ratio sampling, shuffling and the init of gates attached on load")
+    seed: int = seed_opt(42, "seeds subset_ratio sampling, shuffling and the init of gates attached on load")
     output_dir: str | None = opt(
         None, "run dir; null: outputs/<run_name>/<date>/<time>-<overrides>; an existing one resumes"
     )
@@ -414,7 +436,7 @@ class SelectConfig:
         choices=["same_token", "next_token"],
     )
     per_dataset: bool = opt(False, "true: the percentage and the column statistics within each dataset")
-    seed: int = opt(42, "seed of the random selector and of diversity=cluster's k-means")
+    seed: int = seed_opt(42, "seed of the random selector and of diversity=cluster's k-means")
     report: bool = opt(True, "write selection_report.html")
     report_top_k: int = opt(10, "highest / lowest samples shown in the report", ge=0)
     output_dir: str | None = opt(
@@ -523,7 +545,7 @@ class FinetuneConfig:
     run_name: str = opt("finetune", "folder under outputs/ for this stage's run dirs", name=True)
     dataset: FinetuneDataset = opt(FinetuneDataset(sort_by_length=False), "the training data")
     training: FinetuneTraining = opt(FinetuneTraining(), "the target model and its optimisation")
-    seed: int = opt(42, "seeds LoRA init, subset_ratio sampling, shuffling and the Trainer")
+    seed: int = seed_opt(42, "seeds LoRA init, subset_ratio sampling, shuffling and the Trainer")
     output_dir: str | None = opt(
         None, "run dir; null: outputs/<run_name>/<date>/<time>-<overrides>; an existing one resumes"
     )
@@ -612,7 +634,7 @@ class EvaluateConfig:
     model: ModelOptions = opt(ModelOptions(), "how the base model is loaded")
     chat_template: str | None = opt(None, "Jinja chat template used when the tokenizer has none")
     eval: EvalOptions = opt(EvalOptions(), "the held-out data and the metrics")
-    seed: int = opt(42, "seeds generation-independent randomness and lm-eval's few-shot sampling")
+    seed: int = seed_opt(42, "seeds generation-independent randomness and lm-eval's few-shot sampling")
     output_dir: str | None = opt(None, "run dir; null: outputs/<run_name>/<date>/<time>-<overrides>")
 
 
@@ -637,7 +659,7 @@ class ExperimentData:
     train_path: str = opt(
         asset("data/synthetic_train.jsonl"), "candidate pool when generate=false (any data-layer format)"
     )
-    dataset_name: str = opt("synthetic", "dataset name of the candidate pool", name=True)
+    dataset_name: str = opt("synthetic", "dataset name of the candidate pool", name="dataset")
     eval_path: str = opt(
         asset("data/synthetic_eval.jsonl"),
         "held-out records for Stage 4 (checkable answers give exact match)",
@@ -705,7 +727,7 @@ class ExperimentConfig:
 
     stage: str = opt("experiment", "which stage runs (quality-gate <stage> sets it)")
     name: str = opt("demo", "a label for the summary and the folder under outputs/", name=True)
-    seed: int = opt(0, "seeds data generation, the gate init and warmup (fine-tunes use `seeds`)")
+    seed: int = seed_opt(0, "seeds data generation, the gate init and warmup (fine-tunes use `seeds`)")
     output_dir: str | None = opt(None, "run dir; null: outputs/<name>/<date>/<time>")
     data: ExperimentData = opt(ExperimentData(), "the candidate pool and the held-out data")
     selector_model: str = opt(asset("models/tiny-qwen3-selector"), "base model that gets the quality gates")
@@ -723,7 +745,10 @@ class ExperimentConfig:
         "a second Stage 2) | alpha0 (quality_gate without perplexity weighting)",
     )
     seeds: list[int] = opt(
-        [0, 1, 2], "fine-tune seeds; every arm runs with each (paired), random selects with each"
+        [0, 1, 2],
+        "fine-tune seeds; every arm runs with each (paired), random selects with each",
+        ge=0,
+        le=SEED_MAX,
     )
     compute: ComputeBudget = opt(ComputeBudget(), "how the arms' fine-tune compute is matched")
     statistics: Statistics = opt(Statistics(), "intervals of the differences to random")
@@ -778,6 +803,12 @@ SCHEMAS: dict[str, type] = {
 def _check_value(key: str, value: Any, meta: dict[str, Any]) -> None:
     if value is None:
         return
+    if isinstance(value, (list, ListConfig)):
+        for i, item in enumerate(value):
+            _check_value(f"{key}[{i}]", item, meta)
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} must be a finite number")
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}={value!r} is not supported; use one of {list(choices)}")
@@ -790,31 +821,56 @@ def _check_value(key: str, value: Any, meta: dict[str, Any]) -> None:
         if bound in meta and not ok(value, meta[bound]):
             raise ConfigError(f"{key}={value!r} must be {word} {meta[bound]}")
     if meta.get("name"):
-        check_name(str(value), key)
+        check_name(str(value), key, dataset=meta["name"] == "dataset")
 
 
-def _validate_node(node: Any, cls: type, prefix: str) -> None:
+def _unknown_key(key: str, stage: str, known: list[str]) -> ConfigError:
+    """A key the schema does not have (Hydra adds any key given with ``+``): name it and the closest one."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return ConfigError(
+        f"{key} is not a key of the {stage} config{hint} (Hydra accepts any new key written with +; "
+        f"`quality-gate {stage} --help` lists the known ones)"
+    )
+
+
+def _validate_node(node: Any, cls: type, prefix: str, stage: str, known: list[str]) -> None:
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    for extra in (k for k in node if k not in names):
+        raise _unknown_key(f"{prefix}{extra}", stage, [*(f"{prefix}{n}" for n in names), *known])
+    for f in fields:
         key = f"{prefix}{f.name}"
+        if OmegaConf.is_missing(node, f.name):
+            raise ConfigError(f"{key} is not set ({f.metadata.get('help', 'required')})")
         value = node[f.name]
         kind = hints[f.name]
         inner = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
         if dataclasses.is_dataclass(kind):
-            _validate_node(value, kind, f"{key}.")
+            _validate_node(value, kind, f"{key}.", stage, known)
         elif inner is not None and dataclasses.is_dataclass(inner):
             for i, item in enumerate(value):
-                _validate_node(item, inner, f"{key}[{i}].")
+                _validate_node(item, inner, f"{key}[{i}].", stage, known)
         else:
             _check_value(key, value, dict(f.metadata))
+    group_check = getattr(cls, "check_group", None)
+    if group_check is not None:
+        group_check(node, prefix.rstrip("."))
 
 
 def validate(cfg: DictConfig) -> DictConfig:
-    """Check ``cfg`` against its stage's schema; :class:`ConfigError` names the key. Returns ``cfg``."""
+    """Check ``cfg`` against its stage's schema; :class:`ConfigError` names the key. Returns ``cfg``.
+
+    Every key must be one of the schema's (a key added with ``+`` is refused with the closest known
+    one), every value within its field's checks, and each stage's cross-field rules hold. Reads no
+    file and imports no torch: the command line runs it before Hydra makes a run dir.
+    """
     stage = stage_of(cfg)
     schema = SCHEMAS[stage]
+    known = [key for key, _, _ in help_rows(schema)]
     try:
-        _validate_node(cfg, schema, "")
+        _validate_node(cfg, schema, "", stage, known)
     except KeyError as e:
         raise ConfigError(f"config key {e} is missing; is this a {stage} config?") from None
     check = getattr(schema, "check", None)

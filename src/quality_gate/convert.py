@@ -51,6 +51,7 @@ def convert(
     Conversion is a copy plus new gate tensors: it runs on the CPU and, with ``dtype="auto"``, keeps
     the checkpoint's own dtype (the stages' "auto" would pick float32 on a CPU).
     """
+    check_init(init_mean, init_std)
     import torch
 
     from quality_gate.models import check_model_source, load_selector, save_converted
@@ -70,6 +71,20 @@ def convert(
         key="--model",
     )
     return save_converted(selector, tokenizer, save_path)
+
+
+def check_init(init_mean: float, init_std: float) -> None:
+    """The gate init must be a number: a finite mean, a finite std >= 0 (``--init-std -1`` or ``nan``
+    would give gates of NaN or a silent sign flip); else a :class:`ConfigError` naming the flag."""
+    import math
+
+    from quality_gate.errors import ConfigError
+
+    for flag, value in (("--init-mean", init_mean), ("--init-std", init_std)):
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{flag}={value} must be a finite number")
+    if init_std < 0:
+        raise ConfigError(f"--init-std={init_std} must be >= 0 (the standard deviation of the gate init)")
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:

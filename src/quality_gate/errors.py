@@ -45,3 +45,7 @@ class AdapterError(UserError, ValueError):
 
 class NonFiniteLossError(UserError, RuntimeError):
     """Training produced a NaN or infinite loss (learning rate, dtype or data; the message says)."""
+
+
+class RunLockedError(UserError, RuntimeError):
+    """Another process is running in the same run dir (it holds the run's lock file)."""

@@ -1,9 +1,14 @@
-"""Atomic file writes (write to a temporary file beside the target, fsync, rename), JSON reads and
-file checksums.
+"""Files: atomic writes, checksums, and reading back what the pipeline wrote.
 
 A reader never sees a half-written file: it sees the old one, or the complete new one. Every file
 gets the mode a plain ``open()`` would give it (:func:`default_file_mode`), also the files of model
-and adapter dirs that libraries write privately (:func:`normalize_modes`).
+and adapter dirs that libraries write privately (:func:`normalize_modes`). A set of outputs is
+installed all or nothing (:func:`install_entries`).
+
+Reading back: :func:`sha256_file` is the one checksum of a file; :func:`read_json` and
+:func:`load_tensors` turn a damaged or foreign file into one :class:`~quality_gate.errors.UserError`
+naming it and what to do, never a parser's traceback (nor torch's advice to pass
+``weights_only=False``, which would run pickled code).
 """
 
 from __future__ import annotations
@@ -12,10 +17,13 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from quality_gate.errors import DataError, UserError
 
 
 def _umask() -> int:
@@ -99,11 +107,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, f)
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """The JSON document in ``path`` (UTF-8)."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """One JSON object per non-blank line of ``path`` (UTF-8)."""
     with open(path, encoding="utf-8") as f:
@@ -117,3 +120,73 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_json(
+    path: str | os.PathLike,
+    advice: str = "rerun the step that wrote it",
+    error: type[UserError] = DataError,
+) -> Any:
+    """The JSON content of ``path``; a file that cannot be read or parsed (truncated, garbled, not
+    UTF-8) is one ``error`` naming it, why, and ``advice`` (what to delete or rerun)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise error(f"{path} is damaged or unreadable ({type(err).__name__}: {reason}); {advice}") from None
+
+
+def load_tensors(
+    path: str | os.PathLike, advice: str, error: type[UserError] = DataError, **kwargs: Any
+) -> Any:
+    """``torch.load(path, weights_only=True, map_location="cpu", **kwargs)``; any failure is one ``error``
+    naming the file and ``advice``. torch's own message is not shown: for a pickle that is not plain
+    tensors it advises ``weights_only=False``, which would run the pickled code."""
+    import torch  # deferred: importing torch costs ~1.5 s
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    # UnpicklingError, RuntimeError, EOFError, ValueError, OSError, ... depending on what the bytes are.
+    except Exception as err:
+        raise error(
+            f"{path} cannot be read as plain tensors ({type(err).__name__}: it is damaged, truncated, or "
+            f"not a file the pipeline wrote); {advice}"
+        ) from None
+
+
+def install_entries(staging: str | os.PathLike, target_dir: str | os.PathLike) -> list[str]:
+    """Move every entry of ``staging`` into ``target_dir``, all or nothing; returns the names moved.
+
+    What an entry replaces (a file, a dir, or a symbolic link, which is replaced itself and never
+    written through) is first moved aside into ``staging``; if any move fails, every entry already
+    moved is moved back, so ``target_dir`` holds either all the new entries or all the old ones. Both
+    dirs must be on one filesystem (each move is a rename).
+    """
+    staging, target_dir = Path(staging), Path(target_dir)
+    names = sorted(p.name for p in staging.iterdir())
+    aside = Path(tempfile.mkdtemp(prefix=".replaced-", dir=staging))
+    moved_aside: list[str] = []
+    installed: list[str] = []
+    try:
+        for name in names:
+            target = target_dir / name
+            if target.is_symlink() or target.exists():
+                os.replace(target, aside / name)
+                moved_aside.append(name)
+        for name in names:
+            os.replace(staging / name, target_dir / name)
+            installed.append(name)
+    except OSError:
+        for name in reversed(installed):
+            with contextlib.suppress(OSError):
+                os.replace(target_dir / name, staging / name)
+        for name in reversed(moved_aside):
+            with contextlib.suppress(OSError):
+                os.replace(aside / name, target_dir / name)
+        with contextlib.suppress(OSError):
+            aside.rmdir()  # only when everything went back (else the old entries stay in it, not lost)
+        raise
+    # What was replaced goes; rmtree never follows a symbolic link, it removes the link.
+    shutil.rmtree(aside, ignore_errors=True)
+    return installed

@@ -13,11 +13,13 @@ docs/cluster.md for who writes what.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import importlib.metadata
 import json
 import logging
 import os
 import platform
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +28,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from quality_gate.compat import STAGE_ALIASES
-from quality_gate.errors import ConfigError
-from quality_gate.io import atomic_write_json, atomic_write_text
+from quality_gate.errors import ConfigError, RunLockedError
+from quality_gate.io import atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,118 @@ def run_dir_of(cfg: DictConfig) -> Path:
         return Path.cwd()
 
 
+def check_dir_target(path: str | os.PathLike, key: str) -> Path:
+    """``path`` when it is a directory or can become one; a :class:`ConfigError` naming ``key`` when it (or a
+    folder above it) is an existing file. Checked before anything is written."""
+    path = Path(path).expanduser()
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            what = "is an existing file" if p == path else f"is inside {p}, which is an existing file"
+            raise ConfigError(f"{key}={path} {what}; a run writes a directory there: choose another path")
+    return path
+
+
+class RunLock:
+    """The lock file of a run dir (``<run dir>/collect.lock``): one process at a time writes the run.
+
+    The file says who holds it (pid, host, start time, command), so that a refused run can say so.
+    Exclusion is the kernel's ``flock`` on the open file, released when the holder exits however it
+    ends (killed, out of memory): a file left by a dead holder is stale and is taken over, with a
+    warning naming it. (``flock`` is shared between hosts on NFS with locking, as Linux emulates it
+    with byte-range locks; on a filesystem without locks a warning says that nothing stops a second
+    run.)
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str) -> None:
+        self.path, self.what = Path(path), what
+        self._fd: int | None = None
+
+    @staticmethod
+    def _holder(fd: int) -> dict[str, Any]:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            data = json.loads(os.read(fd, 1 << 16).decode("utf-8") or "{}")
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                os.close(fd)
+                who = (
+                    f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('started_at')} "
+                    f"({holder.get('command')})"
+                    if holder
+                    else "a process that has not written its name yet"
+                )
+                raise RunLockedError(
+                    f"another {self.what} run is writing into {self.path.parent}: {self.path} is held by "
+                    f"{who}. "
+                    "Wait for it to finish, or stop it; two runs in one dir would score the same shards twice"
+                ) from None
+            except OSError as err:  # ENOLCK, EOPNOTSUPP: a filesystem without locks
+                os.close(fd)
+                log.warning(
+                    "%s cannot be locked on this filesystem (%s): nothing stops a second run in %s",
+                    self.path,
+                    err.strerror,
+                    self.path.parent,
+                )
+                return self
+            try:
+                # Released and removed by its holder between our open and flock: lock the new file.
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        previous = self._holder(fd)
+        if previous:
+            log.warning(
+                "taking over the stale lock %s: pid %s on host %s (since %s) left it and no longer holds it",
+                self.path,
+                previous.get("pid"),
+                previous.get("host"),
+                previous.get("started_at"),
+            )
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": dt.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500],
+        }
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(me) + "\n").encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                self.path.unlink()  # while still holding it: no one locks a file about to go
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -145,7 +259,7 @@ def init_run(cfg: DictConfig, stage: str, **manifest_fields: Any) -> Path:
     outputs already in the dir.
     """
     check_shared_run_dir(cfg)
-    run_dir = run_dir_of(cfg)
+    run_dir = check_dir_target(run_dir_of(cfg), "output_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         now = dt.datetime.now()
@@ -156,7 +270,7 @@ def init_run(cfg: DictConfig, stage: str, **manifest_fields: Any) -> Path:
         }
         manifest_path = run_dir / "manifest.json"
         if manifest_path.exists():
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            manifest = read_manifest(run_dir)
             if STAGE_ALIASES.get(manifest.get("stage"), manifest.get("stage")) not in (None, stage):
                 raise ConfigError(
                     f"output_dir={run_dir} is a {manifest.get('stage')} run dir; a {stage} run cannot "
@@ -186,12 +300,29 @@ def init_run(cfg: DictConfig, stage: str, **manifest_fields: Any) -> Path:
     return run_dir
 
 
+_MANIFEST_ADVICE = (
+    "it records how the outputs in {run_dir} were made. Restore it, or start a new run (drop output_dir); "
+    "deleting it makes this run the dir's first one"
+)
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """``manifest.json`` of a run dir ({} when there is none); a damaged one is a :class:`ConfigError`."""
+    path = Path(run_dir) / "manifest.json"
+    if not path.exists():
+        return {}
+    manifest = read_json(path, _MANIFEST_ADVICE.format(run_dir=run_dir), ConfigError)
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"{path} is not a manifest; " + _MANIFEST_ADVICE.format(run_dir=run_dir))
+    return manifest
+
+
 def update_manifest(run_dir: Path, **fields: Any) -> None:
     """Merge ``fields`` into ``manifest.json`` (rank 0 only)."""
     if not is_main_process():
         return
     path = Path(run_dir) / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.exists() else {}
+    manifest = read_manifest(Path(run_dir))
     manifest.update(fields)
     atomic_write_json(path, manifest)
 

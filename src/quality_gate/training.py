@@ -5,12 +5,14 @@
 * :class:`NonFiniteLossCallback` / :func:`check_finite_loss`: stop on a NaN/inf loss with a clear error.
 * :data:`FSDP_CONFIG` / :func:`process_layout_kwargs`: FSDP on several CUDA processes, DDP otherwise.
 * :func:`report_to`: the configured loggers that are installed.
-* :func:`last_checkpoint`: the newest ``checkpoint-<step>`` of a run dir, for resuming.
+* :func:`last_checkpoint`: the newest ``checkpoint-<step>`` of a run dir; :func:`resume_checkpoint` the
+  newest intact one (:func:`checkpoint_problem`), a damaged one moved aside with a warning.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import re
@@ -31,11 +33,13 @@ __all__ = [
     "NonFiniteLossCallback",
     "NonFiniteLossError",
     "check_finite_loss",
+    "checkpoint_problem",
     "fsdp_layer_classes",
     "last_checkpoint",
     "lora_config",
     "process_layout_kwargs",
     "report_to",
+    "resume_checkpoint",
     "training_arguments",
     "validate_batch_size_configuration",
 ]
@@ -193,6 +197,119 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
             if best is None or step > best[0]:
                 best = (step, child)
     return str(best[1]) if best else None
+
+
+#: A trained weight larger than this in magnitude is taken for damage (no LM holds such a value; bytes
+#: overwritten in place, as with 1e30, keep the file's size and its safetensors header intact).
+MAX_ABS_WEIGHT = 1e6
+
+
+def checkpoint_problem(checkpoint: str | Path) -> str | None:
+    """Why the Trainer checkpoint dir ``checkpoint`` cannot be resumed from, or None when it can.
+
+    Checked: ``trainer_state.json`` and ``adapter_config.json`` parse as JSON objects; every
+    ``*.safetensors`` opens and holds finite values of magnitude <= :data:`MAX_ABS_WEIGHT` (a file
+    truncated or overwritten in place); every ``*.pt`` / ``*.pth`` / ``*.bin`` the Trainer or peft loads
+    (optimizer, scheduler, RNG state, weights; not ``training_args.bin``) is an intact zip (each member's
+    CRC32, so flipped or missing bytes are caught) of plain tensors (a pickle of other objects is
+    refused without unpickling it; the numpy arrays the Trainer allows in ``rng_state.pth`` pass). The
+    cost is one read of the files.
+    """
+    import zipfile
+
+    from safetensors import safe_open
+    from transformers.trainer_pt_utils import safe_globals
+
+    from quality_gate.errors import DataError
+    from quality_gate.io import load_tensors
+
+    root = Path(checkpoint)
+    for name in ("trainer_state.json", "adapter_config.json"):
+        path = root / name
+        if name == "adapter_config.json" and not path.exists():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            return f"{name} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
+        if not isinstance(data, dict) or (name == "trainer_state.json" and "global_step" not in data):
+            return f"{name} is not what the Trainer writes"
+    for path in sorted(root.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                    tensor = f.get_tensor(key)
+                    if tensor.is_floating_point() and tensor.numel():
+                        if not bool(torch.isfinite(tensor).all()):
+                            return f"{path.name} holds non-finite values (tensor {key})"
+                        peak = float(tensor.abs().max())
+                        if peak > MAX_ABS_WEIGHT:
+                            return f"{path.name} holds an absurd value {peak:.3g} (tensor {key})"
+        # SafetensorError (truncated, garbled header), OSError, ...: the file cannot be read.
+        except Exception as err:
+            return f"{path.name} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
+    # training_args.bin is a pickle of TrainingArguments by design, written for the record and never read
+    # back by a resume.
+    tensors = [*root.glob("*.pt"), *root.glob("*.pth"), *root.glob("*.bin")]
+    for path in sorted(p for p in tensors if p.name != "training_args.bin"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as err:
+            return f"{path.name} is not an intact torch file ({type(err).__name__})"
+        if bad is not None:
+            return f"{path.name} is damaged (member {bad} fails its CRC check)"
+        try:
+            with safe_globals():  # the Trainer's own allowlist (numpy arrays in rng_state.pth)
+                load_tensors(path, "", mmap=True)
+        except DataError:
+            return f"{path.name} is not a file of plain tensors (a pickle of other objects is never loaded)"
+    return None
+
+
+def resume_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-<step>`` of a run dir that can be resumed from (:func:`checkpoint_problem`).
+
+    A damaged one is named in a warning and moved aside to ``damaged-checkpoint-<step>`` (rank 0), so that
+    the run falls back to the one before and later saves never mix with it; one without
+    ``trainer_state.json`` was interrupted while saving and is skipped, as by :func:`last_checkpoint`.
+    When checkpoints exist but every one is damaged, a :class:`~quality_gate.errors.DataError` names them
+    (delete them to train from the start).
+    """
+    from quality_gate.errors import DataError
+
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    steps = sorted(
+        (int(m.group(1)), child)
+        for child in root.iterdir()
+        if (m := _CHECKPOINT_RE.match(child.name))
+        and child.is_dir()
+        and (child / "trainer_state.json").exists()
+    )
+    damaged = []
+    for _, child in reversed(steps):
+        problem = checkpoint_problem(child)
+        if problem is None:
+            if damaged:
+                log.warning("resuming from %s, the newest checkpoint that is intact", child)
+            return str(child)
+        aside = root / f"damaged-{child.name}"
+        if is_main_process():
+            k = 1
+            while aside.exists():
+                k += 1
+                aside = root / f"damaged-{child.name}-{k}"
+            child.rename(aside)
+        log.warning("%s cannot be resumed from: %s; moved it to %s", child, problem, aside.name)
+        damaged.append(f"{child.name}: {problem}")
+    if damaged:
+        raise DataError(
+            f"every checkpoint of {root} is damaged ({'; '.join(damaged)}); they are kept as damaged-*: "
+            "delete them to train from the start, or start a new run"
+        )
+    return None
 
 
 def report_to(wanted: Any) -> list[str]:

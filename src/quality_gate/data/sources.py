@@ -22,7 +22,7 @@ from typing import Any
 from quality_gate.data.records import BadRecord, normalize_record, short_repr
 from quality_gate.errors import ConfigError, DataError, MissingPathError
 from quality_gate.io import atomic_write_jsonl
-from quality_gate.names import check_name
+from quality_gate.names import check_hf_name, dataset_entries, dataset_names
 
 log = logging.getLogger(__name__)
 
@@ -257,16 +257,26 @@ def _load_hf(name: str, dataset_name: str, split: str, strict: bool, trust_remot
             "trust_remote_code is ignored: datasets %s does not run dataset loading scripts",
             datasets.__version__,
         )
+    check_hf_name(name, "name")
     local = Path(name)
-    if local.is_file():
-        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(
-            local.suffix.lower()
-        )
-        if builder is None:
-            raise DataError(f"{name}: unsupported local file type for load_hf_dataset")
-        ds = datasets.load_dataset(builder, data_files=str(local), split=split)
-    else:
-        ds = datasets.load_dataset(name, split=split)
+    try:
+        if local.is_file():
+            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(
+                local.suffix.lower()
+            )
+            if builder is None:
+                raise DataError(f"{name}: unsupported local file type for load_hf_dataset")
+            ds = datasets.load_dataset(builder, data_files=str(local), split=split)
+        else:
+            ds = datasets.load_dataset(name, split=split)
+    # Not found, offline, no such split, a file the builder cannot parse: the input, not a bug.
+    except (datasets.exceptions.DatasetsError, OSError, ValueError, ConnectionError) as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise DataError(
+            f"dataset.hf.datasets: {name!r} (split {split!r}) cannot be loaded "
+            f"({type(err).__name__}: {first}); "
+            "check the id and split (and the network, or HF_DATASETS_OFFLINE=1 with a cached copy)"
+        ) from None
     return _normalize_rows(_list_rows(iter(ds)), name, dataset_name, strict)
 
 
@@ -284,21 +294,6 @@ def _subset(
     rng = random.Random(seed * 1_000_003 + zlib.crc32(dataset_name.encode()))
     chosen = sorted(rng.sample(range(len(records)), keep))
     return [records[i] for i in chosen]
-
-
-def _entries(dataset_cfg: Mapping[str, Any]) -> tuple[str, list[Mapping[str, Any]]]:
-    source = dataset_cfg.get("dataset_from")
-    if source not in ("local", "hf"):
-        raise ConfigError(f"dataset.dataset_from={source!r}: expected 'local' or 'hf'")
-    block = dataset_cfg.get(source) or {}
-    entries = list(block.get("datasets") or [])
-    if not entries:
-        raise ConfigError(f"dataset.{source}.datasets is empty: list at least one dataset to read")
-    key = "path" if source == "local" else "name"
-    for i, entry in enumerate(entries):
-        if not entry.get(key):
-            raise ConfigError(f"dataset.{source}.datasets[{i}] has no `{key}`")
-    return source, entries
 
 
 def read_records(
@@ -328,25 +323,20 @@ def _no_records(dataset_cfg: Mapping[str, Any], skipped: list[SkippedRow], repor
 
 
 def _read(dataset_cfg: Mapping[str, Any], seed: int) -> tuple[list[dict[str, Any]], list[SkippedRow]]:
-    source, entries = _entries(dataset_cfg)
+    source, entries = dataset_entries(dataset_cfg)
+    names = dataset_names(dataset_cfg)
     ratio = float(dataset_cfg.get("subset_ratio", 1.0))
     if not 0.0 < ratio <= 1.0:
         raise ConfigError(f"dataset.subset_ratio={ratio}: expected a fraction in (0, 1]")
     strict = bool(dataset_cfg.get("strict", False))
     loaded: list[_Loaded] = []
-    names: list[str] = []
-    for i, entry in enumerate(entries):
+    for entry, name in zip(entries, names, strict=True):
         if source == "local":
-            name = str(entry.get("dataset_name") or Path(str(entry["path"])).stem)
-            check_name(name, f"dataset.local.datasets[{i}].dataset_name")
             loaded.append(_load_local(Path(str(entry["path"])), name, strict))
         else:
-            name = str(entry.get("dataset_name") or str(entry["name"]).rstrip("/").split("/")[-1])
-            check_name(name, f"dataset.hf.datasets[{i}].dataset_name")
             loaded.append(
                 _load_hf(str(entry["name"]), name, str(entry.get("split") or "train"), strict, False)
             )
-        names.append(name)
     unique = _dedupe(loaded, strict)
     by_name: dict[str, list[dict[str, Any]]] = {}
     for record in unique.records:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -33,7 +32,8 @@ from omegaconf import DictConfig
 from quality_gate.config import validate
 from quality_gate.data.records import corruption_of
 from quality_gate.errors import SelectionError
-from quality_gate.io import atomic_write_json, atomic_write_jsonl
+from quality_gate.io import atomic_write_json, atomic_write_jsonl, install_entries, sha256_file
+from quality_gate.runs import check_dir_target
 from quality_gate.selection.audit import corruption_audit
 from quality_gate.selection.diversity import Diversity, cluster_diversity
 from quality_gate.selection.export import export_hf_dataset, export_llamafactory
@@ -52,7 +52,15 @@ from quality_gate.selection.selectors import (
     select_detailed,
     selector_scores,
 )
-from quality_gate.stats.store import INDEX_SUFFIX, PLAN_FILE, find_router_data, load_index, unfinished_run
+from quality_gate.stats.store import (
+    FINGERPRINT_FILE,
+    INDEX_SUFFIX,
+    PLAN_FILE,
+    find_router_data,
+    load_index,
+    read_fingerprint,
+    unfinished_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +112,9 @@ def _check_fingerprints(index_paths: list[Path]) -> str:
     for p in index_paths:
         fp = str(load_index(p).get("fingerprint"))
         seen.setdefault(fp, []).append(str(p))
-        fp_file = p.parent / "fingerprint.json"
+        fp_file = p.parent / FINGERPRINT_FILE
         if fp_file.exists():
-            stored = json.loads(fp_file.read_text()).get("fingerprint")
+            stored = read_fingerprint(p.parent).get("fingerprint")
             if stored != fp:
                 raise SelectionError(
                     f"{p} has fingerprint {fp} but {fp_file} says {stored}; rerun Stage 2 there"
@@ -122,6 +130,25 @@ def _check_fingerprints(index_paths: list[Path]) -> str:
 
 def records_path(index_path: Path, dataset: str) -> Path:
     return index_path.parent / f"{dataset}{RECORDS_SUFFIX}"
+
+
+def _check_records_file(index_path: Path) -> None:
+    """The dataset's ``*_records.jsonl`` exists and is the file Stage 2 wrote: its sha256 is the one the
+    index recorded (indexes written before it was recorded are not checked). An edited reply would be
+    exported although the sample was scored on the original text."""
+    index = load_index(index_path)
+    path = records_path(index_path, index["dataset_name"])
+    if not path.exists():
+        raise SelectionError(
+            f"records file {path} is missing; Stage 2 writes it beside the router data: rerun it"
+        )
+    recorded = index.get("records_sha256")
+    if recorded is not None and sha256_file(path) != recorded:
+        raise SelectionError(
+            f"records file {path} was changed after Stage 2 wrote it (sha256 {sha256_file(path)[:16]}..., "
+            f"{index_path.name} recorded {str(recorded)[:16]}...): its samples were scored on the original "
+            "text. Restore the file, or rerun Stage 2 on the edited data in a new run dir"
+        )
 
 
 def _iter_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -178,12 +205,7 @@ def compute_selection(cfg: DictConfig) -> SelectionResult:
     input_dir, index_paths = _input_dir(cfg)
     _check_fingerprints(index_paths)
     for p in index_paths:
-        name = load_index(p)["dataset_name"]
-        if not records_path(p, name).exists():
-            raise SelectionError(
-                f"records file {records_path(p, name)} is missing; "
-                "Stage 2 writes it beside the router data: rerun it"
-            )
+        _check_records_file(p)
     per_dataset = bool(cfg.per_dataset)
     mode = str(cfg.diversity)
     stats = collect_sample_stats(index_paths, params, with_embeddings=mode != "none")
@@ -225,6 +247,7 @@ def compute_selection(cfg: DictConfig) -> SelectionResult:
         output_dir = input_dir / f"selection_{selector}_{mode}"
     else:
         output_dir = input_dir if selector == "quality_gate" else input_dir / f"selection_{selector}"
+    check_dir_target(output_dir, "output_dir")
     return SelectionResult(
         stats,
         q,
@@ -418,15 +441,6 @@ def scores_table(res: SelectionResult) -> pa.Table:
     return pa.table(cols, metadata={"selector": res.selector})
 
 
-def _install(staging: Path, output_dir: Path) -> None:
-    """Move every staged entry into ``output_dir`` (each rename is atomic)."""
-    for entry in sorted(staging.iterdir()):
-        target = output_dir / entry.name
-        if entry.is_dir() and target.exists():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-
-
 def run_selection(cfg: DictConfig) -> SelectionResult:
     """Select and write ``selected_data.jsonl``, ``scores.parquet``, ``selection_summary.json``,
     ``selection_report.html``, ``llamafactory/`` and ``hf_dataset/`` into the output dir."""
@@ -482,7 +496,9 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
         if cfg.report:
             write_report(staging / "selection_report.html", res, summary, records, showcase, kinds, explore)
         atomic_write_json(staging / "selection_summary.json", summary)
-        _install(staging, res.output_dir)
+        # All or nothing: what they replace (a symbolic link included, never written through) goes only
+        # once every output is in place; a failure puts the previous selection back.
+        install_entries(staging, res.output_dir)
         res.summary = summary
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -17,12 +17,14 @@ shard is finished (here, or by the other parts), rank 0 writes each dataset's in
 (``router_data/<dataset>_router_data.pt``), the scored records (``router_data/<dataset>_records.jsonl``),
 ``dropped_samples.jsonl`` and ``stage2_metrics.json``.
 
-Resume: rerun with the same ``output_dir``; finished shards are skipped, damaged ones (size or
-checksum differ from their marker) are named and rescored. A shard's content depends only on its
+Resume: rerun with the same ``output_dir``; finished shards are skipped, damaged ones (size or checksum
+differ from their marker) are named and rescored; a rerun whose setup differs (the selector's weight
+files included) is refused. One launch at a time writes a run dir: rank 0 holds ``collect.lock``
+(``collect.part-<i>.lock`` per part), which says who holds it. A shard's content depends only on its
 records and the config, so the result equals an uninterrupted run. Work is split by shards: between
 parts (independent jobs, no rendezvous) and then between the ranks of one launch, each by a
-deterministic greedy balance of the shards' estimated tokens; every record belongs to exactly one
-shard, no rank or part ever writes another's shard, and only rank 0 of a launch writes the indexes.
+deterministic greedy balance of the shards' estimated tokens; every record belongs to exactly one shard,
+no rank or part ever writes another's shard, and only rank 0 of a launch writes the indexes.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from quality_gate.data import (
 )
 from quality_gate.data.sources import SKIPPED_ROWS_FILE, read_records, report_skipped
 from quality_gate.errors import RouterDataError
-from quality_gate.io import atomic_write_json, atomic_write_jsonl
+from quality_gate.io import atomic_write_json, atomic_write_jsonl, sha256_file
 from quality_gate.models import (
     apply_stage1_weights,
     check_model_source,
@@ -63,13 +65,24 @@ from quality_gate.models import (
     is_converted_dir,
     load_options,
     load_selector,
+    model_weights_fingerprint,
     resolve_stage1_checkpoint,
 )
-from quality_gate.runs import PhaseTimer, init_run, is_main_process, rank, update_manifest, world_size
+from quality_gate.runs import (
+    PhaseTimer,
+    RunLock,
+    init_run,
+    is_main_process,
+    rank,
+    run_dir_of,
+    update_manifest,
+    world_size,
+)
 from quality_gate.stats.collect import collect_batch, concat_batch_stats, embedding_projection
 from quality_gate.stats.store import (
     FORMAT,
     check_or_write_fingerprint,
+    read_router_file,
     remove_shard,
     shard_path,
     shard_problem,
@@ -211,6 +224,8 @@ def _fingerprint_fields(
         "format": FORMAT,
         # Absolute when local, so that selection (run from anywhere) finds the tokenizer for its report.
         "selector_model_path": str(selector.resolve()) if selector.exists() else str(selector),
+        # The content of the weight and config files: the same path may hold another model on resume.
+        "selector_weights": model_weights_fingerprint(str(cfg.selector_model.path), "selector_model.path"),
         "stage1_weights_kind": weights.get("kind"),
         "stage1_weights_sha256": weights.get("sha256"),
         "gate_init": weights.get("gate_init"),
@@ -444,17 +459,30 @@ def _finalise(
     per_dataset: dict[str, dict[str, Any]] = {}
     for name, records in datasets.items():
         paths = [shard_path(router_dir, j.dataset, j.index) for j in jobs if j.dataset == name]
-        index_path = write_index(
+        by_id = {r["id"]: r for r in records}
+        kept_ids: list[str] = []
+
+        def write_records(
+            ids: list[str], name: str = name, by_id: dict[str, Any] = by_id, kept: list[str] = kept_ids
+        ) -> dict[str, Any]:
+            # Before the index, which records the file's sha256: selection refuses an edited copy.
+            records_file = router_dir / f"{name}_records.jsonl"
+            atomic_write_jsonl(records_file, [by_id[i] for i in ids])
+            kept[:] = ids
+            return {"records_file": records_file.name, "records_sha256": sha256_file(records_file)}
+
+        write_index(
             router_dir,
             name,
             paths,
             fingerprint,
             int(cfg.dataset.max_sequence_length),
             extra={"collect_ifd": bool(cfg.collect_ifd)},
+            before_save=write_records,
         )
         encode = Counter()
         for p in paths:
-            shard = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            shard = read_router_file(p)
             encode.update(shard["encode_stats"])
             dropped.extend(shard["dropped"])
             invalid += [
@@ -462,9 +490,6 @@ def _finalise(
                 for sid, reason in zip(shard["sample_ids"], shard["invalid_reason"])
                 if reason
             ]
-        by_id = {r["id"]: r for r in records}
-        kept_ids = torch.load(index_path, map_location="cpu", weights_only=True)["sample_ids"]
-        atomic_write_jsonl(router_dir / f"{name}_records.jsonl", [by_id[i] for i in kept_ids])
         per_dataset[name] = {
             "records": len(records),
             "samples": len(kept_ids),
@@ -515,13 +540,24 @@ def _finalise(
 def run(cfg: DictConfig) -> None:
     """Stage 2: score every sample of the configured datasets; see the module docstring."""
     validate(cfg)
-    dp = cfg.data_process
     timer = PhaseTimer()
     with timer("init"):
         # Paths first: a typo must not cost a model load, nor leave a run dir behind.
         check_model_source(str(cfg.selector_model.path), "selector_model.path")
         if cfg.model_checkpoint_path:
             resolve_stage1_checkpoint(str(cfg.model_checkpoint_path))
+        # One launch at a time writes these parts of the run dir (rank 0 holds the locks for the launch),
+        # taken before anything is written there.
+        locks = _run_locks(cfg) if is_main_process() else []
+    try:
+        _score(cfg, timer)
+    finally:
+        _release(locks)
+
+
+def _score(cfg: DictConfig, timer: PhaseTimer) -> None:
+    dp = cfg.data_process
+    with timer("init"):
         run_dir = init_run(cfg, "collect")
     started = time.perf_counter()
     device, own_group = _init_distributed()
@@ -610,3 +646,34 @@ def run(cfg: DictConfig) -> None:
     finally:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def lock_names(num_parts: int, part_index: int | None) -> list[str]:
+    """The lock files a Stage 2 job holds in its run dir: one per part it scores (``collect.lock`` for a
+    run in one part), so that independent parts of a job array run side by side but no part twice."""
+    if num_parts == 1:
+        return ["collect.lock"]
+    parts = range(num_parts) if part_index is None else [part_index]
+    return [f"collect.part-{p}.lock" for p in parts]
+
+
+def _run_locks(cfg: DictConfig) -> list[RunLock]:
+    """Take the locks of :func:`lock_names` (none for ``finalize_only``, which scores nothing); a lock held
+    by another live run is a :class:`~quality_gate.errors.RunLockedError` saying who holds it."""
+    dp = cfg.data_process
+    if dp.finalize_only:
+        return []
+    run_dir = run_dir_of(cfg)
+    locks: list[RunLock] = []
+    try:
+        for name in lock_names(int(dp.num_parts), None if dp.part_index is None else int(dp.part_index)):
+            locks.append(RunLock(run_dir / name, "Stage 2 (collect)").acquire())
+    except BaseException:
+        _release(locks)
+        raise
+    return locks
+
+
+def _release(locks: list[RunLock]) -> None:
+    for lock in reversed(locks):
+        lock.release()

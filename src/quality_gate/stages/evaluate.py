@@ -21,8 +21,8 @@ Writes ``eval_results.json`` and ``eval_results.md`` in the run dir.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
-import json
 import logging
 import math
 import re
@@ -49,10 +49,10 @@ from quality_gate.data import (
     to_hf_dataset,
 )
 from quality_gate.data.encode import IGNORE_INDEX
-from quality_gate.errors import AdapterError, DataError, MissingPathError
+from quality_gate.errors import AdapterError, ConfigError, DataError, MissingPathError
 from quality_gate.eval_metrics import exact_match
 from quality_gate.generation import greedy_replies
-from quality_gate.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, sha256_file
+from quality_gate.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, sha256_file
 from quality_gate.models import check_model_source, load_options, load_target
 from quality_gate.nll import chunked_token_nll
 from quality_gate.runs import init_run, update_manifest
@@ -65,15 +65,27 @@ _GSM8K_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)\s*$")
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
 
-def _check_adapter_base(model: PreTrainedModel, adapter_dir: Path) -> dict[str, Any]:
-    """Compare the adapter's recorded base model with ``model`` (model_type, hidden size, layers)."""
+def adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """``adapter_path``'s ``adapter_config.json``; a missing dir or file, or a garbled one, is one
+    :class:`AdapterError` naming it (checked before the run dir is made or a model is loaded)."""
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"adapter_path={adapter_dir} does not exist")
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
         raise AdapterError(
             f"adapter_path={adapter_dir} has no adapter_config.json; point adapter_path at a Stage 3 "
             "checkpoint-final/ or checkpoint-<step>/ dir (or set adapter_path=null for the base model)"
         )
-    adapter_cfg = json.loads(config_file.read_text())
+    advice = "point adapter_path at an intact Stage 3 checkpoint-final/ or checkpoint-<step>/ dir"
+    adapter_cfg = read_json(config_file, advice, AdapterError)
+    if not isinstance(adapter_cfg, dict):
+        raise AdapterError(f"{config_file} is not an adapter config (a JSON object); {advice}")
+    return adapter_cfg
+
+
+def _check_adapter_base(model: PreTrainedModel, adapter_dir: Path) -> dict[str, Any]:
+    """Compare the adapter's recorded base model with ``model`` (model_type, hidden size, layers)."""
+    adapter_cfg = adapter_config(adapter_dir)
     recorded = adapter_cfg.get("base_model_name_or_path")
     if recorded and Path(recorded).is_dir():
         base_cfg = AutoConfig.from_pretrained(recorded)
@@ -95,8 +107,6 @@ def load_model(cfg: DictConfig) -> tuple[nn.Module, PreTrainedTokenizerBase, dic
     info: dict[str, Any] = {"model_path": str(cfg.model_path), "adapter_path": None}
     if cfg.adapter_path:
         adapter_dir = Path(str(cfg.adapter_path))
-        if not adapter_dir.is_dir():
-            raise AdapterError(f"adapter_path={adapter_dir} does not exist")
         info.update(_check_adapter_base(model, adapter_dir))
         try:
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
@@ -276,13 +286,47 @@ def per_sample_rows(samples: Sequence[Any], heldout: dict[str, Any], em: dict[st
     ]
 
 
+def lm_eval_task_manager(cfg: DictConfig) -> Any:
+    """lm-eval's ``TaskManager`` for ``eval.lm_eval_tasks``, with every task name checked against the
+    tasks it indexes (built-in and ``eval.lm_eval_include_path``): an unknown one is a
+    :class:`ConfigError` naming it and the closest known ones. Runs before the run dir is made and
+    any model is loaded (indexing lm-eval's built-in tasks takes ~10 s; the manager is reused).
+    None when no task is set or lm-eval is not installed.
+    """
+    tasks = [str(t) for t in cfg.eval.lm_eval_tasks]
+    if not tasks or importlib.util.find_spec("lm_eval") is None:
+        return None
+    include = cfg.eval.lm_eval_include_path
+    if include and not Path(str(include)).is_dir():
+        raise MissingPathError(f"eval.lm_eval_include_path={include} is not a directory of task YAMLs")
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(
+        include_path=str(include) if include else None,
+        include_defaults=bool(cfg.eval.lm_eval_include_defaults),
+    )
+    known = list(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known and not manager.match_tasks([t])]
+    if unknown:
+        close = {t: difflib.get_close_matches(t, known, n=3, cutoff=0.6) for t in unknown}
+        hints = "".join(f"; {t}: did you mean {c}?" for t, c in close.items() if c)
+        searched = [f"eval.lm_eval_include_path={include}"] if include else []
+        if cfg.eval.lm_eval_include_defaults:
+            searched.append("lm-eval's built-in tasks")
+        raise ConfigError(
+            f"eval.lm_eval_tasks: unknown task(s) {unknown} (searched {' and '.join(searched) or 'nothing'})"
+            f"{hints}; `lm-eval ls tasks` lists the built-in ones"
+        )
+    return manager
+
+
 def run_lm_eval(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig, manager: Any = None
 ) -> dict[str, Any] | None:
     """``eval.lm_eval_tasks`` through lm-eval's ``simple_evaluate`` on the in-memory model.
 
     Returns ``{"tasks": {task: {metric: value}}, ...}``, ``{"skipped": reason}`` when lm-eval is not
-    installed, or None when no task is configured.
+    installed, or None when no task is configured. ``manager``: from :func:`lm_eval_task_manager`.
     """
     tasks = list(cfg.eval.lm_eval_tasks)
     if not tasks:
@@ -292,13 +336,9 @@ def run_lm_eval(
         return {"skipped": "lm_eval is not installed (pip install lm-eval)"}
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     include = cfg.eval.lm_eval_include_path
-    manager = TaskManager(
-        include_path=str(include) if include else None,
-        include_defaults=bool(cfg.eval.lm_eval_include_defaults),
-    )
+    manager = manager if manager is not None else lm_eval_task_manager(cfg)
     lm = HFLM(
         pretrained=model,
         tokenizer=tokenizer,
@@ -379,7 +419,11 @@ def results_markdown(results: dict[str, Any]) -> str:
 def run(cfg: DictConfig) -> None:
     """Stage 4: load base (+ adapter), check the adapter matters, compute and write the metrics."""
     validate(cfg)
-    check_model_source(str(cfg.model_path), "model_path")  # before the run dir is made
+    # Before the run dir is made and anything expensive runs: the model, the adapter, the lm-eval tasks.
+    check_model_source(str(cfg.model_path), "model_path")
+    if cfg.adapter_path:
+        adapter_config(Path(str(cfg.adapter_path)))
+    task_manager = lm_eval_task_manager(cfg)
     run_dir = init_run(cfg, "evaluate", model_path=str(cfg.model_path), adapter_path=cfg.adapter_path)
     started = time.perf_counter()
     set_seed(int(cfg.seed))
@@ -419,7 +463,7 @@ def run(cfg: DictConfig) -> None:
         },
         "heldout": heldout_loss(model, dataset, collator, batch_size, int(cfg.eval.nll_chunk_tokens)),
         "exact_match": exact_match_accuracy(model, tokenizer, records, cfg),
-        "lm_eval": run_lm_eval(model, tokenizer, cfg),
+        "lm_eval": run_lm_eval(model, tokenizer, cfg, task_manager),
         "config": OmegaConf.to_container(cfg.eval, resolve=True),
     }
     results["wall_time_s"] = round(time.perf_counter() - started, 3)

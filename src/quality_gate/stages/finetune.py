@@ -62,8 +62,15 @@ from quality_gate.errors import ConfigError, DataError, MissingPathError
 from quality_gate.io import atomic_write_json, atomic_write_jsonl, normalize_modes, sha256_file
 from quality_gate.models import check_model_source, load_options, load_target
 from quality_gate.nll import causal_lm_loss_in_chunks
-from quality_gate.runs import init_run, is_main_process, run_dir_of, update_manifest, world_size
-from quality_gate.training import NonFiniteLossCallback, last_checkpoint, lora_config, training_arguments
+from quality_gate.runs import (
+    init_run,
+    is_main_process,
+    read_manifest,
+    run_dir_of,
+    update_manifest,
+    world_size,
+)
+from quality_gate.training import NonFiniteLossCallback, lora_config, resume_checkpoint, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +219,16 @@ def check_resume_config(cfg: DictConfig, run_dir: Path, checkpoint: str) -> None
     saved_file = run_dir / "config.yaml"
     if not saved_file.is_file():
         return
-    saved = OmegaConf.load(saved_file)
+    try:
+        saved = OmegaConf.load(saved_file)
+        if not isinstance(saved, DictConfig):
+            raise ValueError(f"a YAML {type(saved).__name__}, not a mapping")
+    except Exception as err:  # yaml's ScannerError / ParserError, OmegaConf's errors, a list: damaged
+        raise ConfigError(
+            f"{saved_file} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:100]}); it holds the "
+            f"settings {run_dir} was started with, which a resume from {Path(checkpoint).name} is checked "
+            "against: restore it, or start a new run (drop output_dir / hydra.run.dir)"
+        ) from None
     before = _flatten(OmegaConf.to_container(OmegaConf.masked_copy(saved, ["training", "dataset"])))
     now = _flatten(OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["training", "dataset"]), resolve=True))
     changed = sorted(k for k in before.keys() | now.keys() if not _same_setting(k, before.get(k), now.get(k)))
@@ -233,6 +249,37 @@ def check_resume_config(cfg: DictConfig, run_dir: Path, checkpoint: str) -> None
             run_dir,
             ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed),
         )
+
+
+def check_resume_data(run_dir: Path, checkpoint: str, source: dict[str, Any]) -> None:
+    """A resume must train on the data the checkpoint was trained on: ``source`` (``sha256`` of the
+    subset file, else the ``records_fingerprint``) against the ``dataset_source`` the run's manifest
+    recorded when it started. Another file, or the same path rewritten (a new ``select``), is a
+    :class:`ConfigError` naming both; a manifest without a record (older runs) is not checked."""
+    before = read_manifest(run_dir).get("dataset_source")
+    if not isinstance(before, dict):
+        return
+    key = "sha256" if source.get("mode") == "subset" and before.get("sha256") else "records_fingerprint"
+    if before.get(key) is None or source.get(key) is None or before.get(key) == source.get(key):
+        return  # nothing recorded, or not read yet (the records are compared once they are)
+    what = (
+        f"dataset.data_path={source.get('data_path')} has sha256 {source.get('sha256')}"
+        if key == "sha256"
+        else f"the {source.get('mode')} data has records fingerprint {source.get('records_fingerprint')}"
+    )
+    was = f"{before.get('data_path')} with sha256" if key == "sha256" else "records fingerprint"
+    raise ConfigError(
+        f"output_dir={run_dir} cannot be resumed from {Path(checkpoint).name} on other data: {what}, but the "
+        f"run started on {was} {before.get(key)} (manifest.json dataset_source). The checkpoint was trained "
+        "on that data: restore it to resume, or start a new run on the new data (drop output_dir / "
+        "hydra.run.dir)."
+    )
+
+
+def _subset_source(cfg: DictConfig) -> dict[str, Any]:
+    """What :func:`check_resume_data` compares for ``dataset.mode=subset``, before anything is read."""
+    file = _subset_file(cfg)
+    return {"mode": "subset", "data_path": str(file), "sha256": sha256_file(file)}
 
 
 class CheckpointCallback(TrainerCallback):
@@ -368,14 +415,20 @@ def fine_tune(cfg: DictConfig) -> Trainer | None:
     if cfg.dataset.mode == "subset":
         _subset_file(cfg)
     check_model_source(str(cfg.training.model.name), "training.model.name")
-    resume_from = last_checkpoint(run_dir)
+    # The newest intact checkpoint: a damaged one (truncated, non-finite or absurd weights, garbled
+    # JSON) is named, moved aside, and the run falls back to the one before.
+    resume_from = resume_checkpoint(run_dir)
     if resume_from:
         check_resume_config(cfg, run_dir, resume_from)
+        if cfg.dataset.mode == "subset":
+            check_resume_data(run_dir, resume_from, _subset_source(cfg))  # before anything is loaded
     run_dir = init_run(cfg, "finetune", target_model=str(cfg.training.model.name), resumed_from=resume_from)
     started = time.perf_counter()
     set_seed(int(cfg.seed))
     model, tokenizer = get_model_and_tokenizer(cfg)
     train_dataset, data_info = build_train_dataset(cfg, tokenizer, run_dir)
+    if resume_from:
+        check_resume_data(run_dir, resume_from, data_info["source"])  # full mode: the records read
     update_manifest(run_dir, dataset_source=data_info["source"])
     if cfg.training.peft_mode == "lora":
         model = get_peft_model(model, get_peft_config(cfg))

@@ -45,18 +45,22 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from quality_gate.errors import RouterDataError
-from quality_gate.io import atomic_torch_save, atomic_write_json, sha256_file
+from quality_gate.io import atomic_torch_save, atomic_write_json, load_tensors, read_json, sha256_file
+
+log = logging.getLogger(__name__)
 
 FORMAT = "quality-gate/router-data/v2"
 INDEX_SUFFIX = "_router_data.pt"
 PLAN_FILE = "plan.json"
+FINGERPRINT_FILE = "fingerprint.json"
 SHARD_KEYS = ("sample_ids", "lengths", "gates", "perplexities", "assistant_mask", "valid", "invalid_reason")
 
 
@@ -69,22 +73,71 @@ def fingerprint_of(fields: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``"key: stored X, now Y"`` for every field that differs; a dict field (the selector's weight
+    files, the records per dataset) is compared one entry at a time, so the line names the file."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += [f"{key}.{line}" for line in _differences(a, b)]
+        else:
+            lines.append(f"{key}: stored {a!r}, now {b!r}")
+    return lines
+
+
+def _recorded_fingerprints(router_dir: Path) -> set[str]:
+    """The fingerprints the plan and the shard markers in ``router_dir`` were written under."""
+    found = set()
+    for path in [router_dir / PLAN_FILE, *sorted(router_dir.glob("*/shard-*.pt.done"))]:
+        try:
+            value = json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str):
+            found.add(value)
+    return found
+
+
 def check_or_write_fingerprint(router_dir: Path, fields: dict[str, Any]) -> str:
     """Store ``fields`` in ``router_dir/fingerprint.json``, or check them against the stored ones.
 
     Raises :class:`RouterDataError` listing the fields that differ, so that statistics of two
     different models, weights, tokenizers or settings are never mixed in one directory.
+
+    A damaged ``fingerprint.json`` (truncated, garbled) is rewritten when everything beside it (plan,
+    shard markers) was written under this very fingerprint, or there is nothing yet; otherwise the
+    error names the file and says how to start over. So a run is always repairable by a rerun.
     """
     router_dir = Path(router_dir)
-    path = router_dir / "fingerprint.json"
+    path = router_dir / FINGERPRINT_FILE
     fp = fingerprint_of(fields)
     if path.exists():
-        stored = json.loads(path.read_text())
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(stored, dict):
+                raise ValueError(f"a JSON {type(stored).__name__}, not an object")
+        except (OSError, ValueError) as err:
+            recorded = _recorded_fingerprints(router_dir)
+            if recorded - {fp}:
+                raise RouterDataError(
+                    f"{path} is damaged ({type(err).__name__}: {str(err)[:100]}) and the router data beside "
+                    f"it was written under fingerprint {sorted(recorded)}, not this setup's {fp}: rerun with "
+                    f"the settings of that run (its config.yaml), or delete {router_dir} to score anew"
+                ) from None
+            log.warning(
+                "%s was damaged (%s); the router data beside it was written under this same setup "
+                "(fingerprint %s): rewriting it",
+                path,
+                type(err).__name__,
+                fp,
+            )
+            atomic_write_json(path, {"fingerprint": fp, "fields": fields})
+            return fp
         if stored.get("fingerprint") != fp:
-            old = stored.get("fields", {})
-            diff = {k: (old.get(k), fields.get(k)) for k in sorted(set(old) | set(fields))}
-            diff = {k: v for k, v in diff.items() if v[0] != v[1]}
-            lines = "\n".join(f"  {k}: stored {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            lines = "\n".join(f"  {line}" for line in _differences(stored.get("fields") or {}, fields))
             raise RouterDataError(
                 f"{router_dir} holds statistics of another setup (fingerprint {stored.get('fingerprint')} "
                 f"!= {fp}); refusing to mix them. Differences:\n{lines}\n"
@@ -93,6 +146,25 @@ def check_or_write_fingerprint(router_dir: Path, fields: dict[str, Any]) -> str:
         return fp
     atomic_write_json(path, {"fingerprint": fp, "fields": fields})
     return fp
+
+
+def read_fingerprint(router_dir: Path) -> dict[str, Any]:
+    """The content of ``router_dir/fingerprint.json`` (``{"fingerprint", "fields"}``); a damaged one is a
+    :class:`RouterDataError` saying that a Stage 2 rerun in the same run dir rewrites it."""
+    path = Path(router_dir) / FINGERPRINT_FILE
+    stored = read_json(path, _RERUN_ADVICE.format(run_dir=Path(router_dir).parent), RouterDataError)
+    if not isinstance(stored, dict):
+        raise RouterDataError(
+            f"{path} is not a fingerprint (a JSON object); "
+            + _RERUN_ADVICE.format(run_dir=Path(router_dir).parent)
+        )
+    return stored
+
+
+_RERUN_ADVICE = (
+    "rerun Stage 2 with output_dir={run_dir} (the same settings): it rewrites the file and keeps every "
+    "finished shard"
+)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -128,7 +200,11 @@ def unfinished_run(router_dir: Path) -> str | None:
     plan_file = router_dir / PLAN_FILE
     if not plan_file.is_file():
         return None
-    plan = json.loads(plan_file.read_text(encoding="utf-8"))
+    plan = read_json(plan_file, _RERUN_ADVICE.format(run_dir=router_dir.parent), RouterDataError)
+    if not isinstance(plan, dict) or not isinstance(plan.get("shards"), list) or "datasets" not in plan:
+        raise RouterDataError(
+            f"{plan_file} is not a shard plan; " + _RERUN_ADVICE.format(run_dir=router_dir.parent)
+        )
     missing_index = [d for d in plan["datasets"] if not (router_dir / f"{d}{INDEX_SUFFIX}").is_file()]
     if not missing_index:
         return None
@@ -232,11 +308,13 @@ def write_index(
     fingerprint: str,
     max_seq_len: int,
     extra: dict[str, Any] | None = None,
+    before_save: Callable[[list[str]], dict[str, Any]] | None = None,
 ) -> Path:
     """Gather the shards of one dataset into ``<dataset>_router_data.pt`` (atomic).
 
     The index holds ids and lengths of all samples and the relative shard paths; the big arrays
-    stay in the shards.
+    stay in the shards. ``before_save(sample_ids)`` runs before the index is written and its fields go
+    into it (Stage 2 writes the dataset's records there and records their sha256).
     """
     router_dir = Path(router_dir)
     sample_ids: list[str] = []
@@ -251,7 +329,7 @@ def write_index(
             raise RouterDataError(
                 f"shard {p} is {problem}; rerun Stage 2 in the same run dir to (re)score it"
             )
-        s = _torch_load(p)
+        s = read_router_file(p)
         sample_ids.extend(s["sample_ids"])
         lengths.append(s["lengths"].clone())
         valid.append(s["valid"].clone())
@@ -276,6 +354,7 @@ def write_index(
         "fingerprint": fingerprint,
         "created_at": dt.datetime.now().isoformat(timespec="seconds"),
         **(extra or {}),
+        **(before_save(list(sample_ids)) if before_save is not None else {}),
     }
     out = router_dir / f"{dataset_name}{INDEX_SUFFIX}"
     atomic_torch_save(index, out)
@@ -308,20 +387,23 @@ class RouterShard:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 
 
-def _torch_load(path: Path) -> dict[str, Any]:
+def read_router_file(path: Path) -> dict[str, Any]:
     """``torch.load`` of a shard or index (weights only, memory-mapped); a file torch cannot read is a
     :class:`RouterDataError` naming it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise RouterDataError(
-            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it is damaged or "
-            "not router data. Rerun Stage 2 with output_dir=<its run dir>: damaged shards are rescored."
-        ) from None
+    payload = load_tensors(
+        path,
+        "it is not router data. Rerun Stage 2 with output_dir=<its run dir>: damaged shards are rescored "
+        "and the indexes rewritten.",
+        RouterDataError,
+        mmap=True,
+    )
+    if not isinstance(payload, dict):
+        raise RouterDataError(f"{path} holds a {type(payload).__name__}, not router data; rerun Stage 2")
+    return payload
 
 
 def _load_shard(path: Path) -> RouterShard:
-    s = _torch_load(path)
+    s = read_router_file(path)
     lengths = s["lengths"].to(torch.int64)
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     torch.cumsum(lengths, 0, out=offsets[1:])
@@ -354,7 +436,7 @@ def load_index(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise RouterDataError(f"router data index {path} does not exist")
-    index = _torch_load(path)
+    index = read_router_file(path)
     if index.get("format") != FORMAT:
         raise RouterDataError(
             f"{path} is not Quality-Gate router data ({FORMAT}); format={index.get('format')!r}"
