@@ -75,9 +75,9 @@ def test_gate_scales_the_ffn_output(model_type):
     with torch.no_grad():
         plain_out = reference(input_ids=ids, attention_mask=mask).logits
 
-        # The default form (scale 2) with zero weights is exactly the model as released.
+        # The form scale 2 with zero weights is exactly the model as released.
         identity = copy.deepcopy(reference)
-        attach_quality_gates(identity)
+        attach_quality_gates(identity, scale=2.0)
         assert {w.scale for w in find_quality_gates(identity)} == {2.0}
         torch.testing.assert_close(identity(input_ids=ids, attention_mask=mask).logits, plain_out)
 
@@ -90,10 +90,11 @@ def test_gate_scales_the_ffn_output(model_type):
             torch.testing.assert_close(identity(input_ids=ids, attention_mask=mask).logits, plain_out)
         torch.testing.assert_close(identity(input_ids=ids, attention_mask=mask).logits, moved)
 
-        # method.md's form (scale 1): zero weights give g = 0.5 everywhere, the same as halving every
-        # FFN's down projection.
+        # method.md's form (scale 1, the default): zero weights give g = 0.5 everywhere, the same as
+        # halving every FFN's down projection.
         gated = copy.deepcopy(reference)
-        attach_quality_gates(gated, scale=1.0)
+        attach_quality_gates(gated)
+        assert {w.scale for w in find_quality_gates(gated)} == {1.0}
         halved = copy.deepcopy(reference)
         for layer in halved.model.layers:
             layer.mlp.down_proj.weight.mul_(0.5)

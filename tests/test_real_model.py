@@ -63,11 +63,11 @@ def test_a_bundled_name_whose_package_is_absent_says_how_to_install(monkeypatch)
 @needs_real
 @pytest.mark.slow
 def test_convert_and_stage2_on_the_real_model(tmp_path):
-    """Stage 0 from the bundled GGUF, then Stage 2 on three real samples: 30 gated layers, the gates of
-    the default form are the identity (the model as released), and the released model predicts a
-    plain answer well."""
+    """Stage 0 from the bundled GGUF (with the identity gate, --scale 2), then Stage 2 on three real
+    samples: 30 gated layers, the gates leave the model as released, and it predicts a plain answer
+    well."""
     converted = tmp_path / "converted"
-    run("convert", "--model", NAME, "--save-path", str(converted))
+    run("convert", "--model", NAME, "--save-path", str(converted), "--scale", "2")
     gate_config = json.loads((converted / "quality_gate_config.json").read_text())
     assert gate_config["num_layers"] == 30 and gate_config["hidden_size"] == 576
     assert gate_config["scale"] == 2.0 and gate_config["model_type"] == "llama"

@@ -236,32 +236,32 @@ def test_stage1_full_rank_end_to_end(tmp_path):
     assert metrics["history"] and {"lm_loss", "quality_loss", "gate_mean"} <= set(metrics["history"][-1])
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["stage"] == "warmup" and manifest["stage1_weights"].endswith("full_rank_weights.pt")
-    # The default gate (scale 2, weights 0) is the identity: at init the model is the one released.
+    # The default gate (scale 1, weights 0) is method.md's: 0.5 everywhere at init, not the model as
+    # released (on the random tiny model the loss need not be higher).
     loss = metrics["lm_loss"]
-    assert payload["gate_scale"] == 2.0 and metrics["gate_scale"] == 2.0
-    assert loss["at_init"] == pytest.approx(loss["released"], abs=1e-6)
+    assert payload["gate_scale"] == 1.0 and metrics["gate_scale"] == 1.0
+    assert abs(loss["at_init"] - loss["released"]) > 1e-3
     assert loss["after_warmup"] != loss["at_init"]
     assert loss["cost_after_warmup"] == pytest.approx(loss["after_warmup"] - loss["released"], abs=1e-5)
 
 
 @needs_assets
 @pytest.mark.slow
-def test_stage1_with_methods_gate_records_its_cost_and_form(tmp_path):
-    """quality_gate.scale=1 (method.md's gate, 0.5 at init) halves every FFN: the LM loss at init is not
-    the model's own (on the random tiny model it need not be higher), and Stage 2 rebuilds the gates
-    with scale 1 from the weights even when its own config says 2."""
+def test_stage1_with_the_identity_gate_records_its_form(tmp_path):
+    """quality_gate.scale=2 starts as the identity: the LM loss at init is the model's own; Stage 2
+    rebuilds the gates with scale 2 from the weights even when its own config says 1 (the default)."""
     metrics = warmup(
         tmp_path,
-        "quality_gate.scale=1",
+        "quality_gate.scale=2",
         "dataset.subset_ratio=0.02",
         "training.max_steps=1",
     )
     loss = metrics["lm_loss"]
-    assert abs(loss["at_init"] - loss["released"]) > 1e-3
-    model, _ = load_selector(str(SELECTOR), device="cpu")  # the default form, scale 2
-    assert {w.scale for w in find_quality_gates(model)} == {2.0}
+    assert loss["at_init"] == pytest.approx(loss["released"], abs=1e-6)
+    model, _ = load_selector(str(SELECTOR), device="cpu")  # the default form, scale 1
+    assert {w.scale for w in find_quality_gates(model)} == {1.0}
     info = apply_stage1_weights(model, str(tmp_path))
-    assert info["gate_scale"] == 1.0 and {w.scale for w in find_quality_gates(model)} == {1.0}
+    assert info["gate_scale"] == 2.0 and {w.scale for w in find_quality_gates(model)} == {2.0}
 
 
 @needs_assets

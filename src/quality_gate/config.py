@@ -103,10 +103,10 @@ class GateInitConfig:
     """How new gates start when they are attached to a plain base model."""
 
     scale: float = opt(
-        2.0,
-        "the gate's form g = scale * sigmoid(w . x): 2 (default) starts as the identity, the model as "
-        "released; 1 is method.md's gate, 0.5 at init, which halves every FFN of a pretrained model "
-        "(docs/method.md)",
+        1.0,
+        "the gate's form g = scale * sigmoid(w . x): 1 (default) is method.md's gate, 0.5 at init, which "
+        "halves every FFN of a pretrained model; 2 starts as the identity, the model as released "
+        "(docs/method.md: neither wins on both real-label pools)",
         choices=[1.0, 2.0],
     )
     init_mean: float = opt(

@@ -110,8 +110,8 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
         type=float,
         default=DEFAULT_GATE_SCALE,
         choices=[1.0, 2.0],
-        help="the gate's form g = scale * sigmoid(w . x): 2 starts as the identity (default), 1 is "
-        "method.md's",
+        help="the gate's form g = scale * sigmoid(w . x): 1 is method.md's (default), 2 starts as the "
+        "identity",
     )
     parser.add_argument(
         "--dtype",
