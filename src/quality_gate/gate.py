@@ -215,8 +215,8 @@ def check_gate_scale(scale: float) -> float:
     """``scale`` if it is one of :data:`GATE_SCALES`, else a :class:`ConfigError`."""
     if float(scale) not in GATE_SCALES:
         raise ConfigError(
-            f"quality_gate.scale={scale} is not supported; use 1 (method.md's gate, 0.5 at init, the default) "
-            "or 2 (starts as the identity)"
+            f"quality_gate.scale={scale} is not supported; use 1 (method.md's gate, 0.5 at init, the "
+            "default) or 2 (starts as the identity)"
         )
     return float(scale)
 
