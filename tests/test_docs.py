@@ -15,7 +15,7 @@ from quality_gate.config import SCHEMAS, help_rows
 CONFIG_DIR = REPO / "src" / "quality_gate" / "configs"
 
 
-def test_readme_config_reference_is_current():
+def test_the_config_reference_is_current():
     proc = subprocess.run(
         [sys.executable, "scripts/gen_config_docs.py", "--check"], cwd=REPO, capture_output=True, text=True
     )
