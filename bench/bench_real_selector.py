@@ -1,6 +1,7 @@
 """Stages 1 and 2 with the real selector (SmolLM2-135M-Instruct, bundled GGUF) on this machine's CPUs.
 
-    .venv/bin/python bench/bench_real_selector.py --data-dir ../shared/data --out outputs/bench/real_selector.json
+    .venv/bin/python bench/bench_real_selector.py --data-dir ../shared/data --out bench/real_selector.json
+    .venv/bin/python bench/bench_real_selector.py --dtype bfloat16 --out bench/real_selector_bf16.json
 
 Runs the real stages (the same code as ``quality-gate warmup`` / ``collect``) on Alpaca samples of
 ``alpagasus_random_9k.json`` and reports tokens/s and peak RSS of each, against what the same CPUs do
@@ -64,10 +65,11 @@ def run_child(stage: str, values: dict, threads: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", type=Path, required=True)
+    ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "real_selector.json")
     ap.add_argument("--samples", type=int, default=96, help="Stage 2 samples (Stage 1: a third of them)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--dtype", default="auto", help="selector_model.dtype (auto: float32 on a CPU)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -97,6 +99,7 @@ def main() -> None:
         "selector_model.path": selector,
         "dataset.local.datasets": [{"path": str(data), "dataset_name": "alpaca"}],
         "dataset.max_sequence_length": 384,
+        "selector_model.dtype": args.dtype,
     }
     stage2 = run_child("collect", {**common, "output_dir": str(work / "collect")}, args.threads)
     m2 = json.loads((work / "collect" / "stage2_metrics.json").read_text())
@@ -119,6 +122,7 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (bundled GGUF, dequantised to float32)",
         "params": n_params,
         "threads": args.threads,
+        "dtype": args.dtype,
         "matmul_gflops": round(gflops, 1),
         "stage2": {
             "samples": args.samples,

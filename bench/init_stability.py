@@ -33,42 +33,61 @@ import numpy as np  # noqa: E402
 
 VARIANTS: dict[str, dict[str, list[str]]] = {
     # method.md's init, Normal(0, 0.02): the default until 2026-11-26 (the study's "default" rows).
-    "normal_init": {"convert": ["--init-std", "0.02"], "warmup": ["quality_gate.init_std=0.02"]},
-    # Every gate starts at exactly sigmoid(0) = 0.5: the gradient alone shapes them (the default since).
-    "zero_init": {"convert": ["--init-std", "0"], "warmup": ["quality_gate.init_std=0"]},
+    "normal_init": {
+        "convert": ["--init-std", "0.02", "--scale", "1"],
+        "warmup": ["quality_gate.init_std=0.02", "quality_gate.scale=1"],
+    },
+    # Every gate starts at exactly sigmoid(0) = 0.5: the gradient alone shapes them (the default from
+    # 2026-11-26 to 2026-12-04).
+    "zero_init": {
+        "convert": ["--init-std", "0", "--scale", "1"],
+        "warmup": ["quality_gate.init_std=0", "quality_gate.scale=1", "quality_gate.scale=1"],
+    },
+    # The gate 2 * sigmoid(w . x) with w = 0: exactly the identity at init (an option since 2026-12-04;
+    # docs/method.md has its figures on the real-label benchmark).
+    "identity": {
+        "convert": ["--init-std", "0", "--scale", "2"],
+        "warmup": ["quality_gate.init_std=0", "quality_gate.scale=1", "quality_gate.scale=2"],
+    },
     # method.md's init, a warmup three times as long.
     "long_warmup": {
-        "convert": ["--init-std", "0.02"],
-        "warmup": ["quality_gate.init_std=0.02", "training.epochs=6"],
+        "convert": ["--init-std", "0.02", "--scale", "1"],
+        "warmup": ["quality_gate.init_std=0.02", "quality_gate.scale=1", "training.epochs=6"],
     },
     # Zero init and the long warmup.
     "zero_init_long": {
-        "convert": ["--init-std", "0"],
-        "warmup": ["quality_gate.init_std=0", "training.epochs=6"],
+        "convert": ["--init-std", "0", "--scale", "1"],
+        "warmup": ["quality_gate.init_std=0", "quality_gate.scale=1", "training.epochs=6"],
     },
     # Zero init and a cosine decay to 0: the last batches (their order differs by seed) move the gates less.
     "zero_init_cosine": {
-        "convert": ["--init-std", "0"],
-        "warmup": ["quality_gate.init_std=0", "training.lr_scheduler_type=cosine"],
+        "convert": ["--init-std", "0", "--scale", "1"],
+        "warmup": ["quality_gate.init_std=0", "quality_gate.scale=1", "training.lr_scheduler_type=cosine"],
     },
     # Zero init and a 4x larger batch (less order noise per step, 4x fewer steps).
     "zero_init_bs64": {
-        "convert": ["--init-std", "0"],
-        "warmup": ["quality_gate.init_std=0", "training.batch_size=64", "training.per_device_batch_size=16"],
+        "convert": ["--init-std", "0", "--scale", "1"],
+        "warmup": [
+            "quality_gate.init_std=0",
+            "quality_gate.scale=1",
+            "training.batch_size=64",
+            "training.per_device_batch_size=16",
+        ],
     },
     # Zero init, cosine decay and a higher peak learning rate.
     "zero_init_cosine_lr1e-3": {
-        "convert": ["--init-std", "0"],
+        "convert": ["--init-std", "0", "--scale", "1"],
         "warmup": [
             "quality_gate.init_std=0",
+            "quality_gate.scale=1",
             "training.lr_scheduler_type=cosine",
             "training.learning_rate=1e-3",
         ],
     },
     # Zero init, higher learning rate (the gradient is the only signal, so let it move further).
     "zero_init_lr1e-3": {
-        "convert": ["--init-std", "0"],
-        "warmup": ["quality_gate.init_std=0", "training.learning_rate=1e-3"],
+        "convert": ["--init-std", "0", "--scale", "1"],
+        "warmup": ["quality_gate.init_std=0", "quality_gate.scale=1", "training.learning_rate=1e-3"],
     },
 }
 

@@ -6,12 +6,13 @@ Recipe (each step resumes: a finished step is reused when its settings are uncha
 resumes its own shards):
 
 1. pools: CoachLM pairs and AlpaGasus samples (:mod:`quality_gate.benchmarks.pools`), each split into a
-   tuning and a held-out half;
+   tuning and a held-out half (``data/<half>/<pool>.jsonl``);
 2. the selector: a GGUF file or bundled name is dequantised once into a plain model dir;
-3. Stage 2 on the model as released (gates of form 2 at weight 0 are exactly the identity): the
-   ``perplexity`` and ``ifd`` baselines and the never-warmed gates;
-4. per gate variant (:data:`VARIANTS`): Stage 1 on a seeded subset of both pools (no labels), then
-   Stage 2 with the warmed gates: the ``quality_gate`` score;
+3. per half, Stage 2 on the model as released (gates of form 2 at weight 0 are exactly the identity):
+   the ``perplexity`` and ``ifd`` baselines and the never-warmed gates;
+4. per gate variant (:data:`VARIANTS`): Stage 1 on a seeded subset of the tuning half (no labels; the
+   held-out half is never trained on), then per half Stage 2 with the warmed gates: the
+   ``quality_gate`` score (column statistics within each pool and half, as a selection of that pool);
 5. every selector's score on every pool and half (:mod:`quality_gate.benchmarks.metrics`), written to
    ``results.json`` and ``results.md`` in the run dir (and to ``--results``, e.g. docs/results/).
 """
@@ -57,10 +58,10 @@ class Settings:
     data_dir: str
     out: str
     selector_model: str = "smollm2-135m-instruct"
-    coachlm_pairs: int = 200
-    alpagasus_samples: int = 600
+    coachlm_pairs: int = 160
+    alpagasus_samples: int = 480
     max_length: int = 384
-    warmup_samples: int = 256
+    warmup_samples: int = 192
     variants: tuple[str, ...] = DEFAULT_VARIANTS
     halves: tuple[str, ...] = HALVES
     seed: int = 0
@@ -95,23 +96,27 @@ class Steps:
         log.info("[%d/%d] %s done in %.1f s", self.count, self.total, name, self.timings[name])
 
 
-def _datasets(root: Path) -> list[dict[str, str]]:
-    return [{"path": str(root / "data" / f"{p}.jsonl"), "dataset_name": p} for p in ("coachlm", "alpagasus")]
+POOLS = ("coachlm", "alpagasus")
 
 
-def _pools(s: Settings) -> list[Pool]:
+def _datasets(root: Path, half: str) -> list[dict[str, str]]:
+    return [{"path": str(root / "data" / half / f"{p}.jsonl"), "dataset_name": p} for p in POOLS]
+
+
+def _pools(s: Settings, halves: Sequence[str]) -> list[Pool]:
     return [
-        coachlm_pool(Path(s.data_dir), s.coachlm_pairs, s.seed, s.halves),
-        alpagasus_pool(Path(s.data_dir), s.alpagasus_samples, s.seed, s.halves),
+        coachlm_pool(Path(s.data_dir), s.coachlm_pairs, s.seed, tuple(halves)),
+        alpagasus_pool(Path(s.data_dir), s.alpagasus_samples, s.seed, tuple(halves)),
     ]
 
 
 def write_pools(s: Settings, root: Path) -> None:
-    """``data/<pool>.jsonl`` (records) and ``data/labels.json`` (id -> label, half, pair)."""
+    """``data/<half>/<pool>.jsonl`` (records) and ``data/labels.json`` (id -> pool, label, half, pair)."""
     labels: dict[str, dict[str, Any]] = {}
-    for pool in _pools(s):
-        atomic_write_jsonl(root / "data" / f"{pool.name}.jsonl", pool.records)
-        labels.update({rid: {**v, "pool": pool.name} for rid, v in pool.labels.items()})
+    for half in s.halves:
+        for pool in _pools(s, [half]):
+            atomic_write_jsonl(root / "data" / half / f"{pool.name}.jsonl", pool.records)
+            labels.update({rid: {**v, "pool": pool.name} for rid, v in pool.labels.items()})
     atomic_write_json(root / "data" / "labels.json", labels)
 
 
@@ -144,52 +149,50 @@ def _stage(stage: str, values: dict[str, Any]) -> None:
     importlib.import_module(f"quality_gate.stages.{stage}").run(make_config(stage, values))
 
 
-def _common(s: Settings, root: Path, selector: str) -> dict[str, Any]:
+def _common(s: Settings, root: Path, selector: str, half: str) -> dict[str, Any]:
     return {
         "seed": s.seed,
         "selector_model.path": selector,
         "dataset.dataset_from": "local",
-        "dataset.local.datasets": _datasets(root),
+        "dataset.local.datasets": _datasets(root, half),
         "dataset.max_sequence_length": s.max_length,
     }
 
 
-def released_stage2(s: Settings, root: Path, selector: str) -> None:
-    """Stage 2 with identity gates (form 2, weights 0): perplexity and IFD of the model as released."""
-    values = {**_common(s, root, selector), "quality_gate.scale": 2.0, "quality_gate.init_std": 0.0}
-    _stage("collect", {**values, "collect_ifd": True, "output_dir": str(root / "released")})
+def released_stage2(s: Settings, root: Path, selector: str, half: str) -> None:
+    """Stage 2 of one half with identity gates (form 2, weights 0): perplexity and IFD of the model as
+    released."""
+    values = {**_common(s, root, selector, half), "quality_gate.scale": 2.0, "quality_gate.init_std": 0.0}
+    _stage("collect", {**values, "collect_ifd": True, "output_dir": str(root / "released" / half)})
 
 
-def variant_stages(s: Settings, root: Path, selector: str, variant: str) -> tuple[Callable, Callable]:
-    """Stage 1 and Stage 2 of one gate variant (two steps, so that each resumes on its own)."""
-    overrides = VARIANTS[variant]
-    stage2_keys = {k: v for k, v in overrides.items() if k.startswith("quality_gate.")}
-    total = len(_pools(s)[0].records) + len(_pools(s)[1].records)
-    warm_dir, stats_dir = root / "variants" / variant / "warmup", root / "variants" / variant / "collect"
+def variant_warmup(s: Settings, root: Path, selector: str, variant: str) -> None:
+    """Stage 1 of one gate variant on a seeded subset of the tuning half (the held-out half is never
+    trained on)."""
+    total = sum(len(p.records) for p in _pools(s, [HALVES[0]]))
+    values = {
+        **_common(s, root, selector, HALVES[0]),
+        "dataset.subset_ratio": min(1.0, s.warmup_samples / max(total, 1)),
+        "dataset.shuffle": True,
+        "training.epochs": 1.0,
+        "training.gate_stats_samples": 32,
+        "training.logging_steps": 2,
+        "output_dir": str(root / "variants" / variant / "warmup"),
+        **VARIANTS[variant],
+    }
+    _stage("warmup", values)
 
-    def warmup() -> None:
-        values = {
-            **_common(s, root, selector),
-            "dataset.subset_ratio": min(1.0, s.warmup_samples / max(total, 1)),
-            "dataset.shuffle": True,
-            "training.epochs": 1.0,
-            "training.gate_stats_samples": 32,
-            "training.logging_steps": 2,
-            "output_dir": str(warm_dir),
-            **overrides,
-        }
-        _stage("warmup", values)
 
-    def collect() -> None:
-        values = {
-            **_common(s, root, selector),
-            **stage2_keys,
-            "model_checkpoint_path": str(warm_dir),
-            "output_dir": str(stats_dir),
-        }
-        _stage("collect", values)
-
-    return warmup, collect
+def variant_stage2(s: Settings, root: Path, selector: str, variant: str, half: str) -> None:
+    """Stage 2 of one half with the variant's warmed gates: the ``quality_gate`` score."""
+    stage2_keys = {k: v for k, v in VARIANTS[variant].items() if k.startswith("quality_gate.")}
+    values = {
+        **_common(s, root, selector, half),
+        **stage2_keys,
+        "model_checkpoint_path": str(root / "variants" / variant / "warmup"),
+        "output_dir": str(root / "variants" / variant / half),
+    }
+    _stage("collect", values)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -255,7 +258,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         f"({summary['machine']}). Selector: `{s['selector_model']}`; {s['coachlm_pairs']} CoachLM pairs "
         f"and {s['alpagasus_samples']} AlpaGasus samples (seed {s['seed']}), each split into a tuning and a "
         f"held-out half; at most {s['max_length']} tokens per sample; Stage 1 on "
-        f"{summary['warmup_samples_used']} samples of both pools (no labels). Scores as "
+        f"{summary['warmup_samples_used']} samples of the tuning half of both pools (no labels; the held-out "
+        "half is never trained on). Each half is scored by its own Stage 2 run. Scores as "
         "`quality-gate select` ranks them (its defaults). `quality_gate[v]`: the gate score with gate "
         "variant v; `unwarmed`: gates never trained; `perplexity` and `ifd` from the model as released.",
         "",
@@ -351,9 +355,9 @@ def run_benchmark(s: Settings, command: str = "") -> dict[str, Any]:
     root = Path(s.out)
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    steps = Steps(root, 3 + 2 * len(s.variants))
-    data_keys = ("data_dir", "coachlm_pairs", "alpagasus_samples", "seed", "halves")
-    steps.run("pools", s.fingerprint(*data_keys), lambda: write_pools(s, root))
+    steps = Steps(root, 2 + len(s.halves) + len(s.variants) * (1 + len(s.halves)))
+    data_keys = ("data_dir", "coachlm_pairs", "alpagasus_samples", "seed")
+    steps.run("pools", s.fingerprint(*data_keys, "halves"), lambda: write_pools(s, root))
     selector_dir = root / "selector"
     selector = s.selector_model
     from quality_gate.models import BUNDLED_MODELS, is_gguf
@@ -361,24 +365,38 @@ def run_benchmark(s: Settings, command: str = "") -> dict[str, Any]:
     if is_gguf(selector) or selector in BUNDLED_MODELS:
         steps.run("selector", s.fingerprint("selector_model"), lambda: plain_selector(selector, selector_dir))
         selector = str(selector_dir)
-    stage_keys = (*data_keys, "selector_model", "max_length")
-    steps.run(
-        "Stage 2, model as released", s.fingerprint(*stage_keys), lambda: released_stage2(s, root, selector)
-    )
+    stage_key = s.fingerprint(*data_keys, "selector_model", "max_length")
+    for half in s.halves:
+        steps.run(
+            f"Stage 2 of the {half} half, model as released",
+            stage_key,
+            lambda half=half: released_stage2(s, root, selector, half),
+        )
     for variant in s.variants:
-        warmup, collect = variant_stages(s, root, selector, variant)
-        key = s.fingerprint(*stage_keys, "warmup_samples") + json.dumps(VARIANTS[variant], sort_keys=True)
-        steps.run(f"Stage 1, {variant}", key, warmup)
-        steps.run(f"Stage 2, {variant}", key, collect)
+        key = stage_key + s.fingerprint("warmup_samples") + json.dumps(VARIANTS[variant], sort_keys=True)
+        steps.run(f"Stage 1, {variant}", key, lambda v=variant: variant_warmup(s, root, selector, v))
+        for half in s.halves:
+            steps.run(
+                f"Stage 2 of the {half} half, {variant}",
+                key,
+                lambda v=variant, half=half: variant_stage2(s, root, selector, v, half),
+            )
 
     labels = json.loads((root / "data" / "labels.json").read_text())
-    released = selector_table(root / "released", ["quality_gate", *BASELINES], s.seed)
-    lengths = released.pop("_length")
     scores: dict[str, dict[str, float]] = {}
+    lengths: dict[str, float] = {}
+    released: dict[str, dict[str, float]] = {}
     warm: dict[str, Any] = {}
+    for half in s.halves:
+        table = selector_table(root / "released" / half, ["quality_gate", *BASELINES], s.seed)
+        lengths.update(table.pop("_length"))
+        for name, values in table.items():
+            released.setdefault(name, {}).update(values)
     for variant in s.variants:
-        table = selector_table(root / "variants" / variant / "collect", ["quality_gate"], s.seed)
-        scores[f"quality_gate[{variant}]"] = table["quality_gate"]
+        name = f"quality_gate[{variant}]"
+        for half in s.halves:
+            table = selector_table(root / "variants" / variant / half, ["quality_gate"], s.seed)
+            scores.setdefault(name, {}).update(table["quality_gate"])
         warm[variant] = _warmup_summary(root / "variants" / variant / "warmup" / "warmup_metrics.json")
     scores["unwarmed"] = released.pop("quality_gate")
     scores.update(released)
