@@ -261,7 +261,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         f"{summary['warmup_samples_used']} samples of the tuning half of both pools (no labels; the held-out "
         "half is never trained on). Each half is scored by its own Stage 2 run. Scores as "
         "`quality-gate select` ranks them (its defaults). `quality_gate[v]`: the gate score with gate "
-        "variant v; `unwarmed`: gates never trained; `perplexity` and `ifd` from the model as released.",
+        "variant v; `unwarmed`: gates never trained (all equal, so q orders the samples by the sum of their "
+        "perplexities: docs/method.md); `perplexity` and `ifd` from the model as released.",
         "",
         "Command: `" + summary["command"] + "`",
         "",
