@@ -81,6 +81,28 @@ def scored_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return am[:, :-1] & am[:, 1:]
 
 
+def next_token_nll(
+    hidden: torch.Tensor,
+    lm_head: nn.Module | torch.Tensor,
+    input_ids: torch.Tensor,
+    scored: torch.Tensor,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
+    """The t -> t+1 shift in one place: ``(B, S - 1)`` NLL of token ``t + 1`` read at position ``t``.
+
+    Args:
+        hidden: ``(B, S, H)`` final hidden states of the batch.
+        lm_head: the output projection or its ``(V, H)`` weight.
+        input_ids: ``(B, S)`` token ids; entries where ``scored`` is False may be anything >= 0.
+        scored: ``(B, S - 1)`` bool, the positions to score (e.g. :func:`scored_positions`).
+        chunk_tokens: see :func:`chunked_token_nll`.
+
+    Returns:
+        ``(B, S - 1)`` float32 NLL, 0 where ``scored`` is False.
+    """
+    return chunked_token_nll(hidden[:, :-1], lm_head, input_ids[:, 1:], scored, chunk_tokens)
+
+
 def decoder_of(model: nn.Module) -> nn.Module:
     """The decoder (``model.model`` of a HF causal LM, through peft wrappers): its output's
     ``last_hidden_state`` is the final-norm hidden state the LM head reads."""

@@ -54,7 +54,7 @@ from quality_gate.eval_metrics import exact_match
 from quality_gate.generation import greedy_replies
 from quality_gate.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, sha256_file
 from quality_gate.models import check_model_source, load_options, load_target
-from quality_gate.nll import chunked_token_nll
+from quality_gate.nll import next_token_nll
 from quality_gate.runs import init_run, update_manifest
 
 log = logging.getLogger(__name__)
@@ -182,10 +182,8 @@ def heldout_loss(
         ids = batch["input_ids"].to(device)  # (B, T)
         labels = batch["labels"].to(device)  # (B, T), IGNORE_INDEX outside assistant tokens
         hidden = _hidden(model, ids, batch["attention_mask"].to(device))  # (B, T, H)
-        # Position t predicts token t+1.
-        targets = labels[:, 1:]  # (B, T-1)
-        scored = targets != IGNORE_INDEX  # (B, T-1)
-        nll = chunked_token_nll(hidden[:, :-1], head, targets.clamp_min(0), scored, chunk_tokens)  # (B, T-1)
+        scored = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts the labelled token t+1
+        nll = next_token_nll(hidden, head, labels.clamp_min(0), scored, chunk_tokens)  # (B, T-1)
         sums, counts = nll.sum(dim=1).tolist(), scored.sum(dim=1).tolist()  # (B,), (B,)
         per_sample += list(zip(sums, counts))
         total_nll += sum(sums)

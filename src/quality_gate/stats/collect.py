@@ -39,7 +39,7 @@ from torch import nn
 
 from quality_gate.data.encode import IGNORE_INDEX
 from quality_gate.gate import record_gates
-from quality_gate.nll import chunked_token_nll, decoder_of, scored_positions
+from quality_gate.nll import decoder_of, next_token_nll, scored_positions
 
 
 def compute_token_perplexity(
@@ -65,7 +65,7 @@ def compute_token_perplexity(
         sum or mean fails loudly instead of being silently diluted.
     """
     pos = scored_positions(attention_mask)  # (B, S-1)
-    nll = chunked_token_nll(hidden[:, :-1], lm_head, input_ids[:, 1:], pos, chunk_tokens)  # (B, S-1)
+    nll = next_token_nll(hidden, lm_head, input_ids, pos, chunk_tokens)  # (B, S-1)
     ppl = torch.full(input_ids.shape, float("nan"), dtype=torch.float32, device=hidden.device)  # (B, S)
     ppl[:, :-1] = torch.where(pos, nll.exp(), ppl[:, :-1])
     return ppl
@@ -162,7 +162,7 @@ def _unconditioned_loss(
     ids = ids.masked_fill(~am, 0)
     hidden = decoder_of(model)(input_ids=ids, attention_mask=am.long(), use_cache=False).last_hidden_state
     pos = scored_positions(am)  # (B, W-1)
-    nll = chunked_token_nll(hidden[:, :-1], model.get_output_embeddings(), ids[:, 1:], pos, chunk_tokens)
+    nll = next_token_nll(hidden, model.get_output_embeddings(), ids, pos, chunk_tokens)  # (B, W-1)
     count = pos.sum(dim=1)  # (B,)
     return torch.where(count > 0, nll.sum(dim=1) / count.clamp(min=1), float("nan"))
 
@@ -203,9 +203,7 @@ def collect_batch(
         gate_logits = rec.logits()  # (B, L, S)
     batch = input_ids.shape[0]
     pos = scored_positions(attention_mask)  # (B, S-1)
-    nll = chunked_token_nll(
-        hidden[:, :-1], model.get_output_embeddings(), input_ids[:, 1:], pos, chunk_tokens
-    )  # (B, S-1)
+    nll = next_token_nll(hidden, model.get_output_embeddings(), input_ids, pos, chunk_tokens)  # (B, S-1)
     target_has_label = labels[:, 1:] != IGNORE_INDEX  # (B, S-1)
 
     gates = torch.sigmoid(gate_logits[:, :, :-1].float()).transpose(1, 2)[pos]  # (N, L), token-major
