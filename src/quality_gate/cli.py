@@ -229,10 +229,13 @@ def _validate_before_hydra(config_name: str | None, args: Sequence[str]) -> None
         if path.is_symlink():
             target = os.readlink(path)
             path.unlink()
-            print(
-                f"warning: {path} was a symbolic link (to {target}); removed it, so that this run writes its "
-                "own file there instead of writing through the link",
-                file=sys.stderr,
+            # Before Hydra configures logging: the logging module's last-resort handler writes this to
+            # stderr.
+            log.warning(
+                "%s was a symbolic link (to %s); removed it, so that this run writes its own file there "
+                "instead of writing through the link",
+                path,
+                target,
             )
 
 
