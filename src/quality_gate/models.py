@@ -544,11 +544,6 @@ def _not_stage1(checkpoint_path: str, reason: str) -> str:
     )
 
 
-def _read_full_rank(path: Path, checkpoint_path: str) -> dict[str, Tensor]:
-    """The gate tensors of a ``full_rank_weights.pt``; anything else is a :class:`DataError`."""
-    return _read_full_rank_payload(path, checkpoint_path)["model_state_dict"]
-
-
 def _read_full_rank_payload(path: Path, checkpoint_path: str) -> dict[str, Any]:
     """The whole ``full_rank_weights.pt`` payload, checked to hold ``model_state_dict``."""
     try:
@@ -567,20 +562,20 @@ def _read_full_rank_payload(path: Path, checkpoint_path: str) -> dict[str, Any]:
     return payload
 
 
-def _stage1_scale(kind: str, path: Path, checkpoint_path: str) -> float | None:
-    """The gate form Stage 1 trained with, as its weights record it (``None``: written before it was)."""
-    if kind == "full_rank":
-        payload = _read_full_rank_payload(path, checkpoint_path)
-        value = payload.get(GATE_SCALE_KEY)
-    else:
-        base_file = path / GATE_BASE_FILE
-        if not base_file.is_file():
-            return None
-        from safetensors import safe_open
-
-        with safe_open(str(base_file), framework="pt") as f:
-            value = (f.metadata() or {}).get(GATE_SCALE_KEY)
+def _recorded_scale(value: Any) -> float | None:
+    """The gate form a Stage 1 output recorded (``None``: written before the form was recorded)."""
     return None if value is None else float(value)
+
+
+def _lora_scale(adapter_dir: Path) -> float | None:
+    """The gate form recorded in a LoRA adapter dir's ``quality_gate_base.safetensors`` metadata."""
+    base_file = adapter_dir / GATE_BASE_FILE
+    if not base_file.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(base_file), framework="pt") as f:
+        return _recorded_scale((f.metadata() or {}).get(GATE_SCALE_KEY))
 
 
 def _use_trained_scale(model: nn.Module, trained: float | None, path: Path) -> None:
@@ -649,13 +644,15 @@ def apply_stage1_weights(model: PreTrainedModel, checkpoint_path: str) -> dict[s
     if not find_quality_gates(model):
         raise ValueError("model has no quality gates; load it with load_selector() first")
     kind, path = resolve_stage1_checkpoint(checkpoint_path)
-    _use_trained_scale(model, _stage1_scale(kind, path, checkpoint_path), path)
     if kind == "full_rank":
-        state = _read_full_rank(path, checkpoint_path)
+        payload = _read_full_rank_payload(path, checkpoint_path)
+        _use_trained_scale(model, _recorded_scale(payload.get(GATE_SCALE_KEY)), path)
+        state = payload["model_state_dict"]
         _load_gate_tensors(model, state, str(path))
         weights_file = path
         count = len(state)
     else:
+        _use_trained_scale(model, _lora_scale(path), path)
         _merge_lora_adapter(model, path)
         weights_file = next(
             (
