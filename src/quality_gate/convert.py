@@ -128,11 +128,11 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     """Command line of Stage 0; user errors print one line and exit 1."""
-    from quality_gate.errors import UserError
+    from quality_gate.errors import exit_on_user_error
 
     args = parse_args(argv, prog)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with exit_on_user_error():
         out = convert(
             args.model,
             args.save_path,
@@ -143,8 +143,6 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
             seed=args.seed,
             trust_remote_code=args.trust_remote_code,
         )
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
     log.info("wrote %s:", out)
     for path in sorted(out.iterdir()):
         log.info("  %-32s %14s bytes", path.name, f"{path.stat().st_size:,d}")

@@ -10,6 +10,10 @@ Each class also derives from the built-in exception a caller would expect (``Val
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class UserError(Exception):
     """The input or the config cannot be used; the message names the key or file and what to do."""
@@ -49,3 +53,16 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 class RunLockedError(UserError, RuntimeError):
     """Another process is running in the same run dir (it holds the run's lock file)."""
+
+
+@contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """The one rule of every entry point: a :class:`UserError` inside becomes ``error: <message>`` on
+    one line and exit code 1 (``QG_TRACEBACK=1`` re-raises it with its traceback); any other exception
+    is a bug and propagates unchanged."""
+    try:
+        yield
+    except UserError as e:
+        if os.environ.get("QG_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {e}") from None

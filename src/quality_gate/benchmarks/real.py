@@ -467,26 +467,16 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     """Command line; user errors print one line and exit 1."""
     import sys
 
-    from quality_gate.errors import UserError
+    from quality_gate.errors import exit_on_user_error
 
     args = parse_args(argv, prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings(
-        data_dir=args.data_dir,
-        out=args.out,
-        selector_model=args.selector_model,
-        coachlm_pairs=args.coachlm_pairs,
-        alpagasus_samples=args.alpagasus_samples,
-        max_length=args.max_length,
-        warmup_samples=args.warmup_samples,
-        variants=tuple(v for v in args.variants.split(",") if v),
-        halves=tuple(h for h in args.halves.split(",") if h),
-        seed=args.seed,
-        threads=args.threads,
-        results=args.results,
-    )
+
+    def split(text: str) -> tuple[str, ...]:
+        return tuple(v for v in text.split(",") if v)
+
+    # Every option is a Settings field of the same name; the two lists arrive comma-separated.
+    settings = Settings(**{**vars(args), "variants": split(args.variants), "halves": split(args.halves)})
     command = " ".join(["quality-gate benchmark", *(argv if argv is not None else sys.argv[2:])])
-    try:
+    with exit_on_user_error():
         run_benchmark(settings, command)
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None

@@ -51,36 +51,36 @@ def _check_content(content: Any, role: str, turn: int) -> str:
     return content
 
 
-def _from_messages(messages: Any) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
-        raise BadRecord("missing or empty messages")
+def _turns(
+    items: Any, field: str, role_key: str, content_key: str, roles: dict[str, str]
+) -> list[dict[str, str]]:
+    """The turns of a messages / ShareGPT list: ``role_key`` names the speaker (mapped through
+    ``roles``), ``content_key`` the text; ``field`` is the record's key, for the messages."""
+    if not isinstance(items, list) or not items:
+        raise BadRecord(f"missing or empty {field}")
     out = []
-    for turn, msg in enumerate(messages):
+    for turn, msg in enumerate(items):
         if not isinstance(msg, dict):
-            raise BadRecord(f"turn {turn}: message is {type(msg).__name__}, not an object with role/content")
-        role = msg.get("role")
-        if role not in ROLES:
             raise BadRecord(
-                f"turn {turn}: unknown role {short_repr(role)} (expected one of {', '.join(ROLES)})"
+                f"turn {turn}: {field} entry is {type(msg).__name__}, not an object with "
+                f"{role_key}/{content_key}"
             )
-        out.append({"role": role, "content": _check_content(msg.get("content"), role, turn)})
+        speaker = msg.get(role_key)
+        role = roles.get(speaker) if isinstance(speaker, str) else None
+        if role is None:
+            raise BadRecord(
+                f"turn {turn}: unknown role {short_repr(speaker)} (expected one of {', '.join(roles)})"
+            )
+        out.append({"role": role, "content": _check_content(msg.get(content_key), role, turn)})
     return out
+
+
+def _from_messages(messages: Any) -> list[dict[str, str]]:
+    return _turns(messages, "messages", "role", "content", {r: r for r in ROLES})
 
 
 def _from_sharegpt(conversations: Any) -> list[dict[str, str]]:
-    if not isinstance(conversations, list) or not conversations:
-        raise BadRecord("missing or empty conversations")
-    out = []
-    for turn, msg in enumerate(conversations):
-        if not isinstance(msg, dict):
-            raise BadRecord(f"turn {turn}: conversation entry is {type(msg).__name__}, not an object")
-        speaker = msg.get("from")
-        role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
-        if role is None:
-            expected = ", ".join(SHAREGPT_ROLES)
-            raise BadRecord(f"turn {turn}: unknown role {short_repr(speaker)} (expected one of {expected})")
-        out.append({"role": role, "content": _check_content(msg.get("value"), role, turn)})
-    return out
+    return _turns(conversations, "conversations", "from", "value", SHAREGPT_ROLES)
 
 
 def _from_alpaca(raw: dict[str, Any]) -> list[dict[str, str]]:

@@ -414,6 +414,46 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_adapter_matters(
+    model: nn.Module, probe: dict[str, torch.Tensor], cfg: DictConfig, info: dict
+) -> None:
+    """Refuse an adapter that leaves the logits within ``eval.adapter_check_atol`` of the base model.
+
+    ``probe``: a collated batch (``input_ids``, ``attention_mask`` of shape ``(B, T)``). Records the
+    largest logit change in ``info["adapter_max_logit_change"]``.
+    """
+    change = adapter_output_change(model, probe, int(cfg.eval.nll_chunk_tokens))
+    info["adapter_max_logit_change"] = change
+    if change <= float(cfg.eval.adapter_check_atol):
+        raise AdapterError(
+            f"adapter does not change the outputs: adapter_path={info['adapter_path']} gives "
+            f"logits within {change:.3g} of the base model on {len(probe['input_ids'])} eval samples "
+            "(zero-initialised, untrained or wrongly loaded adapter?)"
+        )
+    log.info("adapter changes the logits by up to %.4g", change)
+
+
+def write_results(run_dir: Path, results: dict[str, Any], samples: Sequence[Any]) -> None:
+    """``eval_per_sample.jsonl`` (per-sample rows), then ``eval_results.json`` / ``.md`` without them."""
+    atomic_write_jsonl(
+        run_dir / PER_SAMPLE_FILE, per_sample_rows(samples, results["heldout"], results["exact_match"])
+    )
+    results["heldout"].pop("per_sample")
+    if results["exact_match"]:
+        results["exact_match"].pop("correct")
+    atomic_write_json(run_dir / RESULTS_JSON, results)
+    atomic_write_text(run_dir / RESULTS_MD, results_markdown(results))
+    update_manifest(run_dir, eval_results=RESULTS_JSON)
+    em = results["exact_match"]
+    log.info(
+        "Stage 4 done in %.1fs: held-out loss %.4f (ppl %.3f)%s",
+        results["wall_time_s"],
+        results["heldout"]["loss"],
+        results["heldout"]["perplexity"],
+        f", exact match {em['accuracy']:.3f} on {em['num_samples']}" if em else "",
+    )
+
+
 def run(cfg: DictConfig) -> None:
     """Stage 4: load base (+ adapter), check the adapter matters, compute and write the metrics."""
     validate(cfg)
@@ -434,22 +474,11 @@ def run(cfg: DictConfig) -> None:
         raise DataError("no held-out sample left after encoding; check eval.max_sequence_length")
     dataset = to_hf_dataset(samples)
     collator = SFTDataCollator(tokenizer.pad_token_id)
-
     if model_info["adapter_path"]:
         probe = collator([dataset[i] for i in range(min(int(cfg.eval.adapter_check_samples), len(dataset)))])
-        change = adapter_output_change(model, probe, int(cfg.eval.nll_chunk_tokens))
-        model_info["adapter_max_logit_change"] = change
-        if change <= float(cfg.eval.adapter_check_atol):
-            raise AdapterError(
-                f"adapter does not change the outputs: adapter_path={model_info['adapter_path']} gives "
-                f"logits within {change:.3g} of the base model on {len(probe['input_ids'])} eval samples "
-                "(zero-initialised, untrained or wrongly loaded adapter?)"
-            )
-        log.info("adapter changes the logits by up to %.4g", change)
+        check_adapter_matters(model, probe, cfg, model_info)
     else:
         log.info("adapter_path is null: evaluating the base model alone (no fine-tune)")
-
-    batch_size = int(cfg.eval.batch_size)
     results: dict[str, Any] = {
         "model": model_info,
         "evaluated": "base + adapter" if model_info["adapter_path"] else "base model (no fine-tune)",
@@ -459,26 +488,12 @@ def run(cfg: DictConfig) -> None:
             "num_records": len(records),
             "encode_stats": encode_stats.as_dict(),
         },
-        "heldout": heldout_loss(model, dataset, collator, batch_size, int(cfg.eval.nll_chunk_tokens)),
+        "heldout": heldout_loss(
+            model, dataset, collator, int(cfg.eval.batch_size), int(cfg.eval.nll_chunk_tokens)
+        ),
         "exact_match": exact_match_accuracy(model, tokenizer, records, cfg),
         "lm_eval": run_lm_eval(model, tokenizer, cfg, task_manager),
         "config": OmegaConf.to_container(cfg.eval, resolve=True),
     }
     results["wall_time_s"] = round(time.perf_counter() - started, 3)
-    atomic_write_jsonl(
-        run_dir / PER_SAMPLE_FILE, per_sample_rows(samples, results["heldout"], results["exact_match"])
-    )
-    results["heldout"].pop("per_sample")
-    if results["exact_match"]:
-        results["exact_match"].pop("correct")
-    atomic_write_json(run_dir / RESULTS_JSON, results)
-    atomic_write_text(run_dir / RESULTS_MD, results_markdown(results))
-    update_manifest(run_dir, eval_results=RESULTS_JSON)
-    em = results["exact_match"]
-    log.info(
-        "Stage 4 done in %.1fs: held-out loss %.4f (ppl %.3f)%s",
-        results["wall_time_s"],
-        results["heldout"]["loss"],
-        results["heldout"]["perplexity"],
-        f", exact match {em['accuracy']:.3f} on {em['num_samples']}" if em else "",
-    )
+    write_results(run_dir, results, samples)
