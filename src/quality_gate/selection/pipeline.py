@@ -45,6 +45,7 @@ from quality_gate.selection.scoring import (
     quality_scores,
 )
 from quality_gate.selection.selectors import (
+    SelectorScores,
     available_selectors,
     combined_scores,
     groups_of,
@@ -202,51 +203,18 @@ def compute_selection(cfg: DictConfig) -> SelectionResult:
     """Every computation of the selection, nothing written. Raises :class:`SelectionError`."""
     validate(cfg)
     params, k, selector = _params(cfg), float(cfg.selection_percentage), str(cfg.selector)
+    per_dataset, mode = bool(cfg.per_dataset), str(cfg.diversity)
     input_dir, index_paths = _input_dir(cfg)
-    _check_fingerprints(index_paths)
-    for p in index_paths:
-        _check_records_file(p)
-    per_dataset = bool(cfg.per_dataset)
-    mode = str(cfg.diversity)
-    stats = collect_sample_stats(index_paths, params, with_embeddings=mode != "none")
-    if mode != "none" and stats.embeddings is None:
-        raise SelectionError(
-            f"diversity={mode} needs one embedding per sample, but the router data of "
-            f"{stats.embeddings_missing or list(stats.index_paths)} has none: rerun Stage 2 with "
-            "data_process.embedding_dim > 0 (e.g. 256), or select with diversity=none"
-        )
-    names = np.asarray(stats.datasets)
-    failed = [d for d in stats.index_paths if not stats.valid[names == d].any()]
-    if failed:
-        reasons = sorted({r for r, d in zip(stats.invalid_reason, stats.datasets) if d in failed})
-        raise SelectionError(
-            f"every sample of dataset(s) {failed} is invalid (reasons: {reasons[:5]}); fix Stage 2 for them "
-            "(e.g. token_scope=assistant needs assistant turns) or remove their router data"
-        )
+    stats = _load_stats(index_paths, params, mode)
     q, columns = quality_scores(stats, params, per_dataset)
-    seed = int(cfg.seed)
-    scores = {name: selector_scores(name, stats, q, seed) for name in available_selectors(stats)}
-    if selector == "combined":
-        weights = {name: float(w) for name, w in cfg.combined_weights.items() if float(w) > 0}
-        for name in weights:
-            if name not in scores:
-                scores[name] = selector_scores(name, stats, q, seed)  # raises why it is not available
-        scores["combined"] = combined_scores(scores, weights, groups_of(stats, per_dataset))
-    elif selector not in scores:
-        scores[selector] = selector_scores(selector, stats, q, seed)  # raises the reason it is not available
+    scores = _selector_scores(cfg, stats, q)
     note = baseline_model_note(cfg, index_paths)
     if note:
         log.warning("%s", note)
     diversity = _diversity(cfg, stats)
     chosen = select_detailed(scores[selector], stats, k, per_dataset, diversity)
     order = rank_order(scores[selector].score, np.asarray(stats.ids), chosen.selected)
-    out = cfg.output_dir
-    if out:
-        output_dir = Path(out)
-    elif mode != "none":
-        output_dir = input_dir / f"selection_{selector}_{mode}"
-    else:
-        output_dir = input_dir if selector == "quality_gate" else input_dir / f"selection_{selector}"
+    output_dir = _output_dir(cfg, input_dir)
     check_dir_target(output_dir, "output_dir")
     return SelectionResult(
         stats,
@@ -265,6 +233,58 @@ def compute_selection(cfg: DictConfig) -> SelectionResult:
         diversity_report=chosen.diversity,
         per_dataset=per_dataset,
     )
+
+
+def _load_stats(index_paths: list[Path], params: ScoreParams, mode: str) -> SampleStats:
+    """The per-sample statistics of every index, after the checks that make a selection from them safe:
+    one fingerprint, intact records files, embeddings where diversity needs them, and at least one
+    valid sample in each dataset."""
+    _check_fingerprints(index_paths)
+    for p in index_paths:
+        _check_records_file(p)
+    stats = collect_sample_stats(index_paths, params, with_embeddings=mode != "none")
+    if mode != "none" and stats.embeddings is None:
+        raise SelectionError(
+            f"diversity={mode} needs one embedding per sample, but the router data of "
+            f"{stats.embeddings_missing or list(stats.index_paths)} has none: rerun Stage 2 with "
+            "data_process.embedding_dim > 0 (e.g. 256), or select with diversity=none"
+        )
+    names = np.asarray(stats.datasets)
+    failed = [d for d in stats.index_paths if not stats.valid[names == d].any()]
+    if failed:
+        reasons = sorted({r for r, d in zip(stats.invalid_reason, stats.datasets) if d in failed})
+        raise SelectionError(
+            f"every sample of dataset(s) {failed} is invalid (reasons: {reasons[:5]}); fix Stage 2 for them "
+            "(e.g. token_scope=assistant needs assistant turns) or remove their router data"
+        )
+    return stats
+
+
+def _selector_scores(cfg: DictConfig, stats: SampleStats, q: np.ndarray) -> dict[str, SelectorScores]:
+    """The scores of every selector the statistics allow, plus the configured one (``combined``: the
+    weighted mean of its parts' ranks); an unavailable configured selector raises why."""
+    seed, selector, per_dataset = int(cfg.seed), str(cfg.selector), bool(cfg.per_dataset)
+    scores = {name: selector_scores(name, stats, q, seed) for name in available_selectors(stats)}
+    if selector == "combined":
+        weights = {name: float(w) for name, w in cfg.combined_weights.items() if float(w) > 0}
+        for name in weights:
+            if name not in scores:
+                scores[name] = selector_scores(name, stats, q, seed)  # raises why it is not available
+        scores["combined"] = combined_scores(scores, weights, groups_of(stats, per_dataset))
+    elif selector not in scores:
+        scores[selector] = selector_scores(selector, stats, q, seed)  # raises the reason it is not available
+    return scores
+
+
+def _output_dir(cfg: DictConfig, input_dir: Path) -> Path:
+    """``output_dir``, or the seed's default: the input dir for quality_gate, else a folder named
+    after the selector (and the diversity rule) inside it."""
+    selector, mode = str(cfg.selector), str(cfg.diversity)
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    if mode != "none":
+        return input_dir / f"selection_{selector}_{mode}"
+    return input_dir if selector == "quality_gate" else input_dir / f"selection_{selector}"
 
 
 def _diversity(cfg: DictConfig, stats: SampleStats) -> Diversity:
