@@ -465,7 +465,6 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
     """Select and write ``selected_data.jsonl``, ``scores.parquet``, ``selection_summary.json``,
     ``selection_report.html``, ``llamafactory/`` and ``hf_dataset/`` into the output dir."""
     from quality_gate.selection.explorer import explorer_rows
-    from quality_gate.selection.report import write_report
 
     res = compute_selection(cfg)
     top_k = int(cfg.report_top_k)
@@ -476,24 +475,7 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
     explore = explorer_rows(res) if cfg.report else np.zeros(0, dtype=np.int64)
     records, kinds = _read_records(res.stats, set(res.order.tolist()) | set(showcase) | set(explore.tolist()))
     kept = [records[int(i)] for i in res.order]
-    parameters = {
-        **dataclasses.asdict(res.params),
-        "selection_percentage": res.percentage,
-        "selector": res.selector,
-        "per_dataset": bool(cfg.per_dataset),
-        "seed": int(cfg.seed),
-        "input": str(cfg.root_dir or cfg.router_data_dir),
-        "diversity": res.diversity.mode,
-        **({"diversity_threshold": res.diversity.threshold} if res.diversity.mode == "threshold" else {}),
-        **(
-            {"diversity_clusters": int(cfg.diversity_clusters), "diversity_pool": float(cfg.diversity_pool)}
-            if res.diversity.mode == "cluster"
-            else {}
-        ),
-        **({"combined_weights": dict(cfg.combined_weights)} if res.selector == "combined" else {}),
-        "tau_rule": "denominator factor max(mu_l, eps) if tau == 0 else mu_l + tau",
-    }
-    summary = summary_of(res, parameters)
+    summary = summary_of(res, _parameters(cfg, res))
     summary["stage1"] = stage1_of(list(res.stats.index_paths.values()))
     if summary["stage1"]["warning"] and res.selector == "quality_gate":
         log.warning("quality-gate score: %s", summary["stage1"]["warning"])
@@ -506,22 +488,8 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
         res.diversity,
         known={res.selector: res.selected},
     )
-    res.output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".selection-staging-", dir=res.output_dir))
-    try:
-        pq.write_table(scores_table(res), staging / "scores.parquet")
-        atomic_write_jsonl(staging / "selected_data.jsonl", kept)
-        export_llamafactory(kept, staging / "llamafactory")
-        export_hf_dataset(kept, res.q[res.order], staging / "hf_dataset")
-        if cfg.report:
-            write_report(staging / "selection_report.html", res, summary, records, showcase, kinds, explore)
-        atomic_write_json(staging / "selection_summary.json", summary)
-        # All or nothing: what they replace (a symbolic link included, never written through) goes only
-        # once every output is in place; a failure puts the previous selection back.
-        install_entries(staging, res.output_dir)
-        res.summary = summary
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    report = (records, showcase, kinds, explore) if cfg.report else None
+    _install_outputs(res, summary, kept, report)
     log.info(
         "kept %d of %d valid samples (%s, k=%s) -> %s",
         len(kept),
@@ -531,3 +499,50 @@ def run_selection(cfg: DictConfig) -> SelectionResult:
         res.output_dir / "selected_data.jsonl",
     )
     return res
+
+
+def _parameters(cfg: DictConfig, res: SelectionResult) -> dict[str, Any]:
+    """The settings a selection was made with, as ``selection_summary.json`` records them."""
+    div = res.diversity
+    return {
+        **dataclasses.asdict(res.params),
+        "selection_percentage": res.percentage,
+        "selector": res.selector,
+        "per_dataset": bool(cfg.per_dataset),
+        "seed": int(cfg.seed),
+        "input": str(cfg.root_dir or cfg.router_data_dir),
+        "diversity": div.mode,
+        **({"diversity_threshold": div.threshold} if div.mode == "threshold" else {}),
+        **(
+            {"diversity_clusters": int(cfg.diversity_clusters), "diversity_pool": float(cfg.diversity_pool)}
+            if div.mode == "cluster"
+            else {}
+        ),
+        **({"combined_weights": dict(cfg.combined_weights)} if res.selector == "combined" else {}),
+        "tau_rule": "denominator factor max(mu_l, eps) if tau == 0 else mu_l + tau",
+    }
+
+
+def _install_outputs(
+    res: SelectionResult, summary: dict[str, Any], kept: list[dict[str, Any]], report: tuple[Any, ...] | None
+) -> None:
+    """Write every output into a staging dir inside the output dir, then install them all or nothing
+    (what they replace, a symbolic link included, is never written through; a failure puts the previous
+    selection back). ``report``: ``(records, showcase, kinds, explore)`` for the HTML report, or None."""
+    from quality_gate.selection.report import write_report
+
+    res.output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".selection-staging-", dir=res.output_dir))
+    try:
+        pq.write_table(scores_table(res), staging / "scores.parquet")
+        atomic_write_jsonl(staging / "selected_data.jsonl", kept)
+        export_llamafactory(kept, staging / "llamafactory")
+        export_hf_dataset(kept, res.q[res.order], staging / "hf_dataset")
+        if report is not None:
+            records, showcase, kinds, explore = report
+            write_report(staging / "selection_report.html", res, summary, records, showcase, kinds, explore)
+        atomic_write_json(staging / "selection_summary.json", summary)
+        install_entries(staging, res.output_dir)
+        res.summary = summary
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
