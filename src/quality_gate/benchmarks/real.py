@@ -341,28 +341,62 @@ def _warmup_summary(path: Path) -> dict[str, Any]:
 
 def run_benchmark(s: Settings, command: str = "") -> dict[str, Any]:
     """Run (or resume) every step of the benchmark into ``s.out``; returns the summary."""
+    import datetime
+    import platform
+
     import torch
 
-    unknown = sorted(set(s.variants) - set(VARIANTS))
-    if unknown:
-        from quality_gate.errors import ConfigError
-
-        raise ConfigError(f"--variants: unknown {unknown}; known: {sorted(VARIANTS)}")
-    if not s.halves or set(s.halves) - set(HALVES):
-        from quality_gate.errors import ConfigError
-
-        raise ConfigError(f"--halves={','.join(s.halves)}: use tuning, heldout or both (comma-separated)")
+    _check_settings(s)
     torch.set_num_threads(s.threads or os.cpu_count() or 1)
     root = Path(s.out)
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    timings = run_steps(s, root)
+    scores, lengths, warm = gather_scores(s, root)
+    labels = json.loads((root / "data" / "labels.json").read_text())
+    earlier = _earlier_timings(root)
+    summary = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+        "command": command,
+        "settings": dataclasses.asdict(s),
+        "warmup_samples_used": next(iter(warm.values()), {}).get("num_train_samples"),
+        "wall_time_s": round(time.perf_counter() - started + sum(earlier.values()), 1),
+        "step_timings_s": {**earlier, **timings},
+        "warmup": warm,
+        "results": evaluate_scores(scores, lengths, labels, s.seed, s.halves),
+    }
+    atomic_write_json(root / "timings.json", summary["step_timings_s"])
+    atomic_write_json(root / "results.json", summary)
+    md = render_markdown(summary)
+    atomic_write_text(root / "results.md", md)
+    if s.results:
+        atomic_write_text(s.results, md)
+    log.info("results: %s", root / "results.md")
+    return summary
+
+
+def _check_settings(s: Settings) -> None:
+    from quality_gate.errors import ConfigError
+
+    unknown = sorted(set(s.variants) - set(VARIANTS))
+    if unknown:
+        raise ConfigError(f"--variants: unknown {unknown}; known: {sorted(VARIANTS)}")
+    if not s.halves or set(s.halves) - set(HALVES):
+        raise ConfigError(f"--halves={','.join(s.halves)}: use tuning, heldout or both (comma-separated)")
+
+
+def run_steps(s: Settings, root: Path) -> dict[str, float]:
+    """Every step not finished with the same settings: the pools, the plain selector, Stage 2 of each
+    half on the model as released, then per variant Stage 1 (tuning half) and Stage 2 of each half.
+    Returns the seconds of the steps run now."""
+    from quality_gate.models import BUNDLED_MODELS, is_gguf
+
     steps = Steps(root, 2 + len(s.halves) + len(s.variants) * (1 + len(s.halves)))
     data_keys = ("data_dir", "coachlm_pairs", "alpagasus_samples", "seed")
     steps.run("pools", s.fingerprint(*data_keys, "halves"), lambda: write_pools(s, root))
     selector_dir = root / "selector"
     selector = s.selector_model
-    from quality_gate.models import BUNDLED_MODELS, is_gguf
-
     if is_gguf(selector) or selector in BUNDLED_MODELS:
         steps.run("selector", s.fingerprint("selector_model"), lambda: plain_selector(selector, selector_dir))
         selector = str(selector_dir)
@@ -382,8 +416,15 @@ def run_benchmark(s: Settings, command: str = "") -> dict[str, Any]:
                 key,
                 lambda v=variant, half=half: variant_stage2(s, root, selector, v, half),
             )
+    return steps.timings
 
-    labels = json.loads((root / "data" / "labels.json").read_text())
+
+def gather_scores(
+    s: Settings, root: Path
+) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, Any]]:
+    """Per selector its score of every sample id (the gate score of each variant as
+    ``quality_gate[<variant>]``, the unwarmed one as ``unwarmed``), each sample's length, and each
+    variant's Stage 1 summary."""
     scores: dict[str, dict[str, float]] = {}
     lengths: dict[str, float] = {}
     released: dict[str, dict[str, float]] = {}
@@ -401,29 +442,7 @@ def run_benchmark(s: Settings, command: str = "") -> dict[str, Any]:
         warm[variant] = _warmup_summary(root / "variants" / variant / "warmup" / "warmup_metrics.json")
     scores["unwarmed"] = released.pop("quality_gate")
     scores.update(released)
-    import datetime
-    import platform
-
-    first_warm = next(iter(warm.values()), {})
-    summary = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
-        "command": command,
-        "settings": dataclasses.asdict(s),
-        "warmup_samples_used": first_warm.get("num_train_samples"),
-        "wall_time_s": round(time.perf_counter() - started + sum(_earlier_timings(root).values()), 1),
-        "step_timings_s": {**_earlier_timings(root), **steps.timings},
-        "warmup": warm,
-        "results": evaluate_scores(scores, lengths, labels, s.seed, s.halves),
-    }
-    atomic_write_json(root / "timings.json", summary["step_timings_s"])
-    atomic_write_json(root / "results.json", summary)
-    md = render_markdown(summary)
-    atomic_write_text(root / "results.md", md)
-    if s.results:
-        atomic_write_text(s.results, md)
-    log.info("results: %s", root / "results.md")
-    return summary
+    return scores, lengths, warm
 
 
 def _earlier_timings(root: Path) -> dict[str, float]:
