@@ -32,8 +32,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import gc
-import hashlib
-import json
 import logging
 import resource
 import time
@@ -48,16 +46,10 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from quality_gate.config import validate
-from quality_gate.data import (
-    encode_records,
-    ensure_chat_template,
-    pad_batch,
-    records_fingerprint,
-    token_budget_batches,
-)
+from quality_gate.data import encode_records, ensure_chat_template
 from quality_gate.data.sources import SKIPPED_ROWS_FILE, read_records, report_skipped
 from quality_gate.errors import RouterDataError
-from quality_gate.io import atomic_write_json, atomic_write_jsonl, sha256_file
+from quality_gate.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from quality_gate.models import (
     apply_stage1_weights,
     check_model_source,
@@ -65,7 +57,6 @@ from quality_gate.models import (
     is_converted_dir,
     load_options,
     load_selector,
-    model_weights_fingerprint,
     resolve_stage1_checkpoint,
 )
 from quality_gate.runs import (
@@ -78,14 +69,21 @@ from quality_gate.runs import (
     update_manifest,
     world_size,
 )
-from quality_gate.stats.collect import collect_batch, concat_batch_stats, embedding_projection
+from quality_gate.stats.collect import ShardScorer
+from quality_gate.stats.shards import (
+    ShardJob,
+    assign_shards,
+    fingerprint_fields,
+    pending_shards,
+    plan_entries,
+    plan_shards,
+    shards_of_rank,
+    unfinished_shards,
+)
 from quality_gate.stats.store import (
-    FORMAT,
     check_or_write_fingerprint,
-    read_router_file,
-    remove_shard,
     shard_path,
-    shard_problem,
+    shards_summary,
     write_index,
     write_plan,
     write_shard,
@@ -101,23 +99,9 @@ DROPPED_SAMPLES_FILE = "dropped_samples.jsonl"
 METRICS_FILE = "stage2_metrics.json"
 
 
-@dataclasses.dataclass
-class ShardJob:
-    """One shard to score: ``rows`` index the dataset's records; ``est_tokens`` balances the work."""
-
-    dataset: str
-    index: int
-    rows: range
-    est_tokens: int
-
-
 # --------------------------------------------------------------------------------------------- #
 # Setup
 # --------------------------------------------------------------------------------------------- #
-def _hash_text(text: str | None) -> str | None:
-    return None if text is None else hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _load_model(cfg: DictConfig, device: str) -> tuple[Any, Any, dict[str, Any]]:
     sel = cfg.selector_model
     # A plain (unconverted) selector gets freshly initialised gates: seed them, so that every rank,
@@ -177,79 +161,6 @@ def _by_dataset(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
     return out
 
 
-def _estimated_tokens(record: dict[str, Any]) -> int:
-    """A cheap token estimate (characters / 4 plus the template's few tokens per turn) for balancing."""
-    return sum(len(m["content"]) // 4 + 4 for m in record["messages"])
-
-
-def plan_shards(datasets: dict[str, list[dict[str, Any]]], shard_size: int) -> list[ShardJob]:
-    """Every dataset cut into contiguous shards of ``shard_size`` records."""
-    jobs = []
-    for name, records in datasets.items():
-        for k, start in enumerate(range(0, len(records), shard_size)):
-            rows = range(start, min(start + shard_size, len(records)))
-            jobs.append(ShardJob(name, k, rows, sum(_estimated_tokens(records[r]) for r in rows)))
-    return jobs
-
-
-def assign_shards(jobs: list[ShardJob], num_workers: int) -> list[list[ShardJob]]:
-    """Deterministic greedy balance: largest shard first, to the least-loaded worker (lowest on ties)."""
-    loads = [0] * num_workers
-    out: list[list[ShardJob]] = [[] for _ in range(num_workers)]
-    for job in sorted(jobs, key=lambda j: (-j.est_tokens, j.dataset, j.index)):
-        w = min(range(num_workers), key=lambda i: (loads[i], i))
-        loads[w] += job.est_tokens
-        out[w].append(job)
-    for part in out:
-        part.sort(key=lambda j: (j.dataset, j.index))
-    return out
-
-
-def _plan_entries(parts: list[list[ShardJob]]) -> list[dict[str, Any]]:
-    """``plan.json``'s shard list: dataset, index, number of samples and the part that scores it."""
-    entries = [
-        {"dataset": j.dataset, "index": j.index, "samples": len(j.rows), "part": p}
-        for p, part in enumerate(parts)
-        for j in part
-    ]
-    return sorted(entries, key=lambda e: (e["dataset"], e["index"]))
-
-
-def _fingerprint_fields(
-    cfg: DictConfig, tokenizer: Any, weights: dict[str, Any], dtype: torch.dtype, datasets: dict[str, Any]
-) -> dict[str, Any]:
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    selector = Path(str(cfg.selector_model.path))
-    return {
-        "format": FORMAT,
-        # Absolute when local, so that selection (run from anywhere) finds the tokenizer for its report.
-        "selector_model_path": str(selector.resolve()) if selector.exists() else str(selector),
-        # The content of the weight and config files: the same path may hold another model on resume.
-        "selector_weights": model_weights_fingerprint(str(cfg.selector_model.path), "selector_model.path"),
-        "stage1_weights_kind": weights.get("kind"),
-        "stage1_weights_sha256": weights.get("sha256"),
-        "gate_init": weights.get("gate_init"),
-        "trust_remote_code": bool(cfg.selector_model.trust_remote_code),
-        "tokenizer_name": getattr(tokenizer, "name_or_path", None),
-        "tokenizer_vocab_sha256": _hash_text(vocab),
-        "chat_template_sha256": _hash_text(getattr(tokenizer, "chat_template", None)),
-        "max_sequence_length": int(cfg.dataset.max_sequence_length),
-        "truncation": str(cfg.dataset.truncation),
-        "dtype": str(dtype).removeprefix("torch."),
-        "collect_ifd": bool(cfg.collect_ifd),
-        "embedding_dim": int(cfg.data_process.embedding_dim),
-        **(
-            {"embedding_tokens": str(cfg.data_process.embedding_tokens)}
-            if int(cfg.data_process.embedding_dim)
-            else {}
-        ),
-        "shard_size": int(cfg.data_process.shard_size),
-        "records": {
-            name: {"n": len(rows), "sha256": records_fingerprint(rows)} for name, rows in datasets.items()
-        },
-    }
-
-
 # --------------------------------------------------------------------------------------------- #
 # Scoring
 # --------------------------------------------------------------------------------------------- #
@@ -278,68 +189,6 @@ def _encode_shard(
     return EncodedShard(job, samples, stats.as_dict(), dropped)
 
 
-class Scorer:
-    """Scores shards with one model on one device (the forward of :func:`collect_batch` per batch)."""
-
-    def __init__(self, model: Any, cfg: DictConfig, pad_token_id: int, device: str) -> None:
-        self.model, self.cfg, self.pad_token_id, self.device = model, cfg, pad_token_id, device
-        dim = int(cfg.data_process.embedding_dim)
-        hidden = int(model.config.get_text_config().hidden_size)
-        self.embed = dim > 0
-        self.projection = embedding_projection(hidden, dim, device) if self.embed else None
-
-    def score(self, enc: EncodedShard, bar: tqdm) -> tuple[dict[str, Any], dict[str, float]]:
-        """Score one encoded shard; returns its store fields and counters (tokens, padded slots, samples)."""
-        dp, samples = self.cfg.data_process, enc.samples
-        batches = token_budget_batches(
-            [len(s.input_ids) for s in samples],
-            int(dp.max_tokens_per_batch),
-            int(dp.batch_size),
-            bool(self.cfg.dataset.sort_by_length),
-        )
-        parts = []
-        counters = {"tokens": 0.0, "padded_slots": 0.0, "samples": 0.0}
-        for batch_rows in batches:
-            batch = pad_batch([samples[i] for i in batch_rows], self.pad_token_id)
-            ids = batch["input_ids"].to(self.device, non_blocking=True)
-            stats = collect_batch(
-                self.model,
-                ids,
-                batch["attention_mask"].to(self.device, non_blocking=True),
-                batch["labels"].to(self.device, non_blocking=True),
-                chunk_tokens=int(dp.nll_chunk_tokens),
-                collect_ifd=bool(self.cfg.collect_ifd),
-                embed=self.embed,
-                projection=self.projection,
-                embedding_tokens=str(dp.embedding_tokens),
-            )
-            parts.append((list(batch_rows), stats))
-            counters["tokens"] += int(batch["attention_mask"].sum())
-            counters["padded_slots"] += ids.numel()
-            counters["samples"] += len(batch_rows)
-            bar.update(len(batch_rows))
-        shard = concat_batch_stats(parts, len(samples)) if samples else _empty_shard(self.embed)
-        shard["sample_ids"] = [s.id for s in samples]
-        shard["encode_stats"] = enc.encode_stats
-        shard["dropped"] = enc.dropped
-        return shard, counters
-
-
-def _empty_shard(embed: bool) -> dict[str, Any]:
-    """The fields of a shard none of whose records survived encoding."""
-    shard: dict[str, Any] = {
-        "lengths": torch.zeros(0, dtype=torch.int64),
-        "gates": torch.zeros(0, 0, dtype=torch.float16),
-        "perplexities": torch.zeros(0),
-        "assistant_mask": torch.zeros(0, dtype=torch.bool),
-        "valid": torch.zeros(0, dtype=torch.bool),
-        "invalid_reason": [],
-    }
-    if embed:
-        shard["embeddings"] = torch.zeros(0, 0, dtype=torch.float16)
-    return shard
-
-
 def _peak_memory(device: str) -> dict[str, float | None]:
     # ru_maxrss is in KiB on Linux.
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -350,23 +199,8 @@ def _peak_memory(device: str) -> dict[str, float | None]:
     }
 
 
-def _pending(jobs: list[ShardJob], router_dir: Path, fingerprint: str) -> list[ShardJob]:
-    """The shards of ``jobs`` not finished and intact; a damaged one is named and removed, to be rescored."""
-    pending = []
-    for job in jobs:
-        path = shard_path(router_dir, job.dataset, job.index)
-        problem = shard_problem(path, fingerprint)
-        if problem is None:
-            continue
-        if problem != "missing":
-            log.warning("shard %s is %s: scoring it again", path, problem)
-            remove_shard(path)
-        pending.append(job)
-    return pending
-
-
 def _score_assigned(
-    scorer: Scorer,
+    scorer: ShardScorer,
     jobs: list[ShardJob],
     datasets: dict[str, list[dict[str, Any]]],
     tokenizer: Any,
@@ -375,7 +209,7 @@ def _score_assigned(
     fingerprint: str,
 ) -> dict[str, Any]:
     """Encode and score this rank's unfinished shards; returns this rank's counters."""
-    pending = _pending(jobs, router_dir, fingerprint)
+    pending = pending_shards(jobs, router_dir, fingerprint)
     log.info(
         "rank %d: %d shards assigned, %d already finished, %d to score",
         rank(),
@@ -403,7 +237,8 @@ def _score_assigned(
         for k, job in enumerate(pending):
             encoded = ahead.result() if ahead is not None else encode(job)
             ahead = pool.submit(encode, pending[k + 1]) if prefetch and k + 1 < len(pending) else None
-            shard, counters = scorer.score(encoded, bar)
+            shard, counters = scorer.score(encoded.samples, bar)
+            shard.update(encode_stats=encoded.encode_stats, dropped=encoded.dropped)
             write_shard(shard_path(router_dir, job.dataset, job.index), shard, fingerprint)
             for key, value in counters.items():
                 totals[key] += value
@@ -431,18 +266,6 @@ def _gather(obj: dict[str, Any]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------- #
 # Finishing: indexes, records, metrics
 # --------------------------------------------------------------------------------------------- #
-def unfinished_shards(jobs: list[ShardJob], router_dir: Path, fingerprint: str, num_parts: int) -> list[str]:
-    """``"<shard path> (part i): <problem>"`` for every shard that is not finished and intact."""
-    part_of = {(j.dataset, j.index): p for p, part in enumerate(assign_shards(jobs, num_parts)) for j in part}
-    out = []
-    for job in jobs:
-        path = shard_path(router_dir, job.dataset, job.index)
-        problem = shard_problem(path, fingerprint)
-        if problem is not None:
-            out.append(f"{path} (part {part_of[(job.dataset, job.index)]}): {problem}")
-    return out
-
-
 def _finalise(
     run_dir: Path,
     router_dir: Path,
@@ -459,51 +282,21 @@ def _finalise(
     per_dataset: dict[str, dict[str, Any]] = {}
     for name, records in datasets.items():
         paths = [shard_path(router_dir, j.dataset, j.index) for j in jobs if j.dataset == name]
-        by_id = {r["id"]: r for r in records}
-        kept_ids: list[str] = []
-
-        def write_records(
-            ids: list[str], name: str = name, by_id: dict[str, Any] = by_id, kept: list[str] = kept_ids
-        ) -> dict[str, Any]:
-            # Before the index, which records the file's sha256: selection refuses an edited copy.
-            records_file = router_dir / f"{name}_records.jsonl"
-            atomic_write_jsonl(records_file, [by_id[i] for i in ids])
-            kept[:] = ids
-            return {"records_file": records_file.name, "records_sha256": sha256_file(records_file)}
-
-        write_index(
-            router_dir,
-            name,
-            paths,
-            fingerprint,
-            int(cfg.dataset.max_sequence_length),
-            extra={"collect_ifd": bool(cfg.collect_ifd)},
-            before_save=write_records,
-        )
-        encode = Counter()
-        for p in paths:
-            shard = read_router_file(p)
-            encode.update(shard["encode_stats"])
-            dropped.extend(shard["dropped"])
-            invalid += [
-                {"dataset": name, "id": sid, "reason": reason}
-                for sid, reason in zip(shard["sample_ids"], shard["invalid_reason"])
-                if reason
-            ]
+        max_len, extra = int(cfg.dataset.max_sequence_length), {"collect_ifd": bool(cfg.collect_ifd)}
+        write_index(router_dir, name, paths, fingerprint, max_len, extra=extra, records=records)
+        summary = shards_summary(paths)
+        dropped.extend(summary["dropped"])
+        invalid += [{"dataset": name, "id": sid, "reason": why} for sid, why in summary["invalid"]]
         per_dataset[name] = {
             "records": len(records),
-            "samples": len(kept_ids),
-            "encode": dict(encode),
-            "dropped_by_encoder": len(records) - len(kept_ids),
-            "truncated": int(encode.get("truncated", 0)),
+            "samples": summary["samples"],
+            "encode": dict(summary["encode"]),
+            "dropped_by_encoder": len(records) - summary["samples"],
+            "truncated": int(summary["encode"].get("truncated", 0)),
         }
     atomic_write_jsonl(run_dir / DROPPED_SAMPLES_FILE, dropped)
     skipped_file = run_dir / SKIPPED_ROWS_FILE
-    skipped_rows = (
-        [json.loads(line) for line in skipped_file.read_text().splitlines() if line.strip()]
-        if skipped_file.exists()
-        else []
-    )
+    skipped_rows = read_jsonl(skipped_file) if skipped_file.exists() else []
     tokens = sum(r["tokens"] for r in per_rank)
     slots = sum(r["padded_slots"] for r in per_rank)
     scored_samples = sum(r["samples"] for r in per_rank)
@@ -559,6 +352,7 @@ def _score(cfg: DictConfig, timer: PhaseTimer) -> None:
     dp = cfg.data_process
     with timer("init"):
         run_dir = init_run(cfg, "collect")
+    router_dir = run_dir / "router_data"
     started = time.perf_counter()
     device, own_group = _init_distributed()
     try:
@@ -568,84 +362,76 @@ def _score(cfg: DictConfig, timer: PhaseTimer) -> None:
             records, skipped = read_records(cfg.dataset, seed=int(cfg.seed))
             datasets = _by_dataset(records)
         jobs = plan_shards(datasets, int(dp.shard_size))
-        router_dir = run_dir / "router_data"
-        fields = _fingerprint_fields(cfg, tokenizer, weights, next(model.parameters()).dtype, datasets)
+        fields = fingerprint_fields(cfg, tokenizer, weights, next(model.parameters()).dtype, datasets)
         parts = assign_shards(jobs, int(dp.num_parts))
         if is_main_process():
             # Refuse a run dir of another setup before writing anything into it.
             fp = check_or_write_fingerprint(router_dir, fields)
             report_skipped(skipped, run_dir)
             # Every part writes the same plan: selection reads it to name what is still missing.
-            write_plan(router_dir, fp, int(dp.num_parts), _plan_entries(parts))
+            write_plan(router_dir, fp, int(dp.num_parts), plan_entries(parts))
         _barrier()
         fingerprint = check_or_write_fingerprint(router_dir, fields)  # every rank verifies
-        part = list(range(int(dp.num_parts))) if dp.part_index is None else [int(dp.part_index)]
-        mine = assign_shards([j for p in part for j in parts[p]], world_size())[rank()]
-        if dp.finalize_only:
-            mine = []
+        part = None if dp.part_index is None else int(dp.part_index)
+        mine = [] if dp.finalize_only else shards_of_rank(parts, part, world_size(), rank())
         with timer("encode_and_score"):
-            counters = _score_assigned(
-                Scorer(model, cfg, int(tokenizer.pad_token_id), device),
-                mine,
-                datasets,
-                tokenizer,
-                cfg,
-                router_dir,
-                fingerprint,
-            )
-        del model
+            scorer = ShardScorer(model, cfg, int(tokenizer.pad_token_id), device)
+            counters = _score_assigned(scorer, mine, datasets, tokenizer, cfg, router_dir, fingerprint)
+        del model, scorer
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         per_rank = _gather(counters)
         _barrier()
-        if is_main_process():
-            missing = unfinished_shards(jobs, router_dir, fingerprint, int(dp.num_parts))
-            if missing:
-                what = "; ".join(missing[:5]) + (f"; ... ({len(missing)} in all)" if len(missing) > 5 else "")
-                if dp.finalize_only:
-                    raise RouterDataError(
-                        f"{len(missing)} of {len(jobs)} shards are not finished, so the indexes cannot be "
-                        f"written: {what}. Run (or rerun) those parts, then finalize again."
-                    )
-                log.info(
-                    "part %s done; %d of %d shards still pending in other parts (%s). The last part to "
-                    "finish writes the indexes; or run data_process.finalize_only=true afterwards.",
-                    dp.part_index,
-                    len(missing),
-                    len(jobs),
-                    what,
-                )
-            else:
-                with timer("finalise"):
-                    metrics = _finalise(
-                        run_dir,
-                        router_dir,
-                        jobs,
-                        datasets,
-                        cfg,
-                        fingerprint,
-                        per_rank,
-                        time.perf_counter() - started,
-                    )
-                metrics["phases_s"] = timer.as_dict()
-                atomic_write_json(run_dir / METRICS_FILE, metrics)
-                update_manifest(
-                    run_dir,
-                    stage1_weights=weights,
-                    router_fingerprint=fingerprint,
-                    stage2_samples=metrics["samples"],
-                )
-                log.info(
-                    "stage 2 done: %d samples, %.0f tokens/s, router data in %s",
-                    metrics["samples"],
-                    metrics["tokens_per_s"] or 0.0,
-                    router_dir,
-                )
+        if is_main_process() and _all_finished(jobs, router_dir, fingerprint, dp):
+            with timer("finalise"):
+                wall_s = time.perf_counter() - started
+                metrics = _finalise(run_dir, router_dir, jobs, datasets, cfg, fingerprint, per_rank, wall_s)
+            _write_metrics(run_dir, metrics, timer, weights, fingerprint)
         _barrier()
     finally:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _all_finished(jobs: list[ShardJob], router_dir: Path, fingerprint: str, dp: DictConfig) -> bool:
+    """True when every shard of the run is finished; else says which are not (an error for
+    ``finalize_only``, which has nothing else to do)."""
+    missing = unfinished_shards(jobs, router_dir, fingerprint, int(dp.num_parts))
+    if not missing:
+        return True
+    what = "; ".join(missing[:5]) + (f"; ... ({len(missing)} in all)" if len(missing) > 5 else "")
+    if dp.finalize_only:
+        raise RouterDataError(
+            f"{len(missing)} of {len(jobs)} shards are not finished, so the indexes cannot be "
+            f"written: {what}. Run (or rerun) those parts, then finalize again."
+        )
+    log.info(
+        "part %s done; %d of %d shards still pending in other parts (%s). The last part to "
+        "finish writes the indexes; or run data_process.finalize_only=true afterwards.",
+        dp.part_index,
+        len(missing),
+        len(jobs),
+        what,
+    )
+    return False
+
+
+def _write_metrics(
+    run_dir: Path, metrics: dict[str, Any], timer: PhaseTimer, weights: dict[str, Any], fingerprint: str
+) -> None:
+    """``stage2_metrics.json`` (with the time of each phase) and the run's manifest."""
+    metrics["phases_s"] = timer.as_dict()
+    atomic_write_json(run_dir / METRICS_FILE, metrics)
+    update_manifest(
+        run_dir, stage1_weights=weights, router_fingerprint=fingerprint, stage2_samples=metrics["samples"]
+    )
+    log.info(
+        "stage 2 done: %d samples, %.0f tokens/s, router data in %s",
+        metrics["samples"],
+        metrics["tokens_per_s"] or 0.0,
+        run_dir / "router_data",
+    )
 
 
 def lock_names(num_parts: int, part_index: int | None) -> list[str]:

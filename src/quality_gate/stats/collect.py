@@ -1,4 +1,5 @@
-"""Stage 2 forward pass: gate values, per-token perplexity and (optionally) IFD losses of a batch.
+"""Stage 2 forward pass: gate values, per-token perplexity and (optionally) IFD losses of a batch, and
+of a shard (:class:`ShardScorer`: token-budget batches merged back in sample order).
 
 The hot path runs over every sample of every dataset, so it is built to stay bounded in memory:
 
@@ -35,9 +36,12 @@ import dataclasses
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
+from tqdm.auto import tqdm
 
-from quality_gate.data.encode import IGNORE_INDEX
+from quality_gate.data.batching import pad_batch, token_budget_batches
+from quality_gate.data.encode import IGNORE_INDEX, EncodedSample
 from quality_gate.gate import record_gates
 from quality_gate.nll import decoder_of, next_token_nll, scored_positions
 
@@ -284,4 +288,66 @@ def concat_batch_stats(parts: list[tuple[list[int], BatchStats]], num_samples: i
     if entries and entries[0][0].ifd_loss_cond is not None:
         shard["ifd_loss_cond"] = torch.stack([s.ifd_loss_cond[j] for s, j, _, _ in entries])  # type: ignore[index]
         shard["ifd_loss_uncond"] = torch.stack([s.ifd_loss_uncond[j] for s, j, _, _ in entries])  # type: ignore[index]
+    return shard
+
+
+class ShardScorer:
+    """Scores the encoded samples of Stage 2's shards with one model on one device: token-budget batches
+    (``data_process.max_tokens_per_batch``), one :func:`collect_batch` each, merged back in sample order."""
+
+    def __init__(self, model: Any, cfg: DictConfig, pad_token_id: int, device: str) -> None:
+        self.model, self.cfg, self.pad_token_id, self.device = model, cfg, pad_token_id, device
+        dim = int(cfg.data_process.embedding_dim)
+        hidden = int(model.config.get_text_config().hidden_size)
+        self.embed = dim > 0
+        self.projection = embedding_projection(hidden, dim, device) if self.embed else None
+
+    def score(self, samples: list[EncodedSample], bar: tqdm) -> tuple[dict[str, Any], dict[str, float]]:
+        """Score the samples of one shard; returns its store fields (:mod:`quality_gate.stats.store`, with
+        ``sample_ids``) and counters (tokens, padded slots, samples); ``bar`` advances by each batch."""
+        dp = self.cfg.data_process
+        batches = token_budget_batches(
+            [len(s.input_ids) for s in samples],
+            int(dp.max_tokens_per_batch),
+            int(dp.batch_size),
+            bool(self.cfg.dataset.sort_by_length),
+        )
+        parts = []
+        counters = {"tokens": 0.0, "padded_slots": 0.0, "samples": 0.0}
+        for batch_rows in batches:
+            batch = pad_batch([samples[i] for i in batch_rows], self.pad_token_id)
+            ids = batch["input_ids"].to(self.device, non_blocking=True)
+            stats = collect_batch(
+                self.model,
+                ids,
+                batch["attention_mask"].to(self.device, non_blocking=True),
+                batch["labels"].to(self.device, non_blocking=True),
+                chunk_tokens=int(dp.nll_chunk_tokens),
+                collect_ifd=bool(self.cfg.collect_ifd),
+                embed=self.embed,
+                projection=self.projection,
+                embedding_tokens=str(dp.embedding_tokens),
+            )
+            parts.append((list(batch_rows), stats))
+            counters["tokens"] += int(batch["attention_mask"].sum())
+            counters["padded_slots"] += ids.numel()
+            counters["samples"] += len(batch_rows)
+            bar.update(len(batch_rows))
+        shard = concat_batch_stats(parts, len(samples)) if samples else _empty_shard(self.embed)
+        shard["sample_ids"] = [s.id for s in samples]
+        return shard, counters
+
+
+def _empty_shard(embed: bool) -> dict[str, Any]:
+    """The fields of a shard none of whose records survived encoding."""
+    shard: dict[str, Any] = {
+        "lengths": torch.zeros(0, dtype=torch.int64),
+        "gates": torch.zeros(0, 0, dtype=torch.float16),
+        "perplexities": torch.zeros(0),
+        "assistant_mask": torch.zeros(0, dtype=torch.bool),
+        "valid": torch.zeros(0, dtype=torch.bool),
+        "invalid_reason": [],
+    }
+    if embed:
+        shard["embeddings"] = torch.zeros(0, 0, dtype=torch.float16)
     return shard

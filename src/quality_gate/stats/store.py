@@ -5,6 +5,7 @@ Layout of one Stage 2 run (``<run>/router_data/``)::
     fingerprint.json                       what produced the statistics (model, weights, tokenizer, ...)
     plan.json                              every shard of the run and the part (job) that scores it
     <dataset>_router_data.pt               the index of one dataset (the seed's file name)
+    <dataset>_records.jsonl                the records of the indexed samples, in sample order (Stage 2)
     <dataset>/shard-00000.pt               a shard: the statistics of a slice of the samples
     <dataset>/shard-00000.pt.done          completion marker, written after the shard itself: JSON with the
                                            fingerprint, the shard's size in bytes and its sha256
@@ -46,19 +47,28 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from quality_gate.errors import RouterDataError
-from quality_gate.io import atomic_torch_save, atomic_write_json, load_tensors, read_json, sha256_file
+from quality_gate.io import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_jsonl,
+    load_tensors,
+    read_json,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
 FORMAT = "quality-gate/router-data/v2"
 INDEX_SUFFIX = "_router_data.pt"
+RECORDS_SUFFIX = "_records.jsonl"
 PLAN_FILE = "plan.json"
 FINGERPRINT_FILE = "fingerprint.json"
 SHARD_KEYS = ("sample_ids", "lengths", "gates", "perplexities", "assistant_mask", "valid", "invalid_reason")
@@ -308,13 +318,14 @@ def write_index(
     fingerprint: str,
     max_seq_len: int,
     extra: dict[str, Any] | None = None,
-    before_save: Callable[[list[str]], dict[str, Any]] | None = None,
+    records: Sequence[dict[str, Any]] | None = None,
 ) -> Path:
     """Gather the shards of one dataset into ``<dataset>_router_data.pt`` (atomic).
 
     The index holds ids and lengths of all samples and the relative shard paths; the big arrays
-    stay in the shards. ``before_save(sample_ids)`` runs before the index is written and its fields go
-    into it (Stage 2 writes the dataset's records there and records their sha256).
+    stay in the shards. With ``records`` (the dataset's records, each with an ``id``), the records of
+    the indexed samples are first written to ``<dataset>_records.jsonl``, in sample order, and the
+    index records that file's name and sha256 (selection refuses an edited copy).
     """
     router_dir = Path(router_dir)
     sample_ids: list[str] = []
@@ -354,11 +365,21 @@ def write_index(
         "fingerprint": fingerprint,
         "created_at": dt.datetime.now().isoformat(timespec="seconds"),
         **(extra or {}),
-        **(before_save(list(sample_ids)) if before_save is not None else {}),
+        **(_write_records(router_dir, dataset_name, records, sample_ids) if records is not None else {}),
     }
     out = router_dir / f"{dataset_name}{INDEX_SUFFIX}"
     atomic_torch_save(index, out)
     return out
+
+
+def _write_records(
+    router_dir: Path, dataset_name: str, records: Sequence[dict[str, Any]], sample_ids: list[str]
+) -> dict[str, Any]:
+    """Write the records of ``sample_ids`` to ``<dataset>_records.jsonl``; the index fields naming it."""
+    by_id = {r["id"]: r for r in records}
+    path = router_dir / f"{dataset_name}{RECORDS_SUFFIX}"
+    atomic_write_jsonl(path, [by_id[i] for i in sample_ids])
+    return {"records_file": path.name, "records_sha256": sha256_file(path)}
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -400,6 +421,23 @@ def read_router_file(path: Path) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise RouterDataError(f"{path} holds a {type(payload).__name__}, not router data; rerun Stage 2")
     return payload
+
+
+def shards_summary(shard_paths: Sequence[Path]) -> dict[str, Any]:
+    """What Stage 2 reports of a dataset's shards: ``samples`` (their number), ``encode`` (the encoder's
+    counts, summed over the shards), ``dropped`` (the records the encoder dropped) and ``invalid``
+    (``(sample id, reason)`` of every sample without usable statistics), each in shard order."""
+    samples = 0
+    encode: Counter[str] = Counter()
+    dropped: list[dict[str, Any]] = []
+    invalid: list[tuple[str, str]] = []
+    for path in shard_paths:
+        shard = read_router_file(path)
+        samples += len(shard["sample_ids"])
+        encode.update(shard["encode_stats"])
+        dropped.extend(shard["dropped"])
+        invalid += [(sid, why) for sid, why in zip(shard["sample_ids"], shard["invalid_reason"]) if why]
+    return {"samples": samples, "encode": encode, "dropped": dropped, "invalid": invalid}
 
 
 def _load_shard(path: Path) -> RouterShard:
