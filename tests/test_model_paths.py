@@ -19,14 +19,8 @@ import torch
 from helpers import REPO, SELECTOR, TARGET, USER_ENV
 
 from quality_gate.errors import DataError, MissingPathError, ModelLoadError, UserError
-from quality_gate.models import (
-    apply_stage1_weights,
-    check_model_source,
-    load_selector,
-    load_target,
-    looks_local,
-    resolve_stage1_checkpoint,
-)
+from quality_gate.model_sources import check_model_source, looks_local, resolve_stage1_checkpoint
+from quality_gate.models import apply_stage1_weights, load_selector, load_target
 
 FAST_S = 10.0
 HUB_ID = "quality-gate-tests/no-such-model"  # a valid Hub id that no cache holds

@@ -16,7 +16,7 @@ import torch
 from helpers import REPO
 
 from quality_gate.errors import MissingPathError, ModelLoadError
-from quality_gate.models import BUNDLED_MODELS, bundled_model_path, check_model_source
+from quality_gate.model_sources import BUNDLED_MODELS, bundled_model_path, check_model_source
 
 NAME = "smollm2-135m-instruct"
 

@@ -54,7 +54,8 @@ def convert(
     check_init(init_mean, init_std)
     import torch
 
-    from quality_gate.models import check_model_source, load_selector, save_converted
+    from quality_gate.model_sources import check_model_source
+    from quality_gate.models import load_selector, save_converted
 
     model = check_model_source(model, "--model")
     torch.manual_seed(seed)

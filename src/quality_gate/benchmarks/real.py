@@ -123,7 +123,8 @@ def write_pools(s: Settings, root: Path) -> None:
 def plain_selector(source: str, out: Path) -> str:
     """A GGUF file or bundled name dequantised once into a plain model dir (what every stage then
     loads in a fraction of the time); a model dir or Hub id is used as it is."""
-    from quality_gate.models import BUNDLED_MODELS, is_gguf, load_target
+    from quality_gate.model_sources import BUNDLED_MODELS, is_gguf
+    from quality_gate.models import load_target
 
     if not (is_gguf(source) or source in BUNDLED_MODELS):
         return source
@@ -390,7 +391,7 @@ def run_steps(s: Settings, root: Path) -> dict[str, float]:
     """Every step not finished with the same settings: the pools, the plain selector, Stage 2 of each
     half on the model as released, then per variant Stage 1 (tuning half) and Stage 2 of each half.
     Returns the seconds of the steps run now."""
-    from quality_gate.models import BUNDLED_MODELS, is_gguf
+    from quality_gate.model_sources import BUNDLED_MODELS, is_gguf
 
     steps = Steps(root, 2 + len(s.halves) + len(s.variants) * (1 + len(s.halves)))
     data_keys = ("data_dir", "coachlm_pairs", "alpagasus_samples", "seed")

@@ -238,7 +238,7 @@ def _load_encoder(res: SelectionResult) -> tuple[Any, Any, dict[str, Any]]:
     from transformers import AutoTokenizer
 
     from quality_gate.data.encode import encode_record
-    from quality_gate.models import check_model_source
+    from quality_gate.model_sources import check_model_source
 
     settings = _stage2_settings(res)
     # A selector dir moved or deleted since Stage 2 fails here at once, not after Hub retries.

@@ -50,14 +50,13 @@ from quality_gate.data import encode_records, ensure_chat_template
 from quality_gate.data.sources import SKIPPED_ROWS_FILE, read_records, report_skipped
 from quality_gate.errors import RouterDataError
 from quality_gate.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from quality_gate.model_sources import check_model_source, resolve_stage1_checkpoint
 from quality_gate.models import (
     apply_stage1_weights,
-    check_model_source,
     default_device,
     is_converted_dir,
     load_options,
     load_selector,
-    resolve_stage1_checkpoint,
 )
 from quality_gate.runs import (
     PhaseTimer,

@@ -53,7 +53,8 @@ from quality_gate.errors import AdapterError, ConfigError, DataError, MissingPat
 from quality_gate.eval_metrics import exact_match
 from quality_gate.generation import greedy_replies
 from quality_gate.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, sha256_file
-from quality_gate.models import check_model_source, load_options, load_target
+from quality_gate.model_sources import check_model_source
+from quality_gate.models import load_options, load_target
 from quality_gate.nll import next_token_nll
 from quality_gate.runs import init_run, update_manifest
 
