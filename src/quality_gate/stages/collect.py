@@ -15,7 +15,10 @@ scored), score them in token-budget batches (one backbone forward each), write t
 with a marker holding its size and sha256 -> once every
 shard is finished (here, or by the other parts), rank 0 writes each dataset's index
 (``router_data/<dataset>_router_data.pt``), the scored records (``router_data/<dataset>_records.jsonl``),
-``dropped_samples.jsonl`` and ``stage2_metrics.json``.
+``dropped_samples.jsonl`` and ``stage2_metrics.json``. The library under the recipe: the shard plan and
+the fingerprint fields in :mod:`quality_gate.stats.shards`, the scoring of a shard in
+:class:`quality_gate.stats.collect.ShardScorer`, every file under ``router_data/`` (its one format, written
+and read) in :mod:`quality_gate.stats.store`.
 
 Resume: rerun with the same ``output_dir``; finished shards are skipped, damaged ones (size or checksum
 differ from their marker) are named and rescored; a rerun whose setup differs (the selector's weight
