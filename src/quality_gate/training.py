@@ -3,6 +3,7 @@
 * :func:`build_sft_dataset`: records -> the ``datasets.Dataset`` the Trainer reads.
 * :func:`build_trainer`: the one place a stage's Trainer is built (arguments, collator, callbacks);
   :func:`training_arguments` the one place ``TrainingArguments`` are built from a ``training`` config.
+* :class:`LMTrainer`: the base of the stages' Trainers, with the LM loss that skips the full logits.
 * :func:`lora_config` / :func:`wrap_lora`: LoRA on the modules a stage names.
 * :func:`validate_batch_size_configuration`: gradient accumulation from the total batch size.
 * :class:`NonFiniteLossCallback` / :func:`check_finite_loss`: stop on a NaN/inf loss with a clear error.
@@ -21,27 +22,25 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
-from transformers import (
-    PreTrainedTokenizerBase,
-    Trainer,
-    TrainerCallback,
-    TrainerControl,
-    TrainerState,
-    TrainingArguments,
-)
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from quality_gate.data import SFTDataCollator, encode_records, to_hf_dataset
 from quality_gate.errors import ConfigError, DataError, NonFiniteLossError
+from quality_gate.nll import causal_lm_loss_in_chunks
 from quality_gate.runs import is_main_process, world_size
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "FSDP_CONFIG",
+    "LMTrainer",
     "NonFiniteLossCallback",
     "NonFiniteLossError",
     "build_sft_dataset",
@@ -59,7 +58,7 @@ __all__ = [
     "wrap_lora",
 ]
 
-TrainerT = TypeVar("TrainerT", bound=Trainer)
+TrainerT = TypeVar("TrainerT", bound="LMTrainer")
 
 
 def validate_batch_size_configuration(
@@ -442,6 +441,24 @@ def build_sft_dataset(
     return to_hf_dataset(samples), stats.as_dict()
 
 
+class LMTrainer(Trainer):
+    """Base of the stages' Trainers: ``lm_loss_chunk_tokens`` (``training.lm_loss_chunk_tokens``) > 0
+    lets :meth:`chunked_lm_loss` compute the causal-LM loss without the full-vocabulary logits."""
+
+    def __init__(self, *args: Any, lm_loss_chunk_tokens: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lm_loss_chunk_tokens = int(lm_loss_chunk_tokens)
+
+    def chunked_lm_loss(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], reduction: str = "mean"
+    ) -> tuple[torch.Tensor, Any]:
+        """(the LM loss over the labelled positions, ``mean`` or ``sum``; the model's outputs), without
+        ``(B, T, V)`` logits: the whole model runs (its wrappers see a normal forward), its head on one
+        position only (:func:`quality_gate.nll.causal_lm_loss_in_chunks`)."""
+        inner = self.accelerator.unwrap_model(model)
+        return causal_lm_loss_in_chunks(model, inner, inputs, self.lm_loss_chunk_tokens, reduction)
+
+
 def build_trainer(
     trainer_class: type[TrainerT],
     cfg: Any,
@@ -455,7 +472,7 @@ def build_trainer(
     save_tokenizer: bool = False,
     **stage_kwargs: Any,
 ) -> TrainerT:
-    """A stage's Trainer (``trainer_class``, the stage's own subclass) over ``train_dataset``.
+    """A stage's Trainer (``trainer_class``, the stage's own :class:`LMTrainer`) over ``train_dataset``.
 
     * Arguments: :func:`training_arguments` of ``cfg.training`` with ``seed=cfg.seed``, plus
       ``arguments`` (``shard``, ``save_steps`` and the stage's other keywords).

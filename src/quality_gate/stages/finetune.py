@@ -51,7 +51,6 @@ from quality_gate.data.sources import SKIPPED_ROWS_FILE
 from quality_gate.errors import ConfigError, DataError, MissingPathError
 from quality_gate.io import atomic_dir, atomic_write_json, atomic_write_jsonl, normalize_modes, sha256_file
 from quality_gate.models import check_model_source, load_options, load_target
-from quality_gate.nll import causal_lm_loss_in_chunks
 from quality_gate.runs import (
     init_run,
     is_main_process,
@@ -60,7 +59,14 @@ from quality_gate.runs import (
     update_manifest,
     world_size,
 )
-from quality_gate.training import build_sft_dataset, build_trainer, lora_config, resume_checkpoint, wrap_lora
+from quality_gate.training import (
+    LMTrainer,
+    build_sft_dataset,
+    build_trainer,
+    lora_config,
+    resume_checkpoint,
+    wrap_lora,
+)
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +326,7 @@ def whole_run_loss(
     return (total + loss_this_call * (end_step - start_step)) / max(steps, 1)
 
 
-class Stage3Trainer(Trainer):
+class Stage3Trainer(LMTrainer):
     """``Trainer`` whose causal-LM loss can skip the full-vocabulary logits
     (``training.lm_loss_chunk_tokens``); with 0 it is the plain Trainer.
 
@@ -328,10 +334,6 @@ class Stage3Trainer(Trainer):
     labelled positions of the whole accumulated batch, times the processes when tokens are averaged
     across devices), else the mean of the micro-batch.
     """
-
-    def __init__(self, *args: Any, lm_loss_chunk_tokens: int = 0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.lm_loss_chunk_tokens = int(lm_loss_chunk_tokens)
 
     def compute_loss(
         self,
@@ -342,14 +344,13 @@ class Stage3Trainer(Trainer):
     ) -> Any:
         if self.lm_loss_chunk_tokens <= 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        inner = self.accelerator.unwrap_model(model)
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-            total, outputs = causal_lm_loss_in_chunks(model, inner, inputs, self.lm_loss_chunk_tokens, "sum")
+            total, outputs = self.chunked_lm_loss(model, inputs, "sum")
             loss = total / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
         else:
-            loss, outputs = causal_lm_loss_in_chunks(model, inner, inputs, self.lm_loss_chunk_tokens)
+            loss, outputs = self.chunked_lm_loss(model, inputs)
         return (loss, outputs) if return_outputs else loss
 
 

@@ -53,14 +53,13 @@ from quality_gate.models import (
     load_options,
     load_selector,
 )
-from quality_gate.nll import causal_lm_loss_in_chunks
 from quality_gate.runs import init_run, is_main_process, update_manifest, world_size
-from quality_gate.training import build_sft_dataset, build_trainer, lora_config, wrap_lora
+from quality_gate.training import LMTrainer, build_sft_dataset, build_trainer, lora_config, wrap_lora
 
 log = logging.getLogger(__name__)
 
 
-class QualityGateTrainer(Trainer):
+class QualityGateTrainer(LMTrainer):
     """``Trainer`` whose loss is LM cross-entropy + ``quality_loss_weight`` x the mean gate value.
 
     ``lm_loss``, ``quality_loss`` and ``gate_mean`` (mean gate over valid tokens and layers) are
@@ -70,18 +69,10 @@ class QualityGateTrainer(Trainer):
     # compute_loss returns a mean over one micro-batch; the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(
-        self,
-        *args: Any,
-        quality_loss_weight: float,
-        quality_loss_mode: str,
-        lm_loss_chunk_tokens: int = 0,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, quality_loss_weight: float, quality_loss_mode: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.quality_loss_weight = float(quality_loss_weight)
         self.quality_loss_mode = quality_loss_mode
-        self.lm_loss_chunk_tokens = int(lm_loss_chunk_tokens)
         self._window: dict[str, list[Tensor]] = defaultdict(list)
 
     def _lm_loss(self, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, Any]:
@@ -91,9 +82,7 @@ class QualityGateTrainer(Trainer):
         if self.lm_loss_chunk_tokens <= 0:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=mask, labels=inputs["labels"])
             return outputs.loss, outputs
-        # The whole model runs (its wrappers see a normal forward); its head on one position only.
-        inner = self.accelerator.unwrap_model(model)
-        return causal_lm_loss_in_chunks(model, inner, inputs, self.lm_loss_chunk_tokens)
+        return self.chunked_lm_loss(model, inputs)
 
     def compute_loss(
         self,
