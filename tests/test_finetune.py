@@ -328,6 +328,7 @@ def test_torchrun_two_processes_cpu(tmp_path):
         assert metrics["world_size"] == 2 and metrics["distributed"] == "ddp"
         assert metrics["global_step"] == 2
         assert (run_dir / "checkpoint-final" / "adapter_model.safetensors").is_file()
+        assert not list(run_dir.glob(".checkpoint-final*"))  # neither rank's temporary dir is left
         losses.append([curve(run_dir)[s] for s in (1, 2)])
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
 

@@ -3,7 +3,7 @@
 A reader never sees a half-written file: it sees the old one, or the complete new one. Every file
 gets the mode a plain ``open()`` would give it (:func:`default_file_mode`), also the files of model
 and adapter dirs that libraries write privately (:func:`normalize_modes`). A set of outputs is
-installed all or nothing (:func:`install_entries`).
+installed all or nothing (:func:`install_entries`), and so is a whole dir (:func:`atomic_dir`).
 
 Reading back: :func:`sha256_file` is the one checksum of a file; :func:`read_json` and
 :func:`load_tensors` turn a damaged or foreign file into one :class:`~quality_gate.errors.UserError`
@@ -68,14 +68,65 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        _fsync(tmp_path)
         # mkstemp creates 0600; give the file the mode a plain open() would (0666 & ~umask).
         os.chmod(tmp_path, default_file_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    """fsync one file or dir (a dir's entries: the names renamed into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every regular file and dir under ``root``, then ``root``: a rename of ``root`` never lands
+    on disk before its content."""
+    for path in [*root.rglob("*"), root]:
+        if not path.is_symlink() and (path.is_file() or path.is_dir()):
+            _fsync(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, *, install: bool = True) -> Iterator[Path]:
+    """Yield a new, empty temporary dir beside ``final``; swap it in for ``final``, all or nothing.
+
+    On success its files get the mode of :func:`default_file_mode` (:func:`normalize_modes`), everything
+    in it is fsynced, and it is renamed onto ``final`` through :func:`install_entries`: a ``final`` that
+    exists (a dir, a file or a link) is moved aside first and removed only once the new one is in, so a
+    reader, or a crash at any point, sees the old dir or the whole new one. If the body raises (or the
+    swap fails), the temporary dir is removed and ``final`` is left as it was.
+
+    ``install=False``: the temporary dir is removed on exit instead of swapped in. For the processes of
+    a collective save that take part but do not write (every rank calls ``Trainer.save_model``, rank 0
+    writes): each gets a dir of its own, and nothing it made there is left behind.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # The staging dir holds the new dir under its final name; install_entries moves it out by rename.
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = staging / final.name
+    try:
+        tmp.mkdir()  # the mode a plain mkdir gives (0o777 & ~umask), as the dir it replaces had
+        yield tmp
+        if install:
+            normalize_modes(tmp)
+            _fsync_tree(tmp)
+            install_entries(staging, final.parent)
+            _fsync(final.parent)
+    finally:
+        # Left: the new dir when it was not installed, nothing else (install_entries removes what it
+        # replaced, or puts it back). rmtree never follows a link out of the dir.
+        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            staging.rmdir()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -1,6 +1,10 @@
 """Pieces shared by the two training stages (Stage 1 warmup, Stage 3 fine-tune).
 
-* :func:`training_arguments`: the one place ``TrainingArguments`` are built from a ``training`` config.
+* :func:`build_sft_dataset`: records -> the ``datasets.Dataset`` the Trainer reads.
+* :func:`build_trainer`: the one place a stage's Trainer is built (arguments, collator, callbacks);
+  :func:`training_arguments` the one place ``TrainingArguments`` are built from a ``training`` config.
+* :class:`LMTrainer`: the base of the stages' Trainers, with the LM loss that skips the full logits.
+* :func:`lora_config` / :func:`wrap_lora`: LoRA on the modules a stage names.
 * :func:`validate_batch_size_configuration`: gradient accumulation from the total batch size.
 * :class:`NonFiniteLossCallback` / :func:`check_finite_loss`: stop on a NaN/inf loss with a clear error.
 * :data:`FSDP_CONFIG` / :func:`process_layout_kwargs`: FSDP on several CUDA processes, DDP otherwise.
@@ -16,22 +20,31 @@ import json
 import logging
 import math
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from quality_gate.errors import ConfigError, NonFiniteLossError
+from quality_gate.data import SFTDataCollator, encode_records, to_hf_dataset
+from quality_gate.errors import ConfigError, DataError, NonFiniteLossError
+from quality_gate.nll import causal_lm_loss_in_chunks
 from quality_gate.runs import is_main_process, world_size
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "FSDP_CONFIG",
+    "LMTrainer",
     "NonFiniteLossCallback",
     "NonFiniteLossError",
+    "build_sft_dataset",
+    "build_trainer",
     "check_finite_loss",
     "checkpoint_problem",
     "fsdp_layer_classes",
@@ -42,7 +55,10 @@ __all__ = [
     "resume_checkpoint",
     "training_arguments",
     "validate_batch_size_configuration",
+    "wrap_lora",
 ]
+
+TrainerT = TypeVar("TrainerT", bound="LMTrainer")
 
 
 def validate_batch_size_configuration(
@@ -392,4 +408,86 @@ def lora_config(lora: Any, target_modules: list[str]) -> Any:
         lora_alpha=int(lora.alpha),
         lora_dropout=float(lora.dropout),
         target_modules=target_modules,
+    )
+
+
+def wrap_lora(model: nn.Module, config: Any) -> nn.Module:
+    """``model`` with the LoRA adapters of ``config`` (a ``peft.LoraConfig``), its trainable share logged."""
+    from peft import get_peft_model
+
+    model = get_peft_model(model, config)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+    return model
+
+
+def build_sft_dataset(
+    records: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, dataset_cfg: Any, advice: str
+) -> tuple[Any, dict[str, int]]:
+    """Records -> encoded samples (labels on the assistant tokens only) -> ``datasets.Dataset``.
+
+    Encodes with ``dataset_cfg.max_sequence_length`` / ``truncation``; returns the dataset (columns
+    ``input_ids``, ``labels``, ``id``; one row per kept sample, in record order) and the encode counts
+    (``EncodeStats.as_dict``). Records dropped while encoding are logged; none kept is a
+    :class:`DataError` that ends with ``check <advice>``.
+    """
+    samples, stats, skipped = encode_records(
+        records, tokenizer, int(dataset_cfg.max_sequence_length), str(dataset_cfg.truncation)
+    )
+    if skipped:
+        log.warning("%d records dropped while encoding; first: %s", len(skipped), skipped[0])
+    if not samples:
+        raise DataError(f"no training samples left after encoding; check {advice}")
+    return to_hf_dataset(samples), stats.as_dict()
+
+
+class LMTrainer(Trainer):
+    """Base of the stages' Trainers: ``lm_loss_chunk_tokens`` (``training.lm_loss_chunk_tokens``) > 0
+    lets :meth:`chunked_lm_loss` compute the causal-LM loss without the full-vocabulary logits."""
+
+    def __init__(self, *args: Any, lm_loss_chunk_tokens: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lm_loss_chunk_tokens = int(lm_loss_chunk_tokens)
+
+    def chunked_lm_loss(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], reduction: str = "mean"
+    ) -> tuple[torch.Tensor, Any]:
+        """(the LM loss over the labelled positions, ``mean`` or ``sum``; the model's outputs), without
+        ``(B, T, V)`` logits: the whole model runs (its wrappers see a normal forward), its head on one
+        position only (:func:`quality_gate.nll.causal_lm_loss_in_chunks`)."""
+        inner = self.accelerator.unwrap_model(model)
+        return causal_lm_loss_in_chunks(model, inner, inputs, self.lm_loss_chunk_tokens, reduction)
+
+
+def build_trainer(
+    trainer_class: type[TrainerT],
+    cfg: Any,
+    run_dir: Path,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: Any,
+    *,
+    arguments: Mapping[str, Any],
+    callbacks: Sequence[TrainerCallback] = (),
+    save_tokenizer: bool = False,
+    **stage_kwargs: Any,
+) -> TrainerT:
+    """A stage's Trainer (``trainer_class``, the stage's own :class:`LMTrainer`) over ``train_dataset``.
+
+    * Arguments: :func:`training_arguments` of ``cfg.training`` with ``seed=cfg.seed``, plus
+      ``arguments`` (``shard``, ``save_steps`` and the stage's other keywords).
+    * Collator: :class:`~quality_gate.data.SFTDataCollator` padding with the tokenizer's pad token.
+    * Callbacks: :class:`NonFiniteLossCallback`, then ``callbacks``.
+    * ``save_tokenizer``: the tokenizer is the Trainer's ``processing_class`` (saved with the model).
+    * ``lm_loss_chunk_tokens`` from ``cfg.training`` and ``stage_kwargs`` go to ``trainer_class``.
+    """
+    return trainer_class(
+        model=model,
+        args=training_arguments(cfg.training, run_dir, seed=int(cfg.seed), model=model, **arguments),
+        train_dataset=train_dataset,
+        data_collator=SFTDataCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer if save_tokenizer else None,
+        callbacks=[NonFiniteLossCallback(), *callbacks],
+        lm_loss_chunk_tokens=int(cfg.training.lm_loss_chunk_tokens),
+        **stage_kwargs,
     )

@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from torch import nn
 from transformers import (
     PreTrainedModel,
@@ -47,21 +45,12 @@ from transformers import (
 from transformers.training_args import ParallelMode
 
 from quality_gate.config import validate
-from quality_gate.data import (
-    SFTDataCollator,
-    encode_records,
-    ensure_chat_template,
-    load_local_file,
-    load_records,
-    records_fingerprint,
-    to_hf_dataset,
-)
+from quality_gate.data import ensure_chat_template, load_local_file, load_records, records_fingerprint
 from quality_gate.data.encode import IGNORE_INDEX
 from quality_gate.data.sources import SKIPPED_ROWS_FILE
 from quality_gate.errors import ConfigError, DataError, MissingPathError
-from quality_gate.io import atomic_write_json, atomic_write_jsonl, normalize_modes, sha256_file
+from quality_gate.io import atomic_dir, atomic_write_json, atomic_write_jsonl, normalize_modes, sha256_file
 from quality_gate.models import check_model_source, load_options, load_target
-from quality_gate.nll import causal_lm_loss_in_chunks
 from quality_gate.runs import (
     init_run,
     is_main_process,
@@ -70,7 +59,14 @@ from quality_gate.runs import (
     update_manifest,
     world_size,
 )
-from quality_gate.training import NonFiniteLossCallback, lora_config, resume_checkpoint, training_arguments
+from quality_gate.training import (
+    LMTrainer,
+    build_sft_dataset,
+    build_trainer,
+    lora_config,
+    resume_checkpoint,
+    wrap_lora,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,18 +139,15 @@ def build_train_dataset(
     "num_target_tokens"}``.
     """
     records, source = load_training_records(cfg, run_dir)
-    samples, stats, _skipped = encode_records(
-        records, tokenizer, int(cfg.dataset.max_sequence_length), str(cfg.dataset.truncation)
+    dataset, encode_stats = build_sft_dataset(
+        records,
+        tokenizer,
+        cfg.dataset,
+        "dataset.max_sequence_length and dataset.truncation (drop skips every sample longer than the limit)",
     )
-    if not samples:
-        raise DataError(
-            "no training samples left after encoding; check dataset.max_sequence_length and "
-            "dataset.truncation (drop skips every sample longer than the limit)"
-        )
-    dataset = to_hf_dataset(samples)
     info = {
         "source": source,
-        "encode_stats": stats.as_dict(),
+        "encode_stats": encode_stats,
         "num_samples": len(dataset),
         "num_tokens": sum(len(ids) for ids in dataset["input_ids"]),
         "num_target_tokens": sum(sum(1 for x in labels if x != IGNORE_INDEX) for labels in dataset["labels"]),
@@ -167,17 +160,12 @@ def save_final(trainer: Trainer, run_dir: Path) -> Path:
     """Write ``checkpoint-final/`` (adapter or full model, plus tokenizer) through a temporary dir.
 
     Every rank calls this: under FSDP ``save_model`` gathers the full state dict collectively; only
-    rank 0 writes and then renames, so a crash never leaves a half-written final checkpoint.
+    rank 0 writes and swaps its dir in (:func:`~quality_gate.io.atomic_dir`), so a crash never leaves a
+    half-written final checkpoint.
     """
     final = run_dir / FINAL_DIR
-    tmp = run_dir / f".{FINAL_DIR}.tmp"
-    trainer.save_model(str(tmp))
-    trainer.accelerator.wait_for_everyone()
-    if is_main_process():
-        normalize_modes(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    with atomic_dir(final, install=is_main_process()) as tmp:
+        trainer.save_model(str(tmp))
     trainer.accelerator.wait_for_everyone()
     return final
 
@@ -338,7 +326,7 @@ def whole_run_loss(
     return (total + loss_this_call * (end_step - start_step)) / max(steps, 1)
 
 
-class Stage3Trainer(Trainer):
+class Stage3Trainer(LMTrainer):
     """``Trainer`` whose causal-LM loss can skip the full-vocabulary logits
     (``training.lm_loss_chunk_tokens``); with 0 it is the plain Trainer.
 
@@ -346,10 +334,6 @@ class Stage3Trainer(Trainer):
     labelled positions of the whole accumulated batch, times the processes when tokens are averaged
     across devices), else the mean of the micro-batch.
     """
-
-    def __init__(self, *args: Any, lm_loss_chunk_tokens: int = 0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.lm_loss_chunk_tokens = int(lm_loss_chunk_tokens)
 
     def compute_loss(
         self,
@@ -360,14 +344,13 @@ class Stage3Trainer(Trainer):
     ) -> Any:
         if self.lm_loss_chunk_tokens <= 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        inner = self.accelerator.unwrap_model(model)
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-            total, outputs = causal_lm_loss_in_chunks(model, inner, inputs, self.lm_loss_chunk_tokens, "sum")
+            total, outputs = self.chunked_lm_loss(model, inputs, "sum")
             loss = total / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
         else:
-            loss, outputs = causal_lm_loss_in_chunks(model, inner, inputs, self.lm_loss_chunk_tokens)
+            loss, outputs = self.chunked_lm_loss(model, inputs)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -400,18 +383,23 @@ def flops_estimate(model: nn.Module, tokens: int, peft_mode: str) -> int:
     return (6 if peft_mode == "full" else 4) * n * tokens
 
 
-def fine_tune(cfg: DictConfig) -> Trainer | None:
-    """Stage 3 body; returns the Trainer (its model is the trained one), or None for a finished run."""
-    validate(cfg)
-    run_dir = run_dir_of(cfg)
-    if (run_dir / FINAL_DIR).is_dir():
-        log.info(
-            "Stage 3 run %s is already finished (%s/ exists); nothing to train. To train again start "
-            "a new run: drop output_dir / hydra.run.dir so that a fresh run dir is made.",
-            run_dir,
-            FINAL_DIR,
-        )
-        return None
+def is_finished(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` has its ``checkpoint-final/`` (then it is reported, not retrained)."""
+    if not (run_dir / FINAL_DIR).is_dir():
+        return False
+    log.info(
+        "Stage 3 run %s is already finished (%s/ exists); nothing to train. To train again start "
+        "a new run: drop output_dir / hydra.run.dir so that a fresh run dir is made.",
+        run_dir,
+        FINAL_DIR,
+    )
+    return True
+
+
+def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint a rerun resumes from (None: train from the start), after every check that can run
+    before anything is loaded or written: the subset file, the model source, the resume's settings and,
+    in subset mode, its data."""
     if cfg.dataset.mode == "subset":
         _subset_file(cfg)
     check_model_source(str(cfg.training.model.name), "training.model.name")
@@ -422,6 +410,79 @@ def fine_tune(cfg: DictConfig) -> Trainer | None:
         check_resume_config(cfg, run_dir, resume_from)
         if cfg.dataset.mode == "subset":
             check_resume_data(run_dir, resume_from, _subset_source(cfg))  # before anything is loaded
+    return resume_from
+
+
+def build_stage3_trainer(
+    cfg: DictConfig, run_dir: Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase, dataset: Dataset
+) -> Stage3Trainer:
+    """The Stage 3 Trainer: resumable ``checkpoint-<step>/`` every ``training.save_steps``, FSDP on
+    several CUDA processes, the tokenizer saved with the model."""
+    t = cfg.training
+    trainer = build_trainer(
+        Stage3Trainer,
+        cfg,
+        run_dir,
+        model,
+        tokenizer,
+        dataset,
+        arguments={
+            "shard": True,
+            "save_steps": int(t.save_steps),
+            "weight_decay": float(t.weight_decay),
+            "max_grad_norm": float(t.max_grad_norm),
+            "save_total_limit": t.save_total_limit,
+        },
+        callbacks=[CheckpointCallback()],
+        save_tokenizer=True,
+    )
+    if trainer.lm_loss_chunk_tokens and _distributed_kind(trainer.args) == "fsdp":
+        raise ConfigError(
+            "training.lm_loss_chunk_tokens is not supported under FSDP (Stage 3 shards with FSDP on "
+            "several CUDA processes; the LM head is whole only inside the model's forward): set it to 0, "
+            "or lower training.per_device_batch_size"
+        )
+    return trainer
+
+
+def train_metrics(
+    cfg: DictConfig,
+    trainer: Trainer,
+    result: Any,
+    data_info: dict[str, Any],
+    resume: tuple[str | None, int],
+    started: float,
+) -> dict[str, Any]:
+    """``train_metrics.json``. ``resume``: the checkpoint the run resumed from (or None) and its step."""
+    resume_from, start_step = resume
+    state = trainer.state
+    tokens = int(state.num_input_tokens_seen)
+    return {
+        "peft_mode": str(cfg.training.peft_mode),
+        "target_model": str(cfg.training.model.name),
+        **data_info,
+        "global_step": state.global_step,
+        "epochs": state.epoch,
+        "train_loss": whole_run_loss(state.log_history, result.training_loss, start_step, state.global_step),
+        "tokens_seen": tokens,
+        "flops_estimate": flops_estimate(trainer.model, tokens, str(cfg.training.peft_mode)),
+        "loss": _loss_summary(state.log_history),
+        "resumed_from": resume_from,
+        **({"train_loss_since_resume": result.training_loss} if resume_from else {}),
+        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 3),
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        "world_size": world_size(),
+        "distributed": _distributed_kind(trainer.args),
+    }
+
+
+def fine_tune(cfg: DictConfig) -> Trainer | None:
+    """Stage 3 body; returns the Trainer (its model is the trained one), or None for a finished run."""
+    validate(cfg)
+    run_dir = run_dir_of(cfg)
+    if is_finished(run_dir):
+        return None
+    resume_from = checkpoint_to_resume(cfg, run_dir)
     run_dir = init_run(cfg, "finetune", target_model=str(cfg.training.model.name), resumed_from=resume_from)
     started = time.perf_counter()
     set_seed(int(cfg.seed))
@@ -431,64 +492,18 @@ def fine_tune(cfg: DictConfig) -> Trainer | None:
         check_resume_data(run_dir, resume_from, data_info["source"])  # full mode: the records read
     update_manifest(run_dir, dataset_source=data_info["source"])
     if cfg.training.peft_mode == "lora":
-        model = get_peft_model(model, get_peft_config(cfg))
-        trainable, total = model.get_nb_trainable_parameters()
-        log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+        model = wrap_lora(model, get_peft_config(cfg))
 
-    trainer = Stage3Trainer(
-        model=model,
-        args=training_arguments(
-            cfg.training,
-            run_dir,
-            seed=int(cfg.seed),
-            model=model,
-            shard=True,
-            save_steps=int(cfg.training.save_steps),
-            weight_decay=float(cfg.training.weight_decay),
-            max_grad_norm=float(cfg.training.max_grad_norm),
-            save_total_limit=cfg.training.save_total_limit,
-        ),
-        train_dataset=train_dataset,
-        data_collator=SFTDataCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        callbacks=[NonFiniteLossCallback(), CheckpointCallback()],
-        lm_loss_chunk_tokens=int(cfg.training.lm_loss_chunk_tokens),
-    )
-    if trainer.lm_loss_chunk_tokens and _distributed_kind(trainer.args) == "fsdp":
-        raise ConfigError(
-            "training.lm_loss_chunk_tokens is not supported under FSDP (Stage 3 shards with FSDP on "
-            "several CUDA processes; the LM head is whole only inside the model's forward): set it to 0, "
-            "or lower training.per_device_batch_size"
-        )
+    trainer = build_stage3_trainer(cfg, run_dir, model, tokenizer, train_dataset)
     if resume_from:
         log.info("resuming Stage 3 from %s (optimizer, scheduler and RNG state)", resume_from)
-    start_step = _checkpoint_step(resume_from)
+    start_step = _checkpoint_step(resume_from)  # before training: the rotation may delete it
     result = trainer.train(resume_from_checkpoint=resume_from)
     final = save_final(trainer, run_dir)
     if not is_main_process():
         return trainer
 
-    metrics = {
-        "peft_mode": str(cfg.training.peft_mode),
-        "target_model": str(cfg.training.model.name),
-        **data_info,
-        "global_step": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "train_loss": whole_run_loss(
-            trainer.state.log_history, result.training_loss, start_step, trainer.state.global_step
-        ),
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "flops_estimate": flops_estimate(
-            model, int(trainer.state.num_input_tokens_seen), str(cfg.training.peft_mode)
-        ),
-        "loss": _loss_summary(trainer.state.log_history),
-        "resumed_from": resume_from,
-        **({"train_loss_since_resume": result.training_loss} if resume_from else {}),
-        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 3),
-        "wall_time_s": round(time.perf_counter() - started, 3),
-        "world_size": world_size(),
-        "distributed": _distributed_kind(trainer.args),
-    }
+    metrics = train_metrics(cfg, trainer, result, data_info, (resume_from, start_step), started)
     atomic_write_json(run_dir / METRICS_FILE, metrics)
     update_manifest(run_dir, final_checkpoint=str(final), train_metrics=METRICS_FILE)
     log.info(

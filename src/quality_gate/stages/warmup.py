@@ -17,8 +17,6 @@ losses, the gate statistics per layer before and after warmup, and the runtime.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -28,22 +26,14 @@ from typing import Any
 import torch
 from datasets import Dataset
 from omegaconf import DictConfig
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_seed
 
 from quality_gate.config import validate
-from quality_gate.data import (
-    IGNORE_INDEX,
-    SFTDataCollator,
-    encode_records,
-    ensure_chat_template,
-    load_records,
-    to_hf_dataset,
-)
-from quality_gate.errors import DataError
+from quality_gate.data import IGNORE_INDEX, SFTDataCollator, ensure_chat_template, load_records
 from quality_gate.gate import (
     GATE_PARAM_KEY,
     find_quality_gates,
@@ -53,7 +43,7 @@ from quality_gate.gate import (
     gates_bypassed,
     record_gates,
 )
-from quality_gate.io import atomic_torch_save, atomic_write_json, normalize_modes
+from quality_gate.io import atomic_dir, atomic_torch_save, atomic_write_json
 from quality_gate.loss import quality_loss
 from quality_gate.models import (
     FULL_RANK_WEIGHTS_FILE,
@@ -63,14 +53,13 @@ from quality_gate.models import (
     load_options,
     load_selector,
 )
-from quality_gate.nll import causal_lm_loss_in_chunks
 from quality_gate.runs import init_run, is_main_process, update_manifest, world_size
-from quality_gate.training import NonFiniteLossCallback, lora_config, training_arguments
+from quality_gate.training import LMTrainer, build_sft_dataset, build_trainer, lora_config, wrap_lora
 
 log = logging.getLogger(__name__)
 
 
-class QualityGateTrainer(Trainer):
+class QualityGateTrainer(LMTrainer):
     """``Trainer`` whose loss is LM cross-entropy + ``quality_loss_weight`` x the mean gate value.
 
     ``lm_loss``, ``quality_loss`` and ``gate_mean`` (mean gate over valid tokens and layers) are
@@ -80,18 +69,10 @@ class QualityGateTrainer(Trainer):
     # compute_loss returns a mean over one micro-batch; the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(
-        self,
-        *args: Any,
-        quality_loss_weight: float,
-        quality_loss_mode: str,
-        lm_loss_chunk_tokens: int = 0,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, quality_loss_weight: float, quality_loss_mode: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.quality_loss_weight = float(quality_loss_weight)
         self.quality_loss_mode = quality_loss_mode
-        self.lm_loss_chunk_tokens = int(lm_loss_chunk_tokens)
         self._window: dict[str, list[Tensor]] = defaultdict(list)
 
     def _lm_loss(self, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, Any]:
@@ -101,9 +82,7 @@ class QualityGateTrainer(Trainer):
         if self.lm_loss_chunk_tokens <= 0:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=mask, labels=inputs["labels"])
             return outputs.loss, outputs
-        # The whole model runs (its wrappers see a normal forward); its head on one position only.
-        inner = self.accelerator.unwrap_model(model)
-        return causal_lm_loss_in_chunks(model, inner, inputs, self.lm_loss_chunk_tokens)
+        return self.chunked_lm_loss(model, inputs)
 
     def compute_loss(
         self,
@@ -164,21 +143,15 @@ def get_peft_config(cfg: DictConfig) -> LoraConfig:
 def build_train_dataset(
     cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, run_dir: Path
 ) -> tuple[Dataset, dict[str, int]]:
-    """Records -> encoded samples (labels on assistant tokens) -> ``datasets.Dataset``, and counts."""
+    """Records (``dataset.*``) -> encoded samples (labels on assistant tokens) -> ``datasets.Dataset``,
+    and the encode counts."""
     # Every rank reads the same records (seeded); only rank 0 writes the bad-row report.
     records = load_records(cfg.dataset, seed=int(cfg.seed), report_dir=run_dir if is_main_process() else None)
-    samples, stats, skipped = encode_records(
-        records, tokenizer, int(cfg.dataset.max_sequence_length), str(cfg.dataset.truncation)
+    dataset, stats = build_sft_dataset(
+        records, tokenizer, cfg.dataset, "dataset.* (paths, subset_ratio, max_sequence_length, truncation)"
     )
-    if skipped:
-        log.warning("%d records dropped while encoding; first: %s", len(skipped), skipped[0])
-    if not samples:
-        raise DataError(
-            "no training samples left after encoding; check dataset.* (paths, subset_ratio, "
-            "max_sequence_length, truncation)"
-        )
-    log.info("Stage 1 data: %d samples (%s)", len(samples), stats.as_dict())
-    return to_hf_dataset(samples), stats.as_dict()
+    log.info("Stage 1 data: %d samples (%s)", len(dataset), stats)
+    return dataset, stats
 
 
 def _batch_lm_loss_sum(out: Any, labels: Tensor) -> tuple[float, int]:
@@ -377,18 +350,92 @@ def save_stage1_weights(model: nn.Module, cfg: DictConfig, run_dir: Path) -> Pat
         atomic_torch_save(payload, path)
     else:
         path = run_dir / "checkpoint-final"
-        # Written beside and renamed, so that a crash never leaves a half-written adapter dir.
-        tmp = run_dir / f".checkpoint-final.tmp-{os.getpid()}"
-        model.save_pretrained(tmp)
-        # The adapter holds only lora_A/lora_B; the gate weights it was trained on go beside it, so
-        # that Stage 2 rebuilds exactly these gates whatever its seed or init settings.
-        save_gate_base(model, tmp)
-        normalize_modes(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        # Written beside and swapped in, so that a crash never leaves a half-written adapter dir.
+        with atomic_dir(path) as tmp:
+            model.save_pretrained(tmp)
+            # The adapter holds only lora_A/lora_B; the gate weights it was trained on go beside it, so
+            # that Stage 2 rebuilds exactly these gates whatever its seed or init settings.
+            save_gate_base(model, tmp)
     log.info("saved Stage 1 %s weights to %s", cfg.training.peft_mode, path)
     return path
+
+
+def gate_probe(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """The keywords :func:`gate_statistics` and :func:`released_lm_loss` read the first
+    ``training.gate_stats_samples`` samples with, in batches of ``training.per_device_batch_size``."""
+    return {
+        "collator": SFTDataCollator(tokenizer.pad_token_id),
+        "batch_size": int(cfg.training.per_device_batch_size),
+        "max_samples": int(cfg.training.gate_stats_samples),
+    }
+
+
+def measure_before_training(
+    model: nn.Module, dataset: Dataset, probe: dict[str, Any]
+) -> tuple[dict[str, Any] | None, float | None]:
+    """Rank 0: the gate statistics at init and the LM loss of the model as released (other ranks: None)."""
+    if not is_main_process():
+        return None, None
+    gates_before = gate_statistics(model, dataset, **probe)
+    loss_released = released_lm_loss(model, dataset, **probe)
+    log.info(
+        "LM loss per assistant token: %.4f as released, %.4f with the gates at init",
+        loss_released,
+        gates_before["lm_loss"],
+    )
+    return gates_before, loss_released
+
+
+def warmup_metrics(
+    cfg: DictConfig,
+    trainer: Trainer,
+    result: Any,
+    encode_stats: dict[str, int],
+    gates: tuple[dict[str, Any], dict[str, Any]],
+    loss_released: float,
+    started: float,
+) -> dict[str, Any]:
+    """``warmup_metrics.json``: settings, data, losses, ``gates`` (before, after), their movement, times."""
+    gates_before, gates_after = gates
+    history = [entry for entry in trainer.state.log_history if "lm_loss" in entry]
+    t = cfg.training
+    return {
+        "peft_mode": str(t.peft_mode),
+        "quality_loss_mode": str(t.quality_loss_mode),
+        "quality_loss_weight": float(t.quality_loss_weight),
+        "num_train_samples": len(trainer.train_dataset),
+        "encode_stats": encode_stats,
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "final": history[-1] if history else None,
+        "history": history,
+        "gates_before": gates_before,
+        "gates_after": gates_after,
+        "gate_movement": gate_movement(gates_before, gates_after, history),
+        "gate_scale": gate_scale(trainer.model),
+        "lm_loss": lm_loss_report(
+            loss_released, gates_before["lm_loss"], gates_after["lm_loss"], float(t.lm_loss_margin)
+        ),
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 3),
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        "world_size": world_size(),
+    }
+
+
+def log_summary(metrics: dict[str, Any]) -> None:
+    """How the gates moved and what they cost the LM loss; a warning when either is a problem."""
+    movement, lm_loss = metrics["gate_movement"], metrics["lm_loss"]
+    (log.warning if movement["warning"] else log.info)(
+        "Stage 1 done in %.1fs: %s", metrics["wall_time_s"], movement["message"]
+    )
+    (log.warning if lm_loss["warning"] else log.info)(
+        "LM loss per assistant token: %.4f as released, %.4f at init, %.4f after the warmup%s",
+        lm_loss["released"],
+        lm_loss["at_init"],
+        lm_loss["after_warmup"],
+        f"; WARNING: {lm_loss['warning']}" if lm_loss["warning"] else "",
+    )
 
 
 def run(cfg: DictConfig) -> None:
@@ -400,74 +447,32 @@ def run(cfg: DictConfig) -> None:
     set_seed(int(cfg.seed))
     model, tokenizer = get_model_and_tokenizer(cfg)
     if cfg.training.peft_mode == "lora":
-        model = get_peft_model(model, get_peft_config(cfg))
+        model = wrap_lora(model, get_peft_config(cfg))
     train_dataset, encode_stats = build_train_dataset(cfg, tokenizer, run_dir)
-    collator = SFTDataCollator(tokenizer.pad_token_id)
-    stats_samples = int(cfg.training.gate_stats_samples)
-    batch_size = int(cfg.training.per_device_batch_size)
-    gates_before = loss_released = None
-    if is_main_process():
-        gates_before = gate_statistics(model, train_dataset, collator, batch_size, stats_samples)
-        loss_released = released_lm_loss(model, train_dataset, collator, batch_size, stats_samples)
-        log.info(
-            "LM loss per assistant token: %.4f as released, %.4f with the gates at init",
-            loss_released,
-            gates_before["lm_loss"],
-        )
+    probe = gate_probe(cfg, tokenizer)
+    gates_before, loss_released = measure_before_training(model, train_dataset, probe)
 
-    trainer = QualityGateTrainer(
-        model=model,
+    trainer = build_trainer(
+        QualityGateTrainer,
+        cfg,
+        run_dir,
+        model,
+        tokenizer,
+        train_dataset,
         # No weight decay: it would pull the gates towards 0.5, against the quality loss.
-        args=training_arguments(
-            cfg.training, run_dir, seed=int(cfg.seed), model=model, shard=False, save_steps=None
-        ),
-        train_dataset=train_dataset,
-        data_collator=collator,
-        callbacks=[NonFiniteLossCallback()],
+        arguments={"shard": False, "save_steps": None},
         quality_loss_weight=float(cfg.training.quality_loss_weight),
         quality_loss_mode=str(cfg.training.quality_loss_mode),
-        lm_loss_chunk_tokens=int(cfg.training.lm_loss_chunk_tokens),
     )
     result = trainer.train()
     if not is_main_process():
         return
 
-    gates_after = gate_statistics(model, train_dataset, collator, batch_size, stats_samples)
+    gates_after = gate_statistics(model, train_dataset, **probe)
     weights_path = save_stage1_weights(model, cfg, run_dir)
-    history = [entry for entry in trainer.state.log_history if "lm_loss" in entry]
-    lm_loss = lm_loss_report(
-        loss_released, gates_before["lm_loss"], gates_after["lm_loss"], float(cfg.training.lm_loss_margin)
+    metrics = warmup_metrics(
+        cfg, trainer, result, encode_stats, (gates_before, gates_after), loss_released, started
     )
-    metrics = {
-        "peft_mode": str(cfg.training.peft_mode),
-        "quality_loss_mode": str(cfg.training.quality_loss_mode),
-        "quality_loss_weight": float(cfg.training.quality_loss_weight),
-        "num_train_samples": len(train_dataset),
-        "encode_stats": encode_stats,
-        "global_step": trainer.state.global_step,
-        "train_loss": result.training_loss,
-        "final": history[-1] if history else None,
-        "history": history,
-        "gates_before": gates_before,
-        "gates_after": gates_after,
-        "gate_movement": gate_movement(gates_before, gates_after, history),
-        "gate_scale": gate_scale(model),
-        "lm_loss": lm_loss,
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 3),
-        "wall_time_s": round(time.perf_counter() - started, 3),
-        "world_size": world_size(),
-    }
     atomic_write_json(run_dir / "warmup_metrics.json", metrics)
     update_manifest(run_dir, stage1_weights=str(weights_path), warmup_metrics="warmup_metrics.json")
-    movement = metrics["gate_movement"]
-    (log.warning if movement["warning"] else log.info)(
-        "Stage 1 done in %.1fs: %s", metrics["wall_time_s"], movement["message"]
-    )
-    (log.warning if lm_loss["warning"] else log.info)(
-        "LM loss per assistant token: %.4f as released, %.4f at init, %.4f after the warmup%s",
-        lm_loss["released"],
-        lm_loss["at_init"],
-        lm_loss["after_warmup"],
-        f"; WARNING: {lm_loss['warning']}" if lm_loss["warning"] else "",
-    )
+    log_summary(metrics)
