@@ -76,7 +76,7 @@ def test_verdict_only_outside_the_interval(metric, diff, word):
 
 def test_compute_matching_by_steps_and_epochs(tmp_path):
     cfg = make_config("experiment", {"compute.match": "steps", "compute.epochs": 10})
-    data = {"quality_gate": tmp_path / "a", "full": tmp_path / "b"}
+    data = {"quality_gate": {"dataset.data_path": str(tmp_path / "a")}, "full": {"dataset.mode": "full"}}
     # batch 32 (overrides.finetune): ceil(10 * 600 / 32) = 188 steps for every arm, full data included.
     assert finetune_plan(cfg, 600, data) == {a: {"training.max_steps": 188} for a in data}
     cfg = make_config("experiment", {"compute.match": "epochs", "compute.epochs": 3})
@@ -100,11 +100,16 @@ def test_compute_matching_by_tokens_gives_longer_samples_fewer_steps(tmp_path):
 
     short, long = write(tmp_path / "s.jsonl", "3"), write(tmp_path / "l.jsonl", "three " * 40)
     cfg = make_config("experiment", {"compute.match": "tokens", "compute.epochs": 10})
-    plan = finetune_plan(cfg, 160, {"random": short, "verbose": long})
-    assert plan["random"]["training.max_steps"] == 50  # ceil(10 * 160 / 32): the reference keeps the steps
-    # Same trained tokens: steps scale with the inverse of the mean sample length (target tokenizer).
     from helpers import TARGET
     from transformers import AutoTokenizer
+
+    arms = {
+        arm: {"dataset.mode": "subset", "dataset.data_path": str(path), "training.model.name": str(TARGET)}
+        for arm, path in (("random", short), ("verbose", long))
+    }
+    plan = finetune_plan(cfg, 160, arms)
+    assert plan["random"]["training.max_steps"] == 50  # ceil(10 * 160 / 32): the reference keeps the steps
+    # Same trained tokens: steps scale with the inverse of the mean sample length (target tokenizer).
 
     tok = AutoTokenizer.from_pretrained(TARGET)
 

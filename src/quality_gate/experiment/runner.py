@@ -22,7 +22,10 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from quality_gate.config import make_config, validate
+from quality_gate.data.encode import encode_with_config
 from quality_gate.data.records import corruption_of
+from quality_gate.data.sources import load_local_file, read_records
+from quality_gate.errors import DataError
 from quality_gate.experiment.render import (
     arms_figure,
     render_html,
@@ -248,37 +251,78 @@ def run_selections(
 # --------------------------------------------------------------------------------------------- #
 # Fine-tuning at matched compute
 # --------------------------------------------------------------------------------------------- #
-def _mean_tokens(path: Path, tokenizer: Any) -> float:
-    """Mean token count of a data file's records through the target's chat template."""
-    records = read_jsonl(path)
-    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records]
-    return float(np.mean([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]))
+def _finetune_values(
+    cfg: DictConfig, prep: dict[str, Any], arm: str, data: Path, seed: int
+) -> dict[str, Any]:
+    """An arm's Stage 3 values (its data, seed and target model): ``full`` trains on the pool as
+    Stages 1-2 read it, every other arm on its selection file ``data``."""
+    source = (
+        {"dataset.mode": "full", **prep["common"]}
+        if arm == "full"
+        else {"dataset.mode": "subset", "dataset.data_path": str(data)}
+    )
+    return {**source, "seed": int(seed), "training.model.name": str(cfg.target_model)}
 
 
-def finetune_plan(cfg: DictConfig, k_samples: int, data: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """Per fine-tuned arm: the ``training.*`` overrides that give it the configured compute.
+def _target_tokenizer(ft: DictConfig) -> Any:
+    """The tokenizer of Stage 3's ``training.model`` (no weights loaded)."""
+    from transformers import AutoTokenizer
 
-    ``data`` maps arm -> one of its data files (token lengths). Batch size from ``overrides.finetune``.
+    from quality_gate.models import check_model_source, is_gguf
+
+    spec = ft.training.model
+    path = check_model_source(str(spec.name), "training.model.name")
+    kwargs: dict[str, Any] = {"trust_remote_code": bool(spec.trust_remote_code)}
+    if is_gguf(path):
+        return AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name, **kwargs)
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def _mean_tokens(ft: DictConfig, tokenizer: Any, arm: str) -> float:
+    """Mean length of the samples Stage 3 trains on under the finetune config ``ft``: its records
+    encoded as it encodes them (chat template or ``dataset.chat_template``, ``max_sequence_length``,
+    ``truncation``); dropped samples do not count."""
+    ds = ft.dataset
+    if ds.mode == "full":
+        records, _ = read_records(ds, seed=int(ft.seed))
+    else:
+        records, _ = load_local_file(str(ds.data_path), str(ds.dataset_name), strict=bool(ds.strict))
+    samples, _, _ = encode_with_config(records, tokenizer, ds, desc=f"count tokens: {arm}")
+    if not samples:
+        raise DataError(
+            f"arm {arm}: no training samples left after encoding; check dataset.max_sequence_length and "
+            "dataset.truncation (drop skips every sample longer than the limit)"
+        )
+    return float(np.mean([len(s) for s in samples]))
+
+
+def finetune_plan(
+    cfg: DictConfig, k_samples: int, arms: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per fine-tuned arm: the ``training.*`` values that give it the configured compute.
+
+    ``arms`` maps arm -> its Stage 3 values (:func:`_finetune_values`; ``tokens`` counts what Stage 3
+    trains on under them and ``overrides.finetune``). Batch size from ``overrides.finetune``.
     """
-    ft = make_config("finetune", {"dataset.mode": "full"}, _overrides(cfg, "finetune"))  # for the batch size
+    overrides = _overrides(cfg, "finetune")
+    ft = make_config("finetune", {"dataset.mode": "full"}, overrides)  # for the batch size
     batch = int(ft.training.batch_size)
     epochs = float(cfg.compute.epochs)
     budget_steps = math.ceil(epochs * k_samples / batch)
     match = str(cfg.compute.match)
-    plan: dict[str, dict[str, Any]] = {}
     if match == "epochs":
-        return {arm: {"training.epochs": epochs, "training.max_steps": -1} for arm in data}
+        return {arm: {"training.epochs": epochs, "training.max_steps": -1} for arm in arms}
     if match == "steps":
-        return {arm: {"training.max_steps": budget_steps} for arm in data}
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(cfg.target_model))
-    lengths = {arm: _mean_tokens(path, tokenizer) for arm, path in data.items()}
+        return {arm: {"training.max_steps": budget_steps} for arm in arms}
+    configs = {arm: make_config("finetune", values, overrides) for arm, values in arms.items()}
+    tokenizer = _target_tokenizer(next(iter(configs.values())))  # every arm has the same target
+    lengths = {arm: _mean_tokens(ft, tokenizer, arm) for arm, ft in configs.items()}
     reference = lengths.get("random", float(np.mean(list(lengths.values()))))
     budget_tokens = budget_steps * batch * reference
-    for arm, mean in lengths.items():
-        plan[arm] = {"training.max_steps": max(1, round(budget_tokens / (batch * mean)))}
-    return plan
+    return {
+        arm: {"training.max_steps": max(1, round(budget_tokens / (batch * mean)))}
+        for arm, mean in lengths.items()
+    }
 
 
 def run_finetunes(
@@ -291,24 +335,17 @@ def run_finetunes(
     if cfg.include_full:
         arms["full"] = dict.fromkeys(cfg.seeds, prep["train_path"])
     k_samples = next(iter(sel["rows"].values()))["kept"]
-    plan = finetune_plan(cfg, int(k_samples), {arm: next(iter(by.values())) for arm, by in arms.items()})
+    first = {}  # per arm, its first seed's values: what compute matching measures
+    for arm, by_seed in arms.items():
+        seed, data = next(iter(by_seed.items()))
+        first[arm] = _finetune_values(cfg, prep, arm, data, seed)
+    plan = finetune_plan(cfg, int(k_samples), first)
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for arm, by_seed in arms.items():
         for seed, data in by_seed.items():
             ft_dir, ev_dir = root / "finetune" / f"{arm}_seed{seed}", root / "evaluate" / f"{arm}_seed{seed}"
-            source = (
-                {"dataset.mode": "full", **prep["common"]}
-                if arm == "full"
-                else {"dataset.mode": "subset", "dataset.data_path": str(data)}
-            )
+            values = {**_finetune_values(cfg, prep, arm, data, seed), **plan[arm], "output_dir": str(ft_dir)}
             with steps.step(f"fine-tune: {arm}, seed {seed}"):
-                values = {
-                    **source,
-                    **plan[arm],
-                    "seed": int(seed),
-                    "training.model.name": str(cfg.target_model),
-                    "output_dir": str(ft_dir),
-                }
                 _run(cfg, "finetune", values)
             with steps.step(f"evaluate: {arm}, seed {seed}"):
                 _evaluate(cfg, ft_dir / "checkpoint-final", ev_dir, seed)
