@@ -8,6 +8,7 @@ See :mod:`quality_gate.experiment` for what is compared and how; the statistics 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import importlib
 import json
@@ -35,7 +36,7 @@ from quality_gate.experiment.render import (
 )
 from quality_gate.experiment.statistics import composition, families_of, summarise_arms, verdicts
 from quality_gate.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
-from quality_gate.runs import PhaseTimer, init_run
+from quality_gate.runs import PhaseTimer, git_commit, init_run
 
 log = logging.getLogger(__name__)
 
@@ -418,9 +419,51 @@ def _write(run_dir: Path, summary: dict[str, Any], stem: str = "summary") -> Non
     )
 
 
+# The Makefile's commands that write docs/results/ (the header names the make target too).
+MAKE_TARGETS = {
+    "quality-gate experiment results_file=docs/results/demo.md": "make demo",
+    "quality-gate experiment_sweep results_file=docs/results/sweep.md": "make sweep",
+}
+
+
+def _command() -> str:
+    """This run's command line as Hydra composed it (``quality-gate <config> <overrides>``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra = HydraConfig.get()
+    except (ImportError, ValueError):
+        return "quality_gate.experiment.run_experiment (called from Python)"
+    return " ".join(["quality-gate", str(hydra.job.config_name), *hydra.overrides.task])
+
+
+def write_results(path: str | Path, markdown: str, run_dir: Path, command: str) -> Path:
+    """Write ``markdown`` (a rendered summary) to ``path`` atomically, under its title a line that
+    says how it was made: the command (and its make target), the date, the git commit, the run dir."""
+    make = MAKE_TARGETS.get(command)
+    named = f"`{make}` (= `{command}`)" if make else f"`{command}`"
+    with contextlib.suppress(ValueError):  # a run dir under the cwd is named relative to it
+        run_dir = run_dir.resolve().relative_to(Path.cwd().resolve())
+    header = (
+        f"Written by {named} on {dt.date.today().isoformat()} at commit {git_commit() or 'unknown'}, "
+        f"from the run dir `{run_dir}`; rerun the command to rewrite this file."
+    )
+    title, _, rest = markdown.partition("\n")
+    text = f"{title}\n\n{header}\n{rest}" if title.startswith("# ") else f"{header}\n\n{markdown}"
+    atomic_write_text(Path(path), text)
+    log.info("results written to %s", path)
+    return Path(path)
+
+
+def _results_file(cfg: DictConfig, markdown: str, run_dir: Path) -> None:
+    """``results_file``, when set: the summary's Markdown, headed by how it was made."""
+    if cfg.get("results_file"):
+        write_results(str(cfg.results_file), markdown, run_dir, _command())
+
+
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """One regime (or the sweep, when ``sweep.noise_rates`` / ``sweep.budgets`` are set); writes the
-    summaries."""
+    summaries into the run dir (and to ``results_file`` when set)."""
     validate(cfg)
     run_dir = init_run(cfg, "experiment")
     if cfg.sweep.noise_rates or cfg.sweep.budgets:
@@ -429,14 +472,17 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     prep = prepare(cfg, run_dir, steps)
     summary = regime_summary(cfg, run_dir, prep, float(cfg.selection_percentage), steps)
     _write(run_dir, summary)
+    _results_file(cfg, render_markdown(summary), run_dir)
     return summary
 
 
 def cell_fingerprint(cfg: DictConfig, k: float) -> str:
-    """What a sweep cell's results depend on: the resolved config (less ``output_dir``) and the budget."""
+    """What a sweep cell's results depend on: the resolved config (less ``output_dir`` and
+    ``results_file``, which say where results go) and the budget."""
     values = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(values, dict)
     values.pop("output_dir", None)
+    values.pop("results_file", None)
     text = json.dumps([values, float(k)], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -501,6 +547,7 @@ def run_sweep(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     atomic_write_json(run_dir / "sweep_summary.json", sweep)
     atomic_write_text(run_dir / "sweep_summary.md", render_sweep_markdown(sweep))
     atomic_write_text(run_dir / "sweep_summary.html", render_sweep_html(sweep))
+    _results_file(cfg, render_sweep_markdown(sweep), run_dir)
     return sweep
 
 
