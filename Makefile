@@ -67,12 +67,14 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The synthetic suite, one regime: writes outputs/demo/<date>/<time>/ and docs/results/demo.md.
 demo: install
-	$(PY) -m quality_gate experiment
+	$(PY) -m quality_gate experiment results_file=docs/results/demo.md
 
-# The experiment over noise rates x budgets (see README for its run time).
+# The experiment over noise rates x budgets (about 31 min on 2 cores): writes outputs/sweep/<date>/<time>/
+# and docs/results/sweep.md.
 sweep: install
-	$(PY) -m quality_gate experiment_sweep
+	$(PY) -m quality_gate experiment_sweep results_file=docs/results/sweep.md
 
 # Every selector against human / LLM-judge quality labels on the real selector (about 35 min on 2 cores;
 # rerun the same command to resume). Writes outputs/bench_real/ and docs/results/real_labels.md.

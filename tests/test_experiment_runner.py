@@ -222,3 +222,64 @@ def test_runner_command_line_prints_the_table(tmp_path):
     assert re.search(r"^\| quality_gate \| 18 \|", proc.stdout, re.M)
     assert "Did selection help?" in proc.stdout
     assert (out / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("truncation", ["right", "drop"])
+def test_token_matching_counts_what_stage_3_trains_on(tmp_path, truncation):
+    """compute.match=tokens counts the samples as Stage 3 encodes them: a record longer than
+    dataset.max_sequence_length is cut (right) or not counted (drop), as build_train_dataset does."""
+    from helpers import TARGET
+    from transformers import AutoTokenizer
+
+    from quality_gate.data import ensure_chat_template
+    from quality_gate.experiment.runner import _mean_tokens, _target_tokenizer, finetune_plan
+    from quality_gate.stages.finetune import build_train_dataset
+
+    def row(i, answer):
+        return {
+            "id": f"r{i}",
+            "messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": answer}],
+        }
+
+    data = tmp_path / "sel.jsonl"
+    rows = [row(i, f"answer {i}") for i in range(5)] + [row(9, "three " * 200)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [
+        "dataset.max_sequence_length=48",
+        f"dataset.truncation={truncation}",
+        "training.batch_size=2",
+        "training.per_device_batch_size=2",
+    ]
+    exp = make_config(
+        "experiment", {"compute.match": "tokens", "compute.epochs": 1, "overrides.finetune": overrides}
+    )
+    values = {"dataset.mode": "subset", "dataset.data_path": str(data), "training.model.name": str(TARGET)}
+    ft = make_config("finetune", values, overrides)
+
+    tokenizer = AutoTokenizer.from_pretrained(TARGET)
+    ensure_chat_template(tokenizer, ft.dataset.chat_template)
+    _, info = build_train_dataset(ft, tokenizer, tmp_path / "ft")
+    stage3_mean = info["num_tokens"] / info["num_samples"]
+    counted = _mean_tokens(ft, _target_tokenizer(ft), "arm")
+    assert counted == pytest.approx(stage3_mean)
+    # The long record is the one that matters: untruncated, the mean would be far larger.
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
+    whole = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    assert max(whole) > 48 and counted < sum(whole) / len(whole)
+    assert info["num_samples"] == (5 if truncation == "drop" else 6)
+    # The full pool read as Stage 3 reads it (dataset.local.datasets) counts the same samples, and the
+    # plan gives the arm with the longer samples fewer steps.
+    full = {
+        "dataset.mode": "full",
+        "dataset.local.datasets": [{"path": str(data), "dataset_name": "pool"}],
+        "training.model.name": str(TARGET),
+    }
+    assert _mean_tokens(make_config("finetune", full, overrides), tokenizer, "full") == pytest.approx(counted)
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    plan = finetune_plan(exp, 40, {"random": {**values, "dataset.data_path": str(short)}, "long": values})
+    assert plan["random"] == {"training.max_steps": 20}  # ceil(1 * 40 / 2)
+    mean_short = _mean_tokens(
+        make_config("finetune", {**values, "dataset.data_path": str(short)}, overrides), tokenizer, "s"
+    )
+    assert plan["long"] == {"training.max_steps": round(20 * mean_short / stage3_mean)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,7 +77,7 @@ def test_verdict_only_outside_the_interval(metric, diff, word):
 
 def test_compute_matching_by_steps_and_epochs(tmp_path):
     cfg = make_config("experiment", {"compute.match": "steps", "compute.epochs": 10})
-    data = {"quality_gate": tmp_path / "a", "full": tmp_path / "b"}
+    data = {"quality_gate": {"dataset.data_path": str(tmp_path / "a")}, "full": {"dataset.mode": "full"}}
     # batch 32 (overrides.finetune): ceil(10 * 600 / 32) = 188 steps for every arm, full data included.
     assert finetune_plan(cfg, 600, data) == {a: {"training.max_steps": 188} for a in data}
     cfg = make_config("experiment", {"compute.match": "epochs", "compute.epochs": 3})
@@ -100,11 +101,16 @@ def test_compute_matching_by_tokens_gives_longer_samples_fewer_steps(tmp_path):
 
     short, long = write(tmp_path / "s.jsonl", "3"), write(tmp_path / "l.jsonl", "three " * 40)
     cfg = make_config("experiment", {"compute.match": "tokens", "compute.epochs": 10})
-    plan = finetune_plan(cfg, 160, {"random": short, "verbose": long})
-    assert plan["random"]["training.max_steps"] == 50  # ceil(10 * 160 / 32): the reference keeps the steps
-    # Same trained tokens: steps scale with the inverse of the mean sample length (target tokenizer).
     from helpers import TARGET
     from transformers import AutoTokenizer
+
+    arms = {
+        arm: {"dataset.mode": "subset", "dataset.data_path": str(path), "training.model.name": str(TARGET)}
+        for arm, path in (("random", short), ("verbose", long))
+    }
+    plan = finetune_plan(cfg, 160, arms)
+    assert plan["random"]["training.max_steps"] == 50  # ceil(10 * 160 / 32): the reference keeps the steps
+    # Same trained tokens: steps scale with the inverse of the mean sample length (target tokenizer).
 
     tok = AutoTokenizer.from_pretrained(TARGET)
 
@@ -120,8 +126,8 @@ def test_compute_matching_by_tokens_gives_longer_samples_fewer_steps(tmp_path):
     assert plan["verbose"]["training.max_steps"] == round(50 * length(short) / length(long))
 
 
-def test_render_markdown_states_compute_intervals_and_families():
-    summary = {
+def _tiny_summary():
+    return {
         "name": "t",
         "num_candidates": 100,
         "corrupted_candidates": 30,
@@ -152,6 +158,10 @@ def test_render_markdown_states_compute_intervals_and_families():
         "verdicts": ["quality_gate is better than random on held-out loss"],
         "selection_cost": {},
     }
+
+
+def test_render_markdown_states_compute_intervals_and_families():
+    summary = _tiny_summary()
     md = render_markdown(summary)
     assert "compute matched by steps (12 epochs of a k-selection)" in md
     assert "-0.1000 [-0.2000, -0.0500]" in md
@@ -222,3 +232,41 @@ def test_steps_time_each_title_and_time_a_repeated_title_anew():
     assert steps.done == 3
     assert steps.timings == {"select: random": 0.25, "fine-tune": 2.5}  # not 1.25: timed anew
     assert list(steps.timings) == ["select: random", "fine-tune"]
+
+
+def test_results_file_is_the_rendered_summary_under_a_header_naming_its_command(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from quality_gate.experiment.render import render_sweep_markdown
+    from quality_gate.experiment.runner import _results_file, write_results
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "outputs" / "demo" / "2026-12-04" / "10-00-00"
+    md = render_markdown(_tiny_summary())
+    out = write_results(
+        tmp_path / "docs" / "demo.md",
+        md,
+        run_dir,
+        "quality-gate experiment results_file=docs/results/demo.md",
+    )
+    text = out.read_text()
+    title, blank, header = text.splitlines()[:3]
+    assert title == "# Quality-Gate experiment: t" and blank == ""
+    assert header.startswith(
+        "Written by `make demo` (= `quality-gate experiment results_file=docs/results/demo.md`) on 20"
+    )
+    assert " at commit " in header and "from the run dir `outputs/demo/2026-12-04/10-00-00`" in header
+    assert text.endswith(md.partition("\n")[2])  # the summary itself, unchanged below the header
+
+    sweep = {"name": "sweep", "wall_time_s": 61.0, "cells": [], "resumed_cells": []}
+    other = write_results(
+        tmp_path / "s.md", render_sweep_markdown(sweep), Path("/elsewhere"), "quality-gate x"
+    )
+    assert other.read_text().splitlines()[2].startswith("Written by `quality-gate x` on ")
+    assert "`/elsewhere`" in other.read_text()
+
+    # The experiment's config key: set, the file is written (outside Hydra the command says so); unset, not.
+    _results_file(OmegaConf.create({"results_file": "r.md"}), md, run_dir)
+    assert "(called from Python)" in (tmp_path / "r.md").read_text()
+    _results_file(OmegaConf.create({"results_file": None}), md, run_dir)
+    assert sorted(p.name for p in tmp_path.glob("*.md")) == ["r.md", "s.md"]

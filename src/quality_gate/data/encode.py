@@ -13,7 +13,7 @@ Template text around the content (``<|im_start|>assistant\\n``, Qwen3's empty
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -269,3 +269,20 @@ def encode_records(
     bar.close()
     log.info("%s: %s", desc, stats.as_dict())
     return samples, stats, skipped
+
+
+def encode_with_config(
+    records: Sequence[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    dataset_cfg: Mapping[str, Any],
+    *,
+    desc: str = "encode",
+) -> tuple[list[EncodedSample], EncodeStats, list[SkippedRow]]:
+    """:func:`encode_records` under a Stage 3 ``dataset`` config block: its ``chat_template`` (the
+    fallback for a tokenizer without one), ``max_sequence_length`` and ``truncation``.
+
+    What Stage 3 trains on and what the experiment's token matching counts (one renderer, one place).
+    """
+    ensure_chat_template(tokenizer, dataset_cfg.get("chat_template"))
+    max_length, truncation = int(dataset_cfg["max_sequence_length"]), str(dataset_cfg["truncation"])
+    return encode_records(records, tokenizer, max_length, truncation, desc=desc)

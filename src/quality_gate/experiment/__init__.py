@@ -8,7 +8,7 @@ One command runs the whole pipeline and compares selectors (``quality-gate exper
          (quality_gate on unwarmed gates, quality_gate without perplexity weighting: alpha=0)
       -> Stage 3 per arm x fine-tune seed, every arm (full data included) at the same compute
       -> Stage 4 per arm x seed (+ the base model)
-      -> summary.json / summary.md / summary.html
+      -> summary.json / summary.md / summary.html (and the Markdown to ``results_file``, e.g. docs/results/)
 
 Statistics: every arm is fine-tuned with each seed of ``seeds``, paired with random's run of the same
 seed. The difference of an arm to random (held-out loss, exact match) gets a bootstrap interval that
@@ -17,7 +17,8 @@ resamples seeds and held-out samples together (paired: the same resample for bot
 
 Compute: ``compute.match=steps`` gives every fine-tuned arm the optimizer steps a k-selection needs
 for ``compute.epochs`` epochs (the full-data arm too, so it sees each sample fewer times);
-``tokens`` matches trained tokens instead; ``epochs`` is the old sample-count budget. The summary
+``tokens`` matches trained tokens instead (counted as Stage 3 encodes the samples: its chat template,
+``max_sequence_length`` and ``truncation``); ``epochs`` is the old sample-count budget. The summary
 states each arm's steps, trained tokens and estimated FLOPs, and the wall time and FLOPs of Stages
 1-2 (the selection's own bill).
 

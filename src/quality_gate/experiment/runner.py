@@ -8,6 +8,7 @@ See :mod:`quality_gate.experiment` for what is compared and how; the statistics 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import importlib
 import json
@@ -22,7 +23,10 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from quality_gate.config import make_config, validate
+from quality_gate.data.encode import encode_with_config
 from quality_gate.data.records import corruption_of
+from quality_gate.data.sources import load_local_file, read_records
+from quality_gate.errors import DataError
 from quality_gate.experiment.render import (
     arms_figure,
     render_html,
@@ -32,7 +36,7 @@ from quality_gate.experiment.render import (
 )
 from quality_gate.experiment.statistics import composition, families_of, summarise_arms, verdicts
 from quality_gate.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
-from quality_gate.runs import PhaseTimer, init_run
+from quality_gate.runs import PhaseTimer, git_commit, init_run
 
 log = logging.getLogger(__name__)
 
@@ -248,37 +252,78 @@ def run_selections(
 # --------------------------------------------------------------------------------------------- #
 # Fine-tuning at matched compute
 # --------------------------------------------------------------------------------------------- #
-def _mean_tokens(path: Path, tokenizer: Any) -> float:
-    """Mean token count of a data file's records through the target's chat template."""
-    records = read_jsonl(path)
-    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records]
-    return float(np.mean([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]))
+def _finetune_values(
+    cfg: DictConfig, prep: dict[str, Any], arm: str, data: Path, seed: int
+) -> dict[str, Any]:
+    """An arm's Stage 3 values (its data, seed and target model): ``full`` trains on the pool as
+    Stages 1-2 read it, every other arm on its selection file ``data``."""
+    source = (
+        {"dataset.mode": "full", **prep["common"]}
+        if arm == "full"
+        else {"dataset.mode": "subset", "dataset.data_path": str(data)}
+    )
+    return {**source, "seed": int(seed), "training.model.name": str(cfg.target_model)}
 
 
-def finetune_plan(cfg: DictConfig, k_samples: int, data: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """Per fine-tuned arm: the ``training.*`` overrides that give it the configured compute.
+def _target_tokenizer(ft: DictConfig) -> Any:
+    """The tokenizer of Stage 3's ``training.model`` (no weights loaded)."""
+    from transformers import AutoTokenizer
 
-    ``data`` maps arm -> one of its data files (token lengths). Batch size from ``overrides.finetune``.
+    from quality_gate.models import check_model_source, is_gguf
+
+    spec = ft.training.model
+    path = check_model_source(str(spec.name), "training.model.name")
+    kwargs: dict[str, Any] = {"trust_remote_code": bool(spec.trust_remote_code)}
+    if is_gguf(path):
+        return AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name, **kwargs)
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def _mean_tokens(ft: DictConfig, tokenizer: Any, arm: str) -> float:
+    """Mean length of the samples Stage 3 trains on under the finetune config ``ft``: its records
+    encoded as it encodes them (chat template or ``dataset.chat_template``, ``max_sequence_length``,
+    ``truncation``); dropped samples do not count."""
+    ds = ft.dataset
+    if ds.mode == "full":
+        records, _ = read_records(ds, seed=int(ft.seed))
+    else:
+        records, _ = load_local_file(str(ds.data_path), str(ds.dataset_name), strict=bool(ds.strict))
+    samples, _, _ = encode_with_config(records, tokenizer, ds, desc=f"count tokens: {arm}")
+    if not samples:
+        raise DataError(
+            f"arm {arm}: no training samples left after encoding; check dataset.max_sequence_length and "
+            "dataset.truncation (drop skips every sample longer than the limit)"
+        )
+    return float(np.mean([len(s) for s in samples]))
+
+
+def finetune_plan(
+    cfg: DictConfig, k_samples: int, arms: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per fine-tuned arm: the ``training.*`` values that give it the configured compute.
+
+    ``arms`` maps arm -> its Stage 3 values (:func:`_finetune_values`; ``tokens`` counts what Stage 3
+    trains on under them and ``overrides.finetune``). Batch size from ``overrides.finetune``.
     """
-    ft = make_config("finetune", {"dataset.mode": "full"}, _overrides(cfg, "finetune"))  # for the batch size
+    overrides = _overrides(cfg, "finetune")
+    ft = make_config("finetune", {"dataset.mode": "full"}, overrides)  # for the batch size
     batch = int(ft.training.batch_size)
     epochs = float(cfg.compute.epochs)
     budget_steps = math.ceil(epochs * k_samples / batch)
     match = str(cfg.compute.match)
-    plan: dict[str, dict[str, Any]] = {}
     if match == "epochs":
-        return {arm: {"training.epochs": epochs, "training.max_steps": -1} for arm in data}
+        return {arm: {"training.epochs": epochs, "training.max_steps": -1} for arm in arms}
     if match == "steps":
-        return {arm: {"training.max_steps": budget_steps} for arm in data}
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(cfg.target_model))
-    lengths = {arm: _mean_tokens(path, tokenizer) for arm, path in data.items()}
+        return {arm: {"training.max_steps": budget_steps} for arm in arms}
+    configs = {arm: make_config("finetune", values, overrides) for arm, values in arms.items()}
+    tokenizer = _target_tokenizer(next(iter(configs.values())))  # every arm has the same target
+    lengths = {arm: _mean_tokens(ft, tokenizer, arm) for arm, ft in configs.items()}
     reference = lengths.get("random", float(np.mean(list(lengths.values()))))
     budget_tokens = budget_steps * batch * reference
-    for arm, mean in lengths.items():
-        plan[arm] = {"training.max_steps": max(1, round(budget_tokens / (batch * mean)))}
-    return plan
+    return {
+        arm: {"training.max_steps": max(1, round(budget_tokens / (batch * mean)))}
+        for arm, mean in lengths.items()
+    }
 
 
 def run_finetunes(
@@ -291,24 +336,17 @@ def run_finetunes(
     if cfg.include_full:
         arms["full"] = dict.fromkeys(cfg.seeds, prep["train_path"])
     k_samples = next(iter(sel["rows"].values()))["kept"]
-    plan = finetune_plan(cfg, int(k_samples), {arm: next(iter(by.values())) for arm, by in arms.items()})
+    first = {}  # per arm, its first seed's values: what compute matching measures
+    for arm, by_seed in arms.items():
+        seed, data = next(iter(by_seed.items()))
+        first[arm] = _finetune_values(cfg, prep, arm, data, seed)
+    plan = finetune_plan(cfg, int(k_samples), first)
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for arm, by_seed in arms.items():
         for seed, data in by_seed.items():
             ft_dir, ev_dir = root / "finetune" / f"{arm}_seed{seed}", root / "evaluate" / f"{arm}_seed{seed}"
-            source = (
-                {"dataset.mode": "full", **prep["common"]}
-                if arm == "full"
-                else {"dataset.mode": "subset", "dataset.data_path": str(data)}
-            )
+            values = {**_finetune_values(cfg, prep, arm, data, seed), **plan[arm], "output_dir": str(ft_dir)}
             with steps.step(f"fine-tune: {arm}, seed {seed}"):
-                values = {
-                    **source,
-                    **plan[arm],
-                    "seed": int(seed),
-                    "training.model.name": str(cfg.target_model),
-                    "output_dir": str(ft_dir),
-                }
                 _run(cfg, "finetune", values)
             with steps.step(f"evaluate: {arm}, seed {seed}"):
                 _evaluate(cfg, ft_dir / "checkpoint-final", ev_dir, seed)
@@ -381,9 +419,51 @@ def _write(run_dir: Path, summary: dict[str, Any], stem: str = "summary") -> Non
     )
 
 
+# The Makefile's commands that write docs/results/ (the header names the make target too).
+MAKE_TARGETS = {
+    "quality-gate experiment results_file=docs/results/demo.md": "make demo",
+    "quality-gate experiment_sweep results_file=docs/results/sweep.md": "make sweep",
+}
+
+
+def _command() -> str:
+    """This run's command line as Hydra composed it (``quality-gate <config> <overrides>``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra = HydraConfig.get()
+    except (ImportError, ValueError):
+        return "quality_gate.experiment.run_experiment (called from Python)"
+    return " ".join(["quality-gate", str(hydra.job.config_name), *hydra.overrides.task])
+
+
+def write_results(path: str | Path, markdown: str, run_dir: Path, command: str) -> Path:
+    """Write ``markdown`` (a rendered summary) to ``path`` atomically, under its title a line that
+    says how it was made: the command (and its make target), the date, the git commit, the run dir."""
+    make = MAKE_TARGETS.get(command)
+    named = f"`{make}` (= `{command}`)" if make else f"`{command}`"
+    with contextlib.suppress(ValueError):  # a run dir under the cwd is named relative to it
+        run_dir = run_dir.resolve().relative_to(Path.cwd().resolve())
+    header = (
+        f"Written by {named} on {dt.date.today().isoformat()} at commit {git_commit() or 'unknown'}, "
+        f"from the run dir `{run_dir}`; rerun the command to rewrite this file."
+    )
+    title, _, rest = markdown.partition("\n")
+    text = f"{title}\n\n{header}\n{rest}" if title.startswith("# ") else f"{header}\n\n{markdown}"
+    atomic_write_text(Path(path), text)
+    log.info("results written to %s", path)
+    return Path(path)
+
+
+def _results_file(cfg: DictConfig, markdown: str, run_dir: Path) -> None:
+    """``results_file``, when set: the summary's Markdown, headed by how it was made."""
+    if cfg.get("results_file"):
+        write_results(str(cfg.results_file), markdown, run_dir, _command())
+
+
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """One regime (or the sweep, when ``sweep.noise_rates`` / ``sweep.budgets`` are set); writes the
-    summaries."""
+    summaries into the run dir (and to ``results_file`` when set)."""
     validate(cfg)
     run_dir = init_run(cfg, "experiment")
     if cfg.sweep.noise_rates or cfg.sweep.budgets:
@@ -392,14 +472,17 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     prep = prepare(cfg, run_dir, steps)
     summary = regime_summary(cfg, run_dir, prep, float(cfg.selection_percentage), steps)
     _write(run_dir, summary)
+    _results_file(cfg, render_markdown(summary), run_dir)
     return summary
 
 
 def cell_fingerprint(cfg: DictConfig, k: float) -> str:
-    """What a sweep cell's results depend on: the resolved config (less ``output_dir``) and the budget."""
+    """What a sweep cell's results depend on: the resolved config (less ``output_dir`` and
+    ``results_file``, which say where results go) and the budget."""
     values = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(values, dict)
     values.pop("output_dir", None)
+    values.pop("results_file", None)
     text = json.dumps([values, float(k)], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -464,6 +547,7 @@ def run_sweep(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     atomic_write_json(run_dir / "sweep_summary.json", sweep)
     atomic_write_text(run_dir / "sweep_summary.md", render_sweep_markdown(sweep))
     atomic_write_text(run_dir / "sweep_summary.html", render_sweep_html(sweep))
+    _results_file(cfg, render_sweep_markdown(sweep), run_dir)
     return sweep
 
 
