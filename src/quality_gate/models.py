@@ -50,11 +50,8 @@ from quality_gate.model_sources import (
     resolve_stage1_checkpoint,
 )
 
-# "re-export": defined in quality_gate.model_sources (its home since issue #20) and kept importable
-# from here, because stages/warmup.py and stages/finetune.py import it from here.
 __all__ = [
     "FORMAT_VERSION",
-    "FULL_RANK_WEIGHTS_FILE",  # re-export
     "GATE_BASE_FILE",
     "GATE_CONFIG_FILE",
     "GATE_SCALE_KEY",
@@ -62,12 +59,12 @@ __all__ = [
     "SHAPE_FILES",
     "WEIGHT_SUFFIXES",
     "apply_stage1_weights",
-    "check_model_source",  # re-export
     "default_device",
     "is_converted_dir",
     "load_options",
     "load_selector",
     "load_target",
+    "load_tokenizer",
     "model_weights_fingerprint",
     "resolve_dtype",
     "save_converted",
@@ -130,7 +127,9 @@ def _from_pretrained(loader: Any, path: str, key: str | None, **kwargs: Any) -> 
         ) from err
 
 
-def _load_tokenizer(path: str, trust_remote_code: bool, key: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, trust_remote_code: bool, key: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model dir, Hub id or ``.gguf`` file (no weights loaded); a tokenizer without a
+    pad token pads with its eos token. Load failures are one :class:`ModelLoadError` naming ``key``."""
     tokenizer = _from_pretrained(AutoTokenizer, path, key, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -166,7 +165,7 @@ def _load_model_and_tokenizer(
         attn_implementation=attn_implementation,
         key=key,
     )
-    tokenizer = _load_tokenizer(path, trust_remote_code, key)
+    tokenizer = load_tokenizer(path, trust_remote_code, key)
     _sync_pad_token(model, tokenizer)
     return model, tokenizer
 

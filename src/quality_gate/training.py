@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from quality_gate.data import SFTDataCollator, encode_records, to_hf_dataset
+from quality_gate.data import SFTDataCollator, to_hf_dataset
+from quality_gate.data.encode import encode_with_config
 from quality_gate.errors import ConfigError, DataError, NonFiniteLossError
 from quality_gate.nll import causal_lm_loss_in_chunks
 from quality_gate.runs import is_main_process, world_size
@@ -431,9 +432,7 @@ def build_sft_dataset(
     (``EncodeStats.as_dict``). Records dropped while encoding are logged; none kept is a
     :class:`DataError` that ends with ``check <advice>``.
     """
-    samples, stats, skipped = encode_records(
-        records, tokenizer, int(dataset_cfg.max_sequence_length), str(dataset_cfg.truncation)
-    )
+    samples, stats, skipped = encode_with_config(records, tokenizer, dataset_cfg)
     if skipped:
         log.warning("%d records dropped while encoding; first: %s", len(skipped), skipped[0])
     if not samples:

@@ -267,16 +267,12 @@ def _finetune_values(
 
 def _target_tokenizer(ft: DictConfig) -> Any:
     """The tokenizer of Stage 3's ``training.model`` (no weights loaded)."""
-    from transformers import AutoTokenizer
-
-    from quality_gate.models import check_model_source, is_gguf
+    from quality_gate.model_sources import check_model_source
+    from quality_gate.models import load_tokenizer
 
     spec = ft.training.model
     path = check_model_source(str(spec.name), "training.model.name")
-    kwargs: dict[str, Any] = {"trust_remote_code": bool(spec.trust_remote_code)}
-    if is_gguf(path):
-        return AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name, **kwargs)
-    return AutoTokenizer.from_pretrained(path, **kwargs)
+    return load_tokenizer(path, bool(spec.trust_remote_code), "training.model.name")
 
 
 def _mean_tokens(ft: DictConfig, tokenizer: Any, arm: str) -> float:

@@ -235,17 +235,16 @@ def _stage2_settings(res: SelectionResult) -> dict[str, Any]:
 
 
 def _load_encoder(res: SelectionResult) -> tuple[Any, Any, dict[str, Any]]:
-    from transformers import AutoTokenizer
-
     from quality_gate.data.encode import encode_record
     from quality_gate.model_sources import check_model_source
+    from quality_gate.models import load_tokenizer
 
     settings = _stage2_settings(res)
     # A selector dir moved or deleted since Stage 2 fails here at once, not after Hub retries.
     path = check_model_source(
         settings["path"], "fingerprint.json selector_model_path", ("tokenizer_config.json", "tokenizer.json")
     )
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=settings["trust_remote_code"])
+    tok = load_tokenizer(path, settings["trust_remote_code"], "fingerprint.json selector_model_path")
     return tok, encode_record, settings
 
 

@@ -50,7 +50,8 @@ from quality_gate.data.encode import IGNORE_INDEX
 from quality_gate.data.sources import SKIPPED_ROWS_FILE
 from quality_gate.errors import ConfigError, DataError, MissingPathError
 from quality_gate.io import atomic_dir, atomic_write_json, atomic_write_jsonl, normalize_modes, sha256_file
-from quality_gate.models import check_model_source, load_options, load_target
+from quality_gate.model_sources import check_model_source
+from quality_gate.models import load_options, load_target
 from quality_gate.runs import (
     init_run,
     is_main_process,

@@ -45,14 +45,8 @@ from quality_gate.gate import (
 )
 from quality_gate.io import atomic_dir, atomic_torch_save, atomic_write_json
 from quality_gate.loss import quality_loss
-from quality_gate.models import (
-    FULL_RANK_WEIGHTS_FILE,
-    GATE_BASE_FILE,
-    GATE_SCALE_KEY,
-    check_model_source,
-    load_options,
-    load_selector,
-)
+from quality_gate.model_sources import FULL_RANK_WEIGHTS_FILE, check_model_source
+from quality_gate.models import GATE_BASE_FILE, GATE_SCALE_KEY, load_options, load_selector
 from quality_gate.runs import init_run, is_main_process, update_manifest, world_size
 from quality_gate.training import LMTrainer, build_sft_dataset, build_trainer, lora_config, wrap_lora
 
