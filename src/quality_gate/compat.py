@@ -3,7 +3,9 @@
 The original stages document (``stages_module_doc.zh.md``) names its configs, scripts, ``stage:``
 values and functions differently from the stage names used everywhere else here (warmup, collect,
 select, finetune, evaluate). Everything the seed's users type or import keeps working through this
-module; nothing else in the package uses the old names.
+module; only the command line (:mod:`quality_gate.cli`, the edge) reads it: it maps the seed's names
+to the current ones before the config is validated, so the rest of the package knows the current
+names alone.
 
 =====================================  ===============================================
 seed                                    here
@@ -15,6 +17,7 @@ seed                                    here
 ``--config-name stage_3_finetune``      ``quality-gate finetune`` (run dirs: ``outputs/stage_3_finetune/``)
 ``--config-name stage_4_evaluate``      ``quality-gate evaluate`` (run dirs: ``outputs/stage_4_evaluate/``)
 ``stage: selection`` (in a config)      ``stage: collect``
+``training.lora.lora_alpha=...``        ``training.lora.alpha=...`` (a command-line override)
 ``warmup(cfg)``                         :func:`quality_gate.stages.warmup.run`
 ``selection.select(cfg)`` (Stage 2)     :func:`quality_gate.stages.collect.run`
 ``finetune.train(cfg)`` / ``finetune``  :func:`quality_gate.stages.finetune.run`
@@ -23,7 +26,7 @@ seed                                    here
 ``get_sample_router_info``              :func:`quality_gate.stats.store.get_sample_router_info`
 ``compute_token_perplexity``            :func:`quality_gate.stats.collect.compute_token_perplexity`
 ``FSDP_CONFIG``                         :data:`quality_gate.training.FSDP_CONFIG`
-``validate_batch_size_configuration``   :func:`quality_gate.training.validate_batch_size_configuration`
+``validate_batch_size_configuration``   :func:`quality_gate.config.gradient_accumulation_steps`
 =====================================  ===============================================
 
 The function aliases are imported on first use (PEP 562), so importing this module stays cheap.
@@ -36,6 +39,10 @@ from typing import Any
 
 #: ``stage:`` values of the seed's configs -> the stage they mean.
 STAGE_ALIASES: dict[str, str] = {"selection": "collect"}
+
+#: config keys of the seed's configs -> the key here (the seed's stage_3_finetune.yaml writes
+#: ``lora_alpha`` under ``training.lora``; warmup's LoRA group has the same key).
+KEY_ALIASES: dict[str, str] = {"training.lora.lora_alpha": "training.lora.alpha"}
 
 #: config name (``--config-name`` or ``quality-gate <name>``) -> the stage it runs.
 CONFIG_STAGES: dict[str, str] = {
@@ -65,10 +72,10 @@ _FUNCTIONS: dict[str, tuple[str, str]] = {
     "get_sample_router_info": ("quality_gate.stats.store", "get_sample_router_info"),
     "compute_token_perplexity": ("quality_gate.stats.collect", "compute_token_perplexity"),
     "FSDP_CONFIG": ("quality_gate.training", "FSDP_CONFIG"),
-    "validate_batch_size_configuration": ("quality_gate.training", "validate_batch_size_configuration"),
+    "validate_batch_size_configuration": ("quality_gate.config", "gradient_accumulation_steps"),
 }
 
-__all__ = ["CONFIG_STAGES", "STAGE_ALIASES", *_FUNCTIONS]
+__all__ = ["CONFIG_STAGES", "KEY_ALIASES", "STAGE_ALIASES", *_FUNCTIONS]
 
 
 def __getattr__(name: str) -> Any:

