@@ -14,7 +14,7 @@ is checked by OmegaConf against these types (``training.epochs=abc`` names the k
 
 The package's modules:
 
-* :mod:`~quality_gate.config.fields`: :func:`opt` (a field with its help and checks), the allowed
+* :mod:`~quality_gate.config.fields`: ``opt`` (a field with its help and checks), the allowed
   values (:data:`DTYPES`, :data:`TRUNCATION`, :data:`SELECTORS`, ...) and :data:`DEFAULT_SEED`;
 * :mod:`~quality_gate.config.groups`: the groups several stages share, written once
   (:class:`SelectorModelConfig`, :class:`GateInitConfig`, :class:`DatasetConfig`,
@@ -41,14 +41,14 @@ from quality_gate.config.fields import (
     SELECTORS,
     TOKEN_SCOPES,
     TRUNCATION,
-    asset,
-    opt,
-    redefault,
-    seed_opt,
 )
 from quality_gate.config.groups import (
     DatasetConfig,
     GateInitConfig,
+    HfDataset,
+    HfSources,
+    LocalDataset,
+    LocalSources,
     LoraConfig,
     ModelOptions,
     SelectorModelConfig,
@@ -86,6 +86,10 @@ __all__ = [
     "ExperimentConfig",
     "FinetuneConfig",
     "GateInitConfig",
+    "HfDataset",
+    "HfSources",
+    "LocalDataset",
+    "LocalSources",
     "LoraConfig",
     "ModelOptions",
     "SelectConfig",
@@ -93,15 +97,11 @@ __all__ = [
     "TargetModelConfig",
     "TrainingConfig",
     "WarmupConfig",
-    "asset",
     "gradient_accumulation_steps",
     "help_rows",
     "make_config",
-    "opt",
-    "redefault",
     "register_configs",
     "register_resolvers",
-    "seed_opt",
     "stage_of",
     "validate",
 ]

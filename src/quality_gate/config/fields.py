@@ -42,16 +42,6 @@ def opt(default: Any, help: str, **checks: Any) -> Any:
     return field(default=default, metadata=metadata)
 
 
-def redefault(group: type, name: str, default: Any) -> Any:
-    """Field ``name`` of the dataclass ``group`` with another default: same help, same checks.
-
-    A stage's subclass of a shared group (``TrainingConfig``, ``LoraConfig``) writes only its own
-    values, e.g. ``epochs: float = redefault(TrainingConfig, "epochs", 3.0)``.
-    """
-    metadata = dict(group.__dataclass_fields__[name].metadata)  # type: ignore[attr-defined]
-    return opt(default, **metadata)
-
-
 def seed_opt(default: int, help: str) -> Any:
     """A seed: an integer in 0 .. :data:`SEED_MAX`."""
     return opt(default, help, ge=0, le=SEED_MAX)

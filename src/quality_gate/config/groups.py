@@ -1,8 +1,7 @@
 """The groups several stages share, written once: model loading, gates, datasets, training, LoRA.
 
-A stage composes them into its schema (:mod:`quality_gate.config.stages`); where a stage needs other
-defaults it subclasses the group and redefines only the defaults
-(:func:`~quality_gate.config.fields.redefault`).
+A stage composes them into its schema (:mod:`quality_gate.config.stages`), with its own defaults where
+they differ (``DatasetConfig(subset_ratio=0.5)``), and subclasses a group for keys of its own.
 """
 
 from dataclasses import dataclass
@@ -137,11 +136,12 @@ class TargetModelConfig(ModelOptions):
 
 @dataclass
 class LoraConfig:
-    """A LoRA adapter's shape (Stage 1 on the gates, Stage 3 on the target); each stage sets its values."""
+    """A LoRA adapter's shape (Stage 1 on the gates, Stage 3 on the target): the seed's fine-tune values
+    (Stage 1 composes it with its own)."""
 
-    r: int = opt(MISSING, "LoRA rank (peft_mode=lora only)", ge=1)
-    alpha: int = opt(MISSING, "LoRA alpha: the update is scaled by alpha / r (peft_mode=lora only)", ge=1)
-    dropout: float = opt(MISSING, "LoRA dropout (peft_mode=lora only)", ge=0.0, le=1.0)
+    r: int = opt(128, "LoRA rank (peft_mode=lora only)", ge=1)
+    alpha: int = opt(256, "LoRA alpha: the update is scaled by alpha / r (peft_mode=lora only)", ge=1)
+    dropout: float = opt(0.05, "LoRA dropout (peft_mode=lora only)", ge=0.0, le=1.0)
 
 
 LM_LOSS_CHUNK_HELP = (
@@ -155,17 +155,17 @@ LM_LOSS_CHUNK_HELP = (
 class TrainingConfig:
     """The optimisation both training stages share (Stage 1 the gates, Stage 3 the target).
 
-    The keys without a default here (``???``) are set by each stage's subclass.
+    The defaults are the seed's fine-tune (Stage 3); Stage 1 composes it with its own values.
     """
 
-    learning_rate: float = opt(MISSING, "peak learning rate", gt=0.0)
-    lr_scheduler_type: str = opt(MISSING, "transformers scheduler name: constant | linear | cosine | ...")
+    learning_rate: float = opt(2e-4, "peak learning rate", gt=0.0)
+    lr_scheduler_type: str = opt("cosine", "transformers scheduler name: constant | linear | cosine | ...")
     warmup_steps: int = opt(0, "learning-rate warmup steps", ge=0)
     batch_size: int = opt(
-        MISSING, "total samples per optimizer step = per_device_batch_size x world size x accumulation", ge=1
+        64, "total samples per optimizer step = per_device_batch_size x world size x accumulation", ge=1
     )
     per_device_batch_size: int = opt(8, "samples per forward on each process", ge=1)
-    epochs: float = opt(MISSING, "passes over the data", ge=0.0)
+    epochs: float = opt(3.0, "passes over the data", ge=0.0)
     max_steps: int = opt(-1, "stop after this many optimizer steps; -1: run all epochs")
     gradient_checkpointing: bool = opt(
         False, "recompute activations in backward (non-reentrant): less memory, ~30% slower"
@@ -178,7 +178,8 @@ class TrainingConfig:
         ge=1,
     )
     report_to: list[str] = opt(
-        MISSING, "loggers, e.g. [tensorboard] (skipped with a warning when not installed); [] for none"
+        ["tensorboard"],
+        "loggers, e.g. [tensorboard] (skipped with a warning when not installed); [] for none",
     )
     dataloader_num_workers: int = opt(0, "DataLoader worker processes", ge=0)
 

@@ -20,7 +20,6 @@ from quality_gate.config.fields import (
     TRUNCATION,
     asset,
     opt,
-    redefault,
     seed_opt,
 )
 from quality_gate.config.groups import (
@@ -39,29 +38,15 @@ from quality_gate.errors import ConfigError
 # Stage 1: warmup
 # --------------------------------------------------------------------------------------------- #
 @dataclass
-class WarmupLora(LoraConfig):
-    """LoRA on the gates (``peft_mode=lora``): the seed's r=16, alpha=64."""
-
-    r: int = redefault(LoraConfig, "r", 16)
-    alpha: int = redefault(LoraConfig, "alpha", 64)
-    dropout: float = redefault(LoraConfig, "dropout", 0.0)
-
-
-@dataclass
 class WarmupTraining(TrainingConfig):
-    """The optimisation of the gates: the seed's learning rate 3e-4, constant."""
+    """The optimisation of the gates (the keys Stage 1 adds to the shared ones)."""
 
-    learning_rate: float = redefault(TrainingConfig, "learning_rate", 3e-4)
-    lr_scheduler_type: str = redefault(TrainingConfig, "lr_scheduler_type", "constant")
-    batch_size: int = redefault(TrainingConfig, "batch_size", 16)
-    epochs: float = redefault(TrainingConfig, "epochs", 2.0)
-    report_to: list[str] = redefault(TrainingConfig, "report_to", [])
     peft_mode: str = opt(
         "full_rank",
         "full_rank: train the gate weights | lora: LoRA on quality_gate.gate (training.lora)",
         choices=["full_rank", "lora"],
     )
-    lora: WarmupLora = opt(WarmupLora(), "LoRA settings of peft_mode=lora")
+    lora: LoraConfig = opt(LoraConfig(r=16, alpha=64, dropout=0.0), "LoRA settings of peft_mode=lora")
     quality_loss_weight: float = opt(
         1.0, "weight of the quality loss (mean gate value) next to the LM loss", ge=0.0
     )
@@ -92,7 +77,13 @@ class WarmupConfig:
     dataset: DatasetConfig = opt(
         DatasetConfig(subset_ratio=0.5), "the warmup data (the seed used subset_ratio=0.025 of OpenHermes)"
     )
-    training: WarmupTraining = opt(WarmupTraining(), "optimisation of the gates")
+    training: WarmupTraining = opt(
+        # the seed's warmup: lr 3e-4, constant
+        WarmupTraining(
+            learning_rate=3e-4, lr_scheduler_type="constant", batch_size=16, epochs=2.0, report_to=[]
+        ),
+        "optimisation of the gates",
+    )
     seed: int = seed_opt(DEFAULT_SEED, "seeds gate init, subset_ratio sampling, shuffling and the Trainer")
     output_dir: str | None = opt(None, "run dir; null: outputs/<run_name>/<date>/<time>-<overrides>")
 
@@ -304,11 +295,8 @@ class FinetuneDataset(DatasetConfig):
 
 @dataclass
 class FinetuneLora(LoraConfig):
-    """LoRA on the target (``peft_mode=lora``): the seed's r=128, alpha=256."""
+    """LoRA on the target's modules (``peft_mode=lora``)."""
 
-    r: int = redefault(LoraConfig, "r", 128)
-    alpha: int = redefault(LoraConfig, "alpha", 256)
-    dropout: float = redefault(LoraConfig, "dropout", 0.05)
     target_modules: list[str] = opt(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "modules that get LoRA"
     )
@@ -316,13 +304,8 @@ class FinetuneLora(LoraConfig):
 
 @dataclass
 class FinetuneTraining(TrainingConfig):
-    """The target model and its optimisation: the seed's learning rate 2e-4, cosine."""
+    """The target model and the keys Stage 3 adds to the shared optimisation (the seed's values)."""
 
-    learning_rate: float = redefault(TrainingConfig, "learning_rate", 2e-4)
-    lr_scheduler_type: str = redefault(TrainingConfig, "lr_scheduler_type", "cosine")
-    batch_size: int = redefault(TrainingConfig, "batch_size", 64)
-    epochs: float = redefault(TrainingConfig, "epochs", 3.0)
-    report_to: list[str] = redefault(TrainingConfig, "report_to", ["tensorboard"])
     model: TargetModelConfig = opt(TargetModelConfig(), "the target model")
     peft_mode: str = opt(
         "lora",
