@@ -59,7 +59,8 @@ log = logging.getLogger("quality_gate")
 
 
 def run_stage(cfg: object) -> object:
-    """Validate ``cfg`` against its stage's schema and call that stage's ``run(cfg)``."""
+    """Validate ``cfg`` against its stage's schema and call that stage's ``run(cfg)`` (the seed's
+    ``stage: selection`` is read as ``collect`` first)."""
     from quality_gate.config import stage_of, validate
 
     current_stage_name(cfg)
