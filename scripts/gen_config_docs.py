@@ -1,4 +1,4 @@
-"""Generate docs/configuration.md from the typed schemas (quality_gate/config.py).
+"""Generate docs/configuration.md from the typed schemas (quality_gate/config/).
 
     python scripts/gen_config_docs.py           # rewrite docs/configuration.md's section in place
     python scripts/gen_config_docs.py --check   # exit 1 if it is out of date

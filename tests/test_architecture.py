@@ -109,6 +109,15 @@ def test_the_library_never_imports_a_stage_the_experiment_or_the_cli():
     assert importers_of_cli == ["quality_gate.__main__"]
 
 
+def test_only_the_command_line_knows_the_seeds_names():
+    """The seed's aliases (compat.py) are read at the edge alone: the command line maps them to the current
+    names before anything is validated, so the core never imports them."""
+    graph = import_graph(PACKAGE)
+    assert "quality_gate.compat" in graph  # the module is still there, and was read
+    importers = sorted(m for m, targets in graph.items() if "quality_gate.compat" in targets)
+    assert importers == ["quality_gate.cli"]
+
+
 def test_the_checks_find_a_cycle_and_a_lazy_one(tmp_path):
     pkg = tmp_path / "pkg"
     (pkg / "sub").mkdir(parents=True)

@@ -17,6 +17,10 @@ accepts works (``--cfg job``, ``-m`` sweeps, ``hydra.run.dir=...``). ``python sr
 --config-name <config>`` runs the same configs (the seed's command). Errors in the input or the
 config (:class:`~quality_gate.errors.UserError`) print one line and exit 1; anything else keeps its
 traceback.
+
+This is the edge where the seed's names (:mod:`quality_gate.compat`) become the current ones: its
+config names pick a config, its ``stage: selection`` is read as ``collect`` and its keys
+(``training.lora.lora_alpha``) as the current keys, before anything is validated or run.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from quality_gate.compat import CONFIG_STAGES
+from quality_gate.compat import CONFIG_STAGES, current_keys, current_stage_name
 
 CONFIG_PATH = "pkg://quality_gate.configs"
 
@@ -55,9 +59,11 @@ log = logging.getLogger("quality_gate")
 
 
 def run_stage(cfg: object) -> object:
-    """Validate ``cfg`` against its stage's schema and call that stage's ``run(cfg)``."""
+    """Validate ``cfg`` against its stage's schema and call that stage's ``run(cfg)`` (the seed's
+    ``stage: selection`` is read as ``collect`` first)."""
     from quality_gate.config import stage_of, validate
 
+    current_stage_name(cfg)
     validate(cfg)  # type: ignore[arg-type]
     module = importlib.import_module(STAGES[stage_of(cfg)][0])  # type: ignore[arg-type]
     _freeze_imports()
@@ -107,7 +113,7 @@ def hydra_app(config_name: str | None, argv: Sequence[str] | None = None) -> Non
         name = _config_name_in(args) or config_name
         print(stage_help(name or "warmup", f"{sys.argv[0]} --config-name {name}"))
         return
-    args = [("--help" if a == "--hydra-help" else a) for a in args]
+    args = current_keys([("--help" if a == "--hydra-help" else a) for a in args])
     was_enabled = gc.isenabled()
     if not os.environ.get("QG_NO_FREEZE"):
         # Importing hydra, torch and transformers allocates ~10^6 objects that all live until exit;
@@ -216,6 +222,7 @@ def _validate_before_hydra(config_name: str | None, args: Sequence[str]) -> None
         run_dir = None
     with open_dict(cfg):
         del cfg["hydra"]
+    current_stage_name(cfg)
     validate(cfg)
     if run_dir is None:
         return

@@ -3,7 +3,9 @@
 The original stages document (``stages_module_doc.zh.md``) names its configs, scripts, ``stage:``
 values and functions differently from the stage names used everywhere else here (warmup, collect,
 select, finetune, evaluate). Everything the seed's users type or import keeps working through this
-module; nothing else in the package uses the old names.
+module; only the command line (:mod:`quality_gate.cli`, the edge) reads it: it maps the seed's names
+to the current ones before the config is validated, so the rest of the package knows the current
+names alone.
 
 =====================================  ===============================================
 seed                                    here
@@ -15,6 +17,7 @@ seed                                    here
 ``--config-name stage_3_finetune``      ``quality-gate finetune`` (run dirs: ``outputs/stage_3_finetune/``)
 ``--config-name stage_4_evaluate``      ``quality-gate evaluate`` (run dirs: ``outputs/stage_4_evaluate/``)
 ``stage: selection`` (in a config)      ``stage: collect``
+``training.lora.lora_alpha=...``        ``training.lora.alpha=...`` (a command-line override)
 ``warmup(cfg)``                         :func:`quality_gate.stages.warmup.run`
 ``selection.select(cfg)`` (Stage 2)     :func:`quality_gate.stages.collect.run`
 ``finetune.train(cfg)`` / ``finetune``  :func:`quality_gate.stages.finetune.run`
@@ -23,7 +26,7 @@ seed                                    here
 ``get_sample_router_info``              :func:`quality_gate.stats.store.get_sample_router_info`
 ``compute_token_perplexity``            :func:`quality_gate.stats.collect.compute_token_perplexity`
 ``FSDP_CONFIG``                         :data:`quality_gate.training.FSDP_CONFIG`
-``validate_batch_size_configuration``   :func:`quality_gate.training.validate_batch_size_configuration`
+``validate_batch_size_configuration``   :func:`quality_gate.config.gradient_accumulation_steps`
 =====================================  ===============================================
 
 The function aliases are imported on first use (PEP 562), so importing this module stays cheap.
@@ -32,10 +35,18 @@ The function aliases are imported on first use (PEP 562), so importing this modu
 from __future__ import annotations
 
 import importlib
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 #: ``stage:`` values of the seed's configs -> the stage they mean.
 STAGE_ALIASES: dict[str, str] = {"selection": "collect"}
+
+#: config keys of the seed's configs -> the key here (the seed's stage_3_finetune.yaml writes
+#: ``lora_alpha`` under ``training.lora``; warmup's LoRA group has the same key).
+KEY_ALIASES: dict[str, str] = {"training.lora.lora_alpha": "training.lora.alpha"}
 
 #: config name (``--config-name`` or ``quality-gate <name>``) -> the stage it runs.
 CONFIG_STAGES: dict[str, str] = {
@@ -65,14 +76,52 @@ _FUNCTIONS: dict[str, tuple[str, str]] = {
     "get_sample_router_info": ("quality_gate.stats.store", "get_sample_router_info"),
     "compute_token_perplexity": ("quality_gate.stats.collect", "compute_token_perplexity"),
     "FSDP_CONFIG": ("quality_gate.training", "FSDP_CONFIG"),
-    "validate_batch_size_configuration": ("quality_gate.training", "validate_batch_size_configuration"),
+    "validate_batch_size_configuration": ("quality_gate.config", "gradient_accumulation_steps"),
 }
 
-__all__ = ["CONFIG_STAGES", "STAGE_ALIASES", *_FUNCTIONS]
+__all__ = ["CONFIG_STAGES", "KEY_ALIASES", "STAGE_ALIASES", *_FUNCTIONS]
+
+
+def current_stage_name(cfg: object) -> None:
+    """Rename the seed's ``stage:`` value of ``cfg`` (``selection``) to the stage's name here, in place."""
+    stage = getattr(cfg, "get", lambda *_: None)("stage")
+    if stage in STAGE_ALIASES:
+        cfg.stage = STAGE_ALIASES[stage]  # type: ignore[attr-defined]
+
+
+def current_keys(args: Sequence[str]) -> list[str]:
+    """``args`` with each override of a seed's key (:data:`~quality_gate.compat.KEY_ALIASES`) written with
+    the current key, e.g. ``training.lora.lora_alpha=256`` -> ``training.lora.alpha=256`` (logged)."""
+    out = []
+    for arg in args:
+        prefix = arg[: len(arg) - len(arg.lstrip("+~"))]
+        key, eq, value = arg[len(prefix) :].partition("=")
+        if not arg.startswith("-") and key in KEY_ALIASES:
+            log.warning("%s is the seed's key: read as %s", key, KEY_ALIASES[key])
+            arg = f"{prefix}{KEY_ALIASES[key]}{eq}{value}"
+        out.append(arg)
+    return out
+
+
+def _validated(run: Callable[[Any], Any], name: str) -> Callable[[Any], Any]:
+    """The seed's stage function ``name``: its config is read as the command line reads it (the seed's
+    ``stage:`` value renamed), validated, then passed to the stage's ``run``."""
+
+    def stage_entry(cfg: Any) -> Any:
+        from quality_gate.config import validate
+
+        current_stage_name(cfg)
+        validate(cfg)
+        return run(cfg)
+
+    stage_entry.__name__ = stage_entry.__qualname__ = name
+    stage_entry.__doc__ = f"The seed's ``{name}(cfg)``: validates ``cfg``, then runs {run.__module__}.run."
+    return stage_entry
 
 
 def __getattr__(name: str) -> Any:
     if name in _FUNCTIONS:
         module, attr = _FUNCTIONS[name]
-        return getattr(importlib.import_module(module), attr)
+        target = getattr(importlib.import_module(module), attr)
+        return _validated(target, name) if module.startswith("quality_gate.stages.") else target
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from quality_gate.config import DTYPES
 from quality_gate.errors import ConfigError, DataError, ModelLoadError
 from quality_gate.gate import (
     DEFAULT_GATE_INIT_STD,
@@ -78,7 +79,8 @@ GATE_CONFIG_FILE = "quality_gate_config.json"
 GATE_BASE_FILE = "quality_gate_base.safetensors"
 FORMAT_VERSION = "quality-gate/v1"
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# The config's dtype names (config.DTYPES) other than auto, each the name of a torch dtype.
+_DTYPES = {name: getattr(torch, name) for name in DTYPES if name != "auto"}
 
 #: Stage 1 weights record the gate form they were trained with under this key.
 GATE_SCALE_KEY = "gate_scale"

@@ -4,7 +4,7 @@ Every stage writes into ``outputs/<run_name>/YYYY-MM-DD/HH-MM-SS-<key overrides>
 see ``configs/_run_dir.yaml``; ``run_name`` is the stage name) and starts with :func:`init_run`, which
 saves the resolved config (``config.yaml``) and a ``manifest.json`` (git commit, package versions,
 models, dataset fingerprints, seed). All ranks of a ``torchrun`` launch share one run dir (the
-``qg_now`` resolver of :mod:`quality_gate.config` takes the launcher's start time); a launch over
+``qg_now`` resolver of :mod:`quality_gate.config.resolvers` takes the launcher's start time); a launch over
 several nodes must name it (``output_dir``, on a filesystem every node mounts): the nodes' launchers
 start at different times. Only global rank 0 (``RANK=0``) writes the shared files; see
 docs/cluster.md for who writes what.
@@ -27,11 +27,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from quality_gate.compat import STAGE_ALIASES
 from quality_gate.errors import ConfigError, RunLockedError
 from quality_gate.io import atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
+
+#: Stage names that manifests written by earlier versions of this package carry -> the name now
+#: (Stage 2 was called "selection" until the stages got one name each); an old run dir still resumes.
+FORMER_STAGE_NAMES: dict[str, str] = {"selection": "collect"}
 
 PACKAGES = (
     "torch",
@@ -271,7 +274,7 @@ def init_run(cfg: DictConfig, stage: str, **manifest_fields: Any) -> Path:
         manifest_path = run_dir / "manifest.json"
         if manifest_path.exists():
             manifest = read_manifest(run_dir)
-            if STAGE_ALIASES.get(manifest.get("stage"), manifest.get("stage")) not in (None, stage):
+            if FORMER_STAGE_NAMES.get(manifest.get("stage"), manifest.get("stage")) not in (None, stage):
                 raise ConfigError(
                     f"output_dir={run_dir} is a {manifest.get('stage')} run dir; a {stage} run cannot "
                     "write into it. Choose a new output_dir (or leave it unset)."

@@ -20,13 +20,13 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from quality_gate.config import TRUNCATION as TRUNCATION_POLICIES
 from quality_gate.data.sources import SkippedRow
 from quality_gate.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-TRUNCATION_POLICIES = ("right", "drop")
 # Records are rendered and tokenized this many at a time (the fast tokenizer batches in Rust).
 ENCODE_CHUNK = 512
 

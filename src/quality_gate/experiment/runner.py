@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from quality_gate.config import make_config, validate
+from quality_gate.config import make_config
 from quality_gate.data.encode import encode_with_config
 from quality_gate.data.records import corruption_of
 from quality_gate.data.sources import load_local_file, read_records
@@ -453,14 +453,13 @@ def write_results(path: str | Path, markdown: str, run_dir: Path, command: str) 
 
 def _results_file(cfg: DictConfig, markdown: str, run_dir: Path) -> None:
     """``results_file``, when set: the summary's Markdown, headed by how it was made."""
-    if cfg.get("results_file"):
+    if cfg.results_file:
         write_results(str(cfg.results_file), markdown, run_dir, _command())
 
 
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """One regime (or the sweep, when ``sweep.noise_rates`` / ``sweep.budgets`` are set); writes the
     summaries into the run dir (and to ``results_file`` when set)."""
-    validate(cfg)
     run_dir = init_run(cfg, "experiment")
     if cfg.sweep.noise_rates or cfg.sweep.budgets:
         return run_sweep(cfg, run_dir)

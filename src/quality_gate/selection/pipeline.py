@@ -29,7 +29,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
-from quality_gate.config import validate
 from quality_gate.data.records import corruption_of
 from quality_gate.errors import SelectionError
 from quality_gate.io import atomic_write_json, atomic_write_jsonl, install_entries, sha256_file
@@ -201,7 +200,6 @@ def _params(cfg: DictConfig) -> ScoreParams:
 # --------------------------------------------------------------------------------------------- #
 def compute_selection(cfg: DictConfig) -> SelectionResult:
     """Every computation of the selection, nothing written. Raises :class:`SelectionError`."""
-    validate(cfg)
     params, k, selector = _params(cfg), float(cfg.selection_percentage), str(cfg.selector)
     per_dataset, mode = bool(cfg.per_dataset), str(cfg.diversity)
     input_dir, index_paths = _input_dir(cfg)

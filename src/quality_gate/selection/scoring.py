@@ -43,13 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quality_gate.config import PAIRINGS, TOKEN_SCOPES
 from quality_gate.errors import SelectionError
 from quality_gate.stats.store import RouterShard, iter_shards, load_index
 
 log = logging.getLogger(__name__)
 
-TOKEN_SCOPES = ("all", "assistant")
-PAIRINGS = ("next_token", "same_token")
 # Rows of a shard turned into float64 at once in the segment sum: (chunk, L) x 8 bytes stays small.
 _ROW_CHUNK = 1 << 18
 

@@ -48,7 +48,6 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from quality_gate.config import validate
 from quality_gate.data import encode_records, ensure_chat_template
 from quality_gate.data.sources import SKIPPED_ROWS_FILE, read_records, report_skipped
 from quality_gate.errors import RouterDataError
@@ -334,7 +333,6 @@ def _finalise(
 # --------------------------------------------------------------------------------------------- #
 def run(cfg: DictConfig) -> None:
     """Stage 2: score every sample of the configured datasets; see the module docstring."""
-    validate(cfg)
     timer = PhaseTimer()
     with timer("init"):
         # Paths first: a typo must not cost a model load, nor leave a run dir behind.

@@ -40,7 +40,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from quality_gate.config import validate
 from quality_gate.data import (
     SFTDataCollator,
     encode_records,
@@ -457,7 +456,6 @@ def write_results(run_dir: Path, results: dict[str, Any], samples: Sequence[Any]
 
 def run(cfg: DictConfig) -> None:
     """Stage 4: load base (+ adapter), check the adapter matters, compute and write the metrics."""
-    validate(cfg)
     # Before the run dir is made and anything expensive runs: the model, the adapter, the lm-eval tasks.
     check_model_source(str(cfg.model_path), "model_path")
     if cfg.adapter_path:

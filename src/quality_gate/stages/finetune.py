@@ -44,7 +44,6 @@ from transformers import (
 )
 from transformers.training_args import ParallelMode
 
-from quality_gate.config import validate
 from quality_gate.data import ensure_chat_template, load_local_file, load_records, records_fingerprint
 from quality_gate.data.encode import IGNORE_INDEX
 from quality_gate.data.sources import SKIPPED_ROWS_FILE
@@ -479,7 +478,6 @@ def train_metrics(
 
 def fine_tune(cfg: DictConfig) -> Trainer | None:
     """Stage 3 body; returns the Trainer (its model is the trained one), or None for a finished run."""
-    validate(cfg)
     run_dir = run_dir_of(cfg)
     if is_finished(run_dir):
         return None

@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_seed
 
-from quality_gate.config import validate
 from quality_gate.data import IGNORE_INDEX, SFTDataCollator, ensure_chat_template, load_records
 from quality_gate.gate import (
     GATE_PARAM_KEY,
@@ -434,7 +433,6 @@ def log_summary(metrics: dict[str, Any]) -> None:
 
 def run(cfg: DictConfig) -> None:
     """Stage 1: load the selector, train its gates (backbone frozen), save the gate weights."""
-    validate(cfg)
     check_model_source(str(cfg.selector_model.path), "selector_model.path")  # before the run dir is made
     run_dir = init_run(cfg, "warmup", selector_model=str(cfg.selector_model.path))
     started = time.perf_counter()
