@@ -10,6 +10,7 @@ import sys
 import pytest
 from helpers import REPO, TARGET, USER_ENV, compose
 
+from quality_gate.config import validate
 from quality_gate.errors import ConfigError, NonFiniteLossError
 from quality_gate.stages.finetune import fine_tune, get_model_and_tokenizer
 
@@ -21,7 +22,10 @@ CHATML = (
 
 
 def compose_cfg(overrides: list[str]):
-    return compose("finetune", [f"training.model.name={TARGET}", "training.report_to=[]", *overrides])
+    """The finetune config the command line runs, validated as its boundary (``cli.run_stage``) does."""
+    return validate(
+        compose("finetune", [f"training.model.name={TARGET}", "training.report_to=[]", *overrides])
+    )
 
 
 def test_missing_data_path(tmp_path):
