@@ -22,17 +22,19 @@ CHATML = (
 
 
 def compose_cfg(overrides: list[str]):
+    return compose("finetune", [f"training.model.name={TARGET}", "training.report_to=[]", *overrides])
+
+
+def checked(overrides: list[str]):
     """The finetune config the command line runs, validated as its boundary (``cli.run_stage``) does."""
-    return validate(
-        compose("finetune", [f"training.model.name={TARGET}", "training.report_to=[]", *overrides])
-    )
+    return validate(compose_cfg(overrides))
 
 
 def test_missing_data_path(tmp_path):
     with pytest.raises(ValueError, match=r"dataset\.data_path is not set"):
-        fine_tune(compose_cfg([f"output_dir={tmp_path}"]))
+        fine_tune(checked([f"output_dir={tmp_path}"]))
     with pytest.raises(FileNotFoundError, match=r"dataset\.data_path=.*does not exist"):
-        fine_tune(compose_cfg([f"output_dir={tmp_path}", f"dataset.data_path={tmp_path / 'nope.jsonl'}"]))
+        fine_tune(checked([f"output_dir={tmp_path}", f"dataset.data_path={tmp_path / 'nope.jsonl'}"]))
 
 
 def test_empty_data_path(tmp_path):
@@ -44,9 +46,9 @@ def test_empty_data_path(tmp_path):
 
 def test_bad_modes(tmp_path):
     with pytest.raises(ConfigError, match=r"training\.peft_mode='qlora'"):
-        fine_tune(compose_cfg([f"output_dir={tmp_path}", "training.peft_mode=qlora"]))
+        fine_tune(checked([f"output_dir={tmp_path}", "training.peft_mode=qlora"]))
     with pytest.raises(ConfigError, match=r"dataset\.mode='some'"):
-        fine_tune(compose_cfg([f"output_dir={tmp_path}", "dataset.mode=some"]))
+        fine_tune(checked([f"output_dir={tmp_path}", "dataset.mode=some"]))
 
 
 @needs_target
