@@ -511,7 +511,7 @@ def stage_overrides(paths: dict[str, Path], work: Path, args: argparse.Namespace
             f"output_dir={work / 'finetune'}",
         ],
         "evaluate": [
-            f"model_path={paths['target']}",
+            f"model.name={paths['target']}",
             f"adapter_path={work / 'finetune' / 'checkpoint-final'}",
             f"eval.data_path={paths['eval']}",
             f"eval.max_sequence_length={seq}",

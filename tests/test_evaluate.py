@@ -33,7 +33,7 @@ def compose_cfg(run_dir: Path, overrides: list[str]):
     return compose(
         "evaluate",
         [
-            f"model_path={TARGET}",
+            f"model.name={TARGET}",
             f"eval.data_path={EVAL}",
             "eval.max_samples=16",
             "eval.max_new_tokens=8",

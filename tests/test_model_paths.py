@@ -170,9 +170,9 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         ),
         (
             "evaluate",
-            ["model_path=README.md"],
+            ["model.name=README.md"],
             MissingPathError,
-            "model_path=README.md is a file, not a model dir",
+            "model.name=README.md is a file, not a model dir",
         ),
     ],
 )

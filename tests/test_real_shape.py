@@ -79,7 +79,7 @@ def test_evaluate_heldout_loss_at_real_width(assets: dict[str, Path], tmp_path: 
         compose(
             "evaluate",
             [
-                f"model_path={assets['target']}",
+                f"model.name={assets['target']}",
                 f"eval.data_path={assets['eval']}",
                 f"eval.max_sequence_length={TOKENS}",
                 "eval.batch_size=2",

@@ -28,7 +28,7 @@ SEED_CONFIGS = sorted(set(CONFIG_STAGES) - OWN_CONFIGS)
 def as_cli(config_name: str, overrides: list[str] = ()) -> dict:
     """The validated config the command line runs, as a plain dict without ``run_name`` (the seed's
     configs keep their run dirs under the seed's folder names)."""
-    cfg = compose(config_name, current_keys(list(overrides)))
+    cfg = compose(config_name, current_keys(list(overrides), config_name))
     current_stage_name(cfg)
     validate(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True)
@@ -65,16 +65,29 @@ def test_the_seeds_stage_value_means_collect_and_the_core_knows_only_the_current
     [("stage_3_finetune", "finetune"), ("finetune", "finetune"), ("stage_1_warmup", "warmup")],
 )
 def test_the_seeds_lora_alpha_key_is_read_as_alpha(caplog, config_name, base):
-    assert KEY_ALIASES == {"training.lora.lora_alpha": "training.lora.alpha"}
+    assert KEY_ALIASES[base] == {"training.lora.lora_alpha": "training.lora.alpha"}
     extra = ["dataset.data_path=/runs/selected.jsonl"] if base == "finetune" else []
     with caplog.at_level(logging.WARNING, logger="quality_gate"):
         seed = as_cli(config_name, ["training.lora.lora_alpha=512", *extra])
     assert seed == as_cli(base, ["training.lora.alpha=512", *extra])
     assert seed["training"]["lora"]["alpha"] == 512
-    assert "training.lora.lora_alpha is the seed's key: read as training.lora.alpha" in caplog.text
+    assert (
+        "training.lora.lora_alpha is a former key of this config: read as training.lora.alpha" in caplog.text
+    )
     # Hydra's prefixes stay; other arguments are left alone.
     args = ["++training.lora.lora_alpha=8", "--config-name", "stage_3_finetune", "training.lora.r=4"]
-    assert current_keys(args) == ["++training.lora.alpha=8", *args[1:]]
+    assert current_keys(args, "stage_3_finetune") == ["++training.lora.alpha=8", *args[1:]]
+    assert current_keys(args, "collect") == args  # a key is renamed only in the stages that had it
+
+
+def test_stage4s_former_model_path_key_is_read_as_model_name(caplog, tmp_path):
+    """Stage 4's base model is the target model group (``model.name``, as ``training.model.name`` in
+    Stage 3); the key it had before, ``model_path``, still works from the command line."""
+    with caplog.at_level(logging.WARNING, logger="quality_gate"):
+        old = as_cli("stage_4_evaluate", [f"model_path={tmp_path}"])
+    assert old == as_cli("evaluate", [f"model.name={tmp_path}"])
+    assert old["model"]["name"] == str(tmp_path)
+    assert "model_path is a former key of this config: read as model.name" in caplog.text
 
 
 def test_a_run_dir_from_before_the_rename_still_resumes_as_collect(tmp_path):

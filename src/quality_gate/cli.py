@@ -113,7 +113,9 @@ def hydra_app(config_name: str | None, argv: Sequence[str] | None = None) -> Non
         name = _config_name_in(args) or config_name
         print(stage_help(name or "warmup", f"{sys.argv[0]} --config-name {name}"))
         return
-    args = current_keys([("--help" if a == "--hydra-help" else a) for a in args])
+    args = current_keys(
+        [("--help" if a == "--hydra-help" else a) for a in args], _config_name_in(args) or config_name
+    )
     was_enabled = gc.isenabled()
     if not os.environ.get("QG_NO_FREEZE"):
         # Importing hydra, torch and transformers allocates ~10^6 objects that all live until exit;

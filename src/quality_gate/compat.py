@@ -44,9 +44,15 @@ log = logging.getLogger(__name__)
 #: ``stage:`` values of the seed's configs -> the stage they mean.
 STAGE_ALIASES: dict[str, str] = {"selection": "collect"}
 
-#: config keys of the seed's configs -> the key here (the seed's stage_3_finetune.yaml writes
-#: ``lora_alpha`` under ``training.lora``; warmup's LoRA group has the same key).
-KEY_ALIASES: dict[str, str] = {"training.lora.lora_alpha": "training.lora.alpha"}
+#: Per stage, a key as the seed (or an earlier version) wrote it -> the key here. The seed's
+#: stage_3_finetune.yaml writes ``lora_alpha`` under ``training.lora`` (warmup's LoRA group is the same
+#: group); Stage 4 named its base model ``model_path`` before the target model became one config group
+#: (``model.name`` here, ``training.model.name`` in Stage 3).
+KEY_ALIASES: dict[str, dict[str, str]] = {
+    "warmup": {"training.lora.lora_alpha": "training.lora.alpha"},
+    "finetune": {"training.lora.lora_alpha": "training.lora.alpha"},
+    "evaluate": {"model_path": "model.name"},
+}
 
 #: config name (``--config-name`` or ``quality-gate <name>``) -> the stage it runs.
 CONFIG_STAGES: dict[str, str] = {
@@ -89,16 +95,17 @@ def current_stage_name(cfg: object) -> None:
         cfg.stage = STAGE_ALIASES[stage]  # type: ignore[attr-defined]
 
 
-def current_keys(args: Sequence[str]) -> list[str]:
-    """``args`` with each override of a seed's key (:data:`~quality_gate.compat.KEY_ALIASES`) written with
-    the current key, e.g. ``training.lora.lora_alpha=256`` -> ``training.lora.alpha=256`` (logged)."""
+def current_keys(args: Sequence[str], config_name: str | None) -> list[str]:
+    """``args`` with each override of a former key of the config's stage (:data:`KEY_ALIASES`) written
+    with the current key, e.g. ``training.lora.lora_alpha=256`` -> ``training.lora.alpha=256`` (logged)."""
+    aliases = KEY_ALIASES.get(CONFIG_STAGES.get(config_name or "", ""), {})
     out = []
     for arg in args:
         prefix = arg[: len(arg) - len(arg.lstrip("+~"))]
         key, eq, value = arg[len(prefix) :].partition("=")
-        if not arg.startswith("-") and key in KEY_ALIASES:
-            log.warning("%s is the seed's key: read as %s", key, KEY_ALIASES[key])
-            arg = f"{prefix}{KEY_ALIASES[key]}{eq}{value}"
+        if not arg.startswith("-") and key in aliases:
+            log.warning("%s is a former key of this config: read as %s", key, aliases[key])
+            arg = f"{prefix}{aliases[key]}{eq}{value}"
         out.append(arg)
     return out
 

@@ -171,7 +171,7 @@ def _kind_hint(local: Path) -> str:
     """What a dir without config.json holds instead, and where it belongs."""
     if (local / "adapter_config.json").is_file():
         return (
-            "it is a LoRA adapter (adapter_config.json): pass its base model here (Stage 4: model_path) and "
+            "it is a LoRA adapter (adapter_config.json): pass its base model here (Stage 4: model.name) and "
             "the adapter as adapter_path / model_checkpoint_path"
         )
     if (local / FULL_RANK_WEIGHTS_FILE).is_file() or (local / "checkpoint-final").is_dir():

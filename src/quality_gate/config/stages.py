@@ -26,7 +26,6 @@ from quality_gate.config.groups import (
     DatasetConfig,
     GateInitConfig,
     LoraConfig,
-    ModelOptions,
     SelectorModelConfig,
     TargetModelConfig,
     TrainingConfig,
@@ -406,15 +405,13 @@ class EvaluateConfig:
 
     stage: str = opt("evaluate", "which stage runs (quality-gate <stage> sets it)")
     run_name: str = opt("evaluate", "folder under outputs/ for this stage's run dirs", name=True)
-    model_path: str = opt(
-        asset("models/tiny-qwen2-target"),
-        "base model: HF id or local path (the one the adapter was trained on)",
+    model: TargetModelConfig = opt(
+        TargetModelConfig(), "the base model (the one the adapter was trained on) and how it is loaded"
     )
     adapter_path: str | None = opt(
         None,
         "Stage 3 checkpoint-final/ (or checkpoint-<step>/) with adapter_config.json; null: base model only",
     )
-    model: ModelOptions = opt(ModelOptions(), "how the base model is loaded")
     chat_template: str | None = opt(None, "Jinja chat template used when the tokenizer has none")
     eval: EvalOptions = opt(EvalOptions(), "the held-out data and the metrics")
     seed: int = seed_opt(

@@ -359,7 +359,7 @@ def run_finetunes(
 
 def _evaluate(cfg: DictConfig, adapter: Path | None, out_dir: Path, seed: int) -> None:
     values = {
-        "model_path": str(cfg.target_model),
+        "model.name": str(cfg.target_model),
         "adapter_path": None if adapter is None else str(adapter),
         "eval.data_path": str(cfg.data.eval_path),
         "output_dir": str(out_dir),

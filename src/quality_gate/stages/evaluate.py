@@ -1,6 +1,6 @@
 """Stage 4 (evaluate): the fine-tuned target (base + LoRA adapter) or the base model alone.
 
-``quality-gate evaluate model_path=<base> adapter_path=<checkpoint dir>`` (seed: ``python src/main.py
+``quality-gate evaluate model.name=<base> adapter_path=<checkpoint dir>`` (seed: ``python src/main.py
 --config-name stage_4_evaluate ...``)
 
 On held-out records (``eval.data_path``):
@@ -93,18 +93,18 @@ def _check_adapter_base(model: PreTrainedModel, adapter_dir: Path) -> dict[str, 
             ours, theirs = getattr(model.config, key, None), getattr(base_cfg, key, None)
             if ours != theirs:
                 raise AdapterError(
-                    f"adapter_path={adapter_dir} was trained on {recorded} ({key}={theirs}) but model_path "
-                    f"loads a model with {key}={ours}; set model_path to the adapter's base model"
+                    f"adapter_path={adapter_dir} was trained on {recorded} ({key}={theirs}) but model.name "
+                    f"loads a model with {key}={ours}; set model.name to the adapter's base model"
                 )
     return {"base_model_name_or_path": recorded, "peft_type": adapter_cfg.get("peft_type")}
 
 
 def load_model(cfg: DictConfig) -> tuple[nn.Module, PreTrainedTokenizerBase, dict[str, Any]]:
-    """Base model from ``model_path`` plus the adapter at ``adapter_path`` (if any), in eval mode."""
+    """Base model from ``model.name`` plus the adapter at ``adapter_path`` (if any), in eval mode."""
     spec = cfg.model
-    model, tokenizer = load_target(str(cfg.model_path), **load_options(spec), key="model_path")
+    model, tokenizer = load_target(str(spec.name), **load_options(spec), key="model.name")
     ensure_chat_template(tokenizer, cfg.chat_template)
-    info: dict[str, Any] = {"model_path": str(cfg.model_path), "adapter_path": None}
+    info: dict[str, Any] = {"model_path": str(cfg.model.name), "adapter_path": None}
     if cfg.adapter_path:
         adapter_dir = Path(str(cfg.adapter_path))
         info.update(_check_adapter_base(model, adapter_dir))
@@ -112,8 +112,8 @@ def load_model(cfg: DictConfig) -> tuple[nn.Module, PreTrainedTokenizerBase, dic
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
         except (RuntimeError, ValueError, KeyError) as err:
             raise AdapterError(
-                f"adapter_path={adapter_dir} does not fit model_path={cfg.model_path} "
-                f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); set model_path to the "
+                f"adapter_path={adapter_dir} does not fit model.name={cfg.model.name} "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); set model.name to the "
                 "base model the adapter was trained on"
             ) from err
         weights = adapter_dir / "adapter_model.safetensors"
@@ -457,11 +457,11 @@ def write_results(run_dir: Path, results: dict[str, Any], samples: Sequence[Any]
 def run(cfg: DictConfig) -> None:
     """Stage 4: load base (+ adapter), check the adapter matters, compute and write the metrics."""
     # Before the run dir is made and anything expensive runs: the model, the adapter, the lm-eval tasks.
-    check_model_source(str(cfg.model_path), "model_path")
+    check_model_source(str(cfg.model.name), "model.name")
     if cfg.adapter_path:
         adapter_config(Path(str(cfg.adapter_path)))
     task_manager = lm_eval_task_manager(cfg)
-    run_dir = init_run(cfg, "evaluate", model_path=str(cfg.model_path), adapter_path=cfg.adapter_path)
+    run_dir = init_run(cfg, "evaluate", model_path=str(cfg.model.name), adapter_path=cfg.adapter_path)
     started = time.perf_counter()
     set_seed(int(cfg.seed))
     model, tokenizer, model_info = load_model(cfg)
