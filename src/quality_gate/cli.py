@@ -94,16 +94,10 @@ def _freeze_imports() -> None:
 
 def _task(cfg: object) -> None:
     """Hydra's task function: run the stage; user errors become one line and exit code 1."""
-    from quality_gate.errors import UserError
+    from quality_gate.errors import exit_on_user_error
 
-    try:
+    with exit_on_user_error(str(getattr(cfg, "get", lambda *_: None)("stage"))):
         run_stage(cfg)
-    except UserError as e:
-        if os.environ.get("QG_TRACEBACK"):
-            raise
-        stage = getattr(cfg, "get", lambda *_: None)("stage")
-        log.error("%s failed: %s", stage, e)
-        raise SystemExit(f"error: {e}") from None
 
 
 def hydra_app(config_name: str | None, argv: Sequence[str] | None = None) -> None:
@@ -170,14 +164,10 @@ def _check_before_hydra(config_name: str | None, args: Sequence[str]) -> None:
     this; so does a config Hydra itself cannot compose (a typo without ``+``, a wrong type), which Hydra
     reports in its own words.
     """
-    from quality_gate.errors import UserError
+    from quality_gate.errors import exit_on_user_error
 
-    try:
+    with exit_on_user_error():
         _validate_before_hydra(config_name, args)
-    except UserError as e:
-        if os.environ.get("QG_TRACEBACK"):
-            raise
-        raise SystemExit(f"error: {e}") from None
 
 
 def _validate_before_hydra(config_name: str | None, args: Sequence[str]) -> None:

@@ -10,6 +10,7 @@ Each class also derives from the built-in exception a caller would expect (``Val
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,13 +57,16 @@ class RunLockedError(UserError, RuntimeError):
 
 
 @contextmanager
-def exit_on_user_error() -> Iterator[None]:
+def exit_on_user_error(what: str | None = None) -> Iterator[None]:
     """The one rule of every entry point: a :class:`UserError` inside becomes ``error: <message>`` on
     one line and exit code 1 (``QG_TRACEBACK=1`` re-raises it with its traceback); any other exception
-    is a bug and propagates unchanged."""
+    is a bug and propagates unchanged. ``what`` (e.g. the stage) also logs ``<what> failed: <message>``,
+    so the run's log file says why it stopped."""
     try:
         yield
     except UserError as e:
         if os.environ.get("QG_TRACEBACK"):
             raise
+        if what is not None:
+            logging.getLogger("quality_gate").error("%s failed: %s", what, e)
         raise SystemExit(f"error: {e}") from None
