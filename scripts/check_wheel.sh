@@ -12,8 +12,13 @@ trap 'rm -rf "$WORK" "$REPO/build"' EXIT
 echo "[wheel-test] building the wheel"
 "$PY" -m pip wheel -q --no-deps -w "$WORK/dist" "$REPO"
 WHEEL="$(ls "$WORK"/dist/quality_gate-*.whl)"
-python3 -m zipfile -l "$WHEEL" | grep -q "quality_gate/configs/warmup.yaml"
-python3 -m zipfile -l "$WHEEL" | grep -q "quality_gate/assets/models/tiny-qwen3-selector/model.safetensors"
+# The listing goes to a file first: `zipfile -l | grep -q` fails under pipefail when grep stops reading
+# at its first match while the listing (over 64 KB) is still being written (BrokenPipeError).
+python3 -m zipfile -l "$WHEEL" > "$WORK/wheel-files.txt"
+for file in quality_gate/configs/warmup.yaml quality_gate/config/stages.py \
+    quality_gate/assets/models/tiny-qwen3-selector/model.safetensors; do
+    grep -q "$file" "$WORK/wheel-files.txt" || { echo "[wheel-test] $file is not in the wheel"; exit 1; }
+done
 
 echo "[wheel-test] fresh virtualenv: $WORK/venv"
 python3 -m venv "$WORK/venv"
@@ -38,5 +43,6 @@ assert "site-packages" in quality_gate.__file__, quality_gate.__file__  # the in
 assert metrics["global_step"] == 2 and manifest["stage"] == "warmup", (metrics, manifest)
 print(f"[wheel-test] ok: {quality_gate.__file__}; {metrics['num_train_samples']} samples, 2 steps")
 PY
-"$WORK/venv/bin/python" -m quality_gate select --help | grep -q "selection_percentage"
+"$WORK/venv/bin/python" -m quality_gate select --help > "$WORK/select-help.txt"
+grep -q "selection_percentage" "$WORK/select-help.txt"
 echo "[wheel-test] passed"
