@@ -242,7 +242,8 @@ def test_results_file_is_the_rendered_summary_under_a_header_naming_its_command(
 
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "outputs" / "demo" / "2026-12-04" / "10-00-00"
-    md = render_markdown(_tiny_summary())
+    report = run_dir / "select" / "quality_gate" / "selection_report.html"
+    md = render_markdown({**_tiny_summary(), "report": str(report)})
     out = write_results(
         tmp_path / "docs" / "demo.md",
         md,
@@ -256,7 +257,13 @@ def test_results_file_is_the_rendered_summary_under_a_header_naming_its_command(
         "Written by `make demo` (= `quality-gate experiment results_file=docs/results/demo.md`) on 20"
     )
     assert " at commit " in header and "from the run dir `outputs/demo/2026-12-04/10-00-00`" in header
-    assert text.endswith(md.partition("\n")[2])  # the summary itself, unchanged below the header
+    # The summary itself below the header; paths inside the run dir relative, as the header names it.
+    assert text.endswith(md.partition("\n")[2].replace(f"{run_dir}/", "outputs/demo/2026-12-04/10-00-00/"))
+    assert (
+        "Selection report: `outputs/demo/2026-12-04/10-00-00/select/quality_gate/selection_report.html`"
+        in text
+    )
+    assert str(tmp_path) not in text
 
     sweep = {"name": "sweep", "wall_time_s": 61.0, "cells": [], "resumed_cells": []}
     other = write_results(

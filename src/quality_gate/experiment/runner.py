@@ -438,8 +438,10 @@ def write_results(path: str | Path, markdown: str, run_dir: Path, command: str) 
     says how it was made: the command (and its make target), the date, the git commit, the run dir."""
     make = MAKE_TARGETS.get(command)
     named = f"`{make}` (= `{command}`)" if make else f"`{command}`"
-    with contextlib.suppress(ValueError):  # a run dir under the cwd is named relative to it
-        run_dir = run_dir.resolve().relative_to(Path.cwd().resolve())
+    absolute = run_dir.resolve()
+    with contextlib.suppress(ValueError):  # a run dir under the cwd is named relative to it, in the
+        run_dir = absolute.relative_to(Path.cwd().resolve())  # header and in the paths of the summary
+        markdown = markdown.replace(f"{absolute}/", f"{run_dir}/")
     header = (
         f"Written by {named} on {dt.date.today().isoformat()} at commit {git_commit() or 'unknown'}, "
         f"from the run dir `{run_dir}`; rerun the command to rewrite this file."
