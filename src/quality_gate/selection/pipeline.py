@@ -56,6 +56,7 @@ from quality_gate.stats.store import (
     FINGERPRINT_FILE,
     INDEX_SUFFIX,
     PLAN_FILE,
+    RECORDS_SUFFIX,
     find_router_data,
     load_index,
     read_fingerprint,
@@ -64,7 +65,6 @@ from quality_gate.stats.store import (
 
 log = logging.getLogger(__name__)
 
-RECORDS_SUFFIX = "_records.jsonl"
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 # The summary lists at most this many invalid samples one by one (all are counted).
 MAX_LISTED_INVALID = 1000
