@@ -5,6 +5,7 @@ router data in Stage 2's format."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,23 @@ ENV = {
 #: What a user's shell has: ENV without HYDRA_FULL_ERROR and QG_TRACEBACK, which print tracebacks on
 #: purpose; for the tests of what a user sees.
 USER_ENV = {k: v for k, v in ENV.items() if k not in ("HYDRA_FULL_ERROR", "QG_TRACEBACK")}
+#: USER_ENV without network, as the command-line tests run.
+OFFLINE_USER_ENV = {**USER_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def run_cli(
+    args: Sequence[str], cwd: Path = REPO, env: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """``quality-gate <args>`` as a user runs it (this checkout's code; ``env``: OFFLINE_USER_ENV), its
+    output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "quality_gate", *args],
+        cwd=cwd,
+        env=OFFLINE_USER_ENV if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:

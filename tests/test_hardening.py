@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, SELECTOR, TARGET, TRAIN, compose, select_config
+from helpers import OFFLINE_USER_ENV, REPO, SELECTOR, TARGET, TRAIN, compose, run_cli, select_config
 from safetensors.torch import load_file, save_file
 
 from quality_gate.errors import (
@@ -41,13 +41,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 # What a user's shell has: no HYDRA_FULL_ERROR / QG_TRACEBACK (they print tracebacks on purpose), no network.
-ENV = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "QG_TRACEBACK")} | {
-    "PYTHONPATH": str(REPO / "src"),
-    "OMP_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-}
+ENV = OFFLINE_USER_ENV
 # 20 samples in 4 shards of 5.
 STAGE2 = ["dataset.subset_ratio=0.01", "data_process.shard_size=5", "data_process.batch_size=5"]
 FT = [
@@ -68,14 +62,7 @@ FT = [
 
 def cli(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
     """``quality-gate <args>`` as a user runs it (this checkout's code)."""
-    return subprocess.run(
-        [sys.executable, "-m", "quality_gate", *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(args, cwd, ENV, timeout)
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *expected: str) -> str:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, SELECTOR, TARGET, USER_ENV
+from helpers import OFFLINE_USER_ENV, REPO, SELECTOR, TARGET, run_cli
 
 from quality_gate.errors import DataError, MissingPathError, ModelLoadError, UserError
 from quality_gate.model_sources import check_model_source, looks_local, resolve_stage1_checkpoint
@@ -142,15 +141,7 @@ def test_a_data_file_as_stage1_checkpoint_is_not_unpickled(tmp_path: Path) -> No
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**USER_ENV, "HF_HUB_OFFLINE": "1", "QG_NO_FREEZE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "quality_gate", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    return run_cli(args, cwd, {**OFFLINE_USER_ENV, "QG_NO_FREEZE": "1"}, timeout=180)
 
 
 @pytest.mark.parametrize(
