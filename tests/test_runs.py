@@ -26,3 +26,13 @@ def test_rerun_keeps_provenance(tmp_path):
     init_run(cfg, "stage")  # same config again: nothing new beside the manifest entry
     assert len(list(tmp_path.glob("config.*.yaml"))) == 1
     assert len(json.loads((tmp_path / "manifest.json").read_text())["reruns"]) == 2
+
+
+def test_a_rerun_with_the_same_values_in_another_key_order_is_the_same_config(tmp_path):
+    """A config group whose keys moved between versions (the shared training group, issue #20) is
+    the same config: resuming a run dir made before writes no second config file and no warning."""
+    init_run(OmegaConf.create({"output_dir": str(tmp_path), "seed": 1, "training": {"b": 2, "a": 1}}), "s")
+    init_run(OmegaConf.create({"output_dir": str(tmp_path), "seed": 1, "training": {"a": 1, "b": 2}}), "s")
+    assert sorted(p.name for p in tmp_path.glob("config*.yaml")) == ["config.yaml"]
+    init_run(OmegaConf.create({"output_dir": str(tmp_path), "seed": 1, "training": {"a": 1, "b": 3}}), "s")
+    assert len(list(tmp_path.glob("config.*.yaml"))) == 1  # other values: saved beside it

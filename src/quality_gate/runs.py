@@ -294,13 +294,23 @@ def init_run(cfg: DictConfig, stage: str, **manifest_fields: Any) -> Path:
         config_path = run_dir / "config.yaml"
         if not config_path.exists():
             atomic_write_text(config_path, text)
-        elif config_path.read_text(encoding="utf-8") != text:
+        elif not _same_config(config_path, text):
             other = run_dir / f"config.{now:%Y-%m-%d_%H-%M-%S}.yaml"
             atomic_write_text(other, text)
             log.warning("%s holds a run with another config; this one is saved as %s", run_dir, other.name)
         atomic_write_json(manifest_path, manifest)
     log.info("run dir: %s", run_dir)
     return run_dir
+
+
+def _same_config(saved: Path, text: str) -> bool:
+    """Whether the run dir's ``config.yaml`` holds the same values as ``text`` (key order aside: a
+    config group whose keys moved between versions is still the same config)."""
+    try:
+        before = OmegaConf.to_container(OmegaConf.create(saved.read_text(encoding="utf-8")))
+    except Exception:  # an unreadable or damaged file is another config
+        return False
+    return before == OmegaConf.to_container(OmegaConf.create(text))
 
 
 _MANIFEST_ADVICE = (

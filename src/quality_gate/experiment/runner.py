@@ -480,6 +480,10 @@ def cell_fingerprint(cfg: DictConfig, k: float) -> str:
     assert isinstance(values, dict)
     values.pop("output_dir", None)
     values.pop("results_file", None)
+    if values["compute"]["match"] == "tokens":
+        # Tokens are counted as Stage 3 encodes them since issue #20 (truncation, dropped samples): a
+        # tokens cell budgeted by the older count is not read back as if it were this one.
+        values["compute"]["token_count"] = "stage3_encoding"
     text = json.dumps([values, float(k)], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
